@@ -1,0 +1,137 @@
+//! Types shared by memscope's BPF programs and its userspace.
+//!
+//! Every struct here crosses the kernel boundary as raw bytes, so each one is
+//! `#[repr(C)]` with fixed-width fields and explicit padding, and holds no
+//! `bool` or enum: an invalid bit pattern would be undefined behaviour for
+//! `aya::Pod`.
+#![no_std]
+
+/// Map names, shared so both sides name a map the same way (15 bytes max).
+pub mod map_names {
+    /// Live allocations: `LiveKey -> LiveAllocation`.
+    pub const LIVE: &str = "LIVE";
+    /// Per-stack totals: `StackKey -> StackTotals`.
+    pub const STACK_TOTALS: &str = "STACK_TOTALS";
+    /// User stack traces, by stack id.
+    pub const STACKS: &str = "STACKS";
+    /// Arguments of allocator calls in flight, by pid_tgid.
+    pub const IN_FLIGHT: &str = "IN_FLIGHT";
+    /// Per-CPU failure counters, indexed by `Counter`.
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Default capacity of the live-allocation map (`--max-live`).
+pub const DEFAULT_MAX_LIVE: u32 = 1 << 20;
+/// Default capacity of the stack trace map (`--max-stacks`).
+pub const DEFAULT_MAX_STACKS: u32 = 1 << 15;
+/// Per-stack totals are keyed by (process, stack): room for several
+/// processes sharing stacks.
+pub const STACK_TOTALS_PER_STACK: u32 = 2;
+/// Threads that can be inside an allocator call at once.
+pub const MAX_IN_FLIGHT: u32 = 1 << 16;
+/// Deepest user stack recorded; the kernel's PERF_MAX_STACK_DEPTH.
+pub const MAX_STACK_DEPTH: usize = 127;
+
+/// Stack id recorded when the kernel could not walk the stack, so the bytes
+/// still count (under an "unknown stack" site) instead of vanishing.
+pub const UNKNOWN_STACK: u32 = u32::MAX;
+
+/// Which allocator entry point a call came through.
+pub mod alloc_kind {
+    pub const MALLOC: u32 = 1;
+    pub const CALLOC: u32 = 2;
+    pub const REALLOC: u32 = 3;
+    pub const POSIX_MEMALIGN: u32 = 4;
+    pub const ALIGNED_ALLOC: u32 = 5;
+    pub const MEMALIGN: u32 = 6;
+    pub const VALLOC: u32 = 7;
+    pub const PVALLOC: u32 = 8;
+    pub const REALLOCARRAY: u32 = 9;
+}
+
+/// Index into the per-CPU `COUNTERS` array. Every event the kernel side could
+/// not record increments one of these.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// The live map was full: an allocation was not tracked.
+    LiveMapFull = 0,
+    /// The per-stack totals map was full: an allocation's bytes were not
+    /// attributed to a stack.
+    TotalsMapFull = 1,
+    /// `bpf_get_stackid` failed (stack map full, hash collision, fault).
+    StackErrors = 2,
+    /// `free` of an address the live map does not hold (allocated before
+    /// attach, or lost to a full map).
+    UnknownFrees = 3,
+    /// A return probe fired without its entry (attached mid-call).
+    MissedReturns = 4,
+    /// The in-flight map was full: an allocator call's arguments were lost.
+    InFlightFull = 5,
+}
+
+/// Number of `Counter` slots.
+pub const COUNTER_SLOTS: u32 = 6;
+
+/// Key of a live allocation. Forked workers share their parent's layout, so
+/// two processes often hold the same address: key by (tgid, address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LiveKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+/// One allocation that has not been freed yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveAllocation {
+    pub size: u64,
+    pub timestamp_ns: u64,
+    pub stack_id: u32,
+    pub kind: u32,
+}
+
+/// Key of per-stack totals: the process and the allocating stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StackKey {
+    pub tgid: u32,
+    pub stack_id: u32,
+}
+
+/// Cumulative totals of one stack. Updated with atomic adds: many threads
+/// allocate from the same stack at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackTotals {
+    pub alloc_count: u64,
+    pub alloc_bytes: u64,
+    pub free_count: u64,
+    pub free_bytes: u64,
+}
+
+/// Arguments of an allocator call, saved at entry and consumed at return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InFlightCall {
+    /// Requested size in bytes.
+    pub size: u64,
+    /// realloc: the old pointer; posix_memalign: the `memptr` out-pointer.
+    pub ptr: u64,
+    /// One of `alloc_kind`.
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C), fixed-width integers with explicit padding, so
+    // every bit pattern is valid.
+    unsafe impl aya::Pod for super::LiveKey {}
+    unsafe impl aya::Pod for super::LiveAllocation {}
+    unsafe impl aya::Pod for super::StackKey {}
+    unsafe impl aya::Pod for super::StackTotals {}
+    unsafe impl aya::Pod for super::InFlightCall {}
+}

@@ -1,0 +1,149 @@
+//! The live-allocation table and the per-stack totals behind it.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::programs::tracing::StackIdContext as _;
+use aya_ebpf::{
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::map,
+    maps::{HashMap, StackTrace},
+    programs::RetProbeContext,
+};
+use profiler_common::{
+    Counter, DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS, LiveAllocation, LiveKey, STACK_TOTALS_PER_STACK,
+    StackKey, StackTotals, UNKNOWN_STACK,
+};
+
+use crate::counters::count;
+
+// Capacities are defaults: userspace resizes LIVE and STACKS at load time
+// (`--max-live`, `--max-stacks`).
+#[map]
+static LIVE: HashMap<LiveKey, LiveAllocation> = HashMap::with_max_entries(DEFAULT_MAX_LIVE, 0);
+
+#[map]
+static STACK_TOTALS: HashMap<StackKey, StackTotals> =
+    HashMap::with_max_entries(DEFAULT_MAX_STACKS * STACK_TOTALS_PER_STACK, 0);
+
+/// NB: no BPF_F_REUSE_STACKID: it silently merges different stacks that hash
+/// alike; a collision is counted as a stack error instead.
+#[map]
+static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
+
+fn tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+/// Records a new block. Called at the return probe, where the stack is right:
+/// at a function's first instruction the frame-pointer walk misses the
+/// direct caller, whose return address is not behind the frame pointer yet.
+pub fn record_alloc(ctx: &RetProbeContext, addr: u64, size: u64, kind: u32) {
+    let tgid = tgid();
+    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => id as u32,
+        Err(_) => {
+            count(Counter::StackErrors);
+            UNKNOWN_STACK
+        }
+    };
+    let key = LiveKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    let block = LiveAllocation {
+        size,
+        // SAFETY: no preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        stack_id,
+        kind,
+    };
+    if LIVE.insert(key, block, BPF_NOEXIST as u64).is_err() {
+        // The address is live already: its free went unseen. Close the old
+        // block before reusing the slot, or its bytes would stay live forever.
+        if !release(&key) {
+            count(Counter::LiveMapFull);
+            return;
+        }
+        if LIVE.insert(key, block, BPF_NOEXIST as u64).is_err() {
+            count(Counter::LiveMapFull);
+            return;
+        }
+    }
+    add_totals(StackKey { tgid, stack_id }, 1, size, 0, 0);
+}
+
+/// Records free(addr) in the calling process.
+pub fn record_free(addr: u64) {
+    let key = LiveKey {
+        tgid: tgid(),
+        _pad: 0,
+        addr,
+    };
+    if !release(&key) {
+        count(Counter::UnknownFrees);
+    }
+}
+
+/// Removes a live block and moves its bytes to its stack's freed totals.
+/// Returns false when the block is not live.
+fn release(key: &LiveKey) -> bool {
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(block) = (unsafe { LIVE.get(key) }).copied() else {
+        return false;
+    };
+    // Two threads freeing the same block race here; only the one whose
+    // remove succeeds counts it.
+    if LIVE.remove(key).is_err() {
+        return false;
+    }
+    let stack = StackKey {
+        tgid: key.tgid,
+        stack_id: block.stack_id,
+    };
+    add_totals(stack, 0, 0, 1, block.size);
+    true
+}
+
+fn add_totals(key: StackKey, alloc_count: u64, alloc_bytes: u64, free_count: u64, free_bytes: u64) {
+    let totals = match STACK_TOTALS.get_ptr_mut(key) {
+        Some(totals) => totals,
+        None => {
+            // A racing insert of the same key is fine: both then add below.
+            let _ = STACK_TOTALS.insert(key, StackTotals::default(), BPF_NOEXIST as u64);
+            match STACK_TOTALS.get_ptr_mut(key) {
+                Some(totals) => totals,
+                None => {
+                    count(Counter::TotalsMapFull);
+                    return;
+                }
+            }
+        }
+    };
+    // SAFETY: the pointer is to a map value, valid for this program's run;
+    // other CPUs add to the same value, hence atomic adds (the BPF target
+    // has no compare-and-swap, so `AtomicU64::fetch_add` is not offered).
+    unsafe {
+        if alloc_count != 0 {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*totals).alloc_count,
+                alloc_count,
+            );
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*totals).alloc_bytes,
+                alloc_bytes,
+            );
+        }
+        if free_count != 0 {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*totals).free_count,
+                free_count,
+            );
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*totals).free_bytes,
+                free_bytes,
+            );
+        }
+    }
+}

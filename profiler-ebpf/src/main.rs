@@ -1,0 +1,221 @@
+//! memscope's kernel programs: exact live-allocation tracking.
+//!
+//! Entry probes save an allocator call's arguments by thread; return probes
+//! record `(tgid, address) -> LiveAllocation` and add to the allocating
+//! stack's totals; `free` moves bytes from live to freed. Nothing per event
+//! goes to userspace: it reads the maps.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "atomic_xadd: the BPF target lacks AtomicU64::fetch_add"
+)]
+
+mod counters;
+mod live;
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::{map, uprobe, uretprobe},
+    maps::HashMap,
+    programs::{ProbeContext, RetProbeContext},
+};
+use profiler_common::{Counter, InFlightCall, MAX_IN_FLIGHT, alloc_kind};
+
+use crate::counters::count;
+
+/// Arguments of allocator calls in flight, by pid_tgid: one call per thread
+/// (the outermost; see `enter`).
+#[map]
+static IN_FLIGHT: HashMap<u64, InFlightCall> = HashMap::with_max_entries(MAX_IN_FLIGHT, 0);
+
+/// The attach cookie names the allocator function (one of `alloc_kind`), so
+/// one program serves every function with the same argument layout.
+fn cookie(ctx: &impl aya_ebpf::EbpfContext) -> u32 {
+    // SAFETY: the context pointer is the one the kernel passed in.
+    unsafe { aya_ebpf::helpers::generated::bpf_get_attach_cookie(ctx.as_ptr()) as u32 }
+}
+
+/// Saves a call's arguments. glibc's realloc calls malloc and free itself
+/// (realloc(NULL, n), realloc(p, 0)): the outer call owns the thread's slot,
+/// and inner calls are left to it, or they would be counted twice.
+fn enter(size: u64, ptr: u64, kind: u32) {
+    let call = InFlightCall {
+        size,
+        ptr,
+        kind,
+        _pad: 0,
+    };
+    let id = bpf_get_current_pid_tgid();
+    if IN_FLIGHT.insert(id, call, BPF_NOEXIST as u64).is_err() {
+        // SAFETY: read-only look-up of a plain-data value.
+        if unsafe { IN_FLIGHT.get(id) }.is_none() {
+            count(Counter::InFlightFull);
+        }
+    }
+}
+
+/// Takes the thread's saved call if it belongs to the function returning now;
+/// an inner call nested in realloc finds its outer call and leaves it.
+fn take_call(kind: u32) -> Option<InFlightCall> {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(call) = (unsafe { IN_FLIGHT.get(id) }).copied() else {
+        count(Counter::MissedReturns);
+        return None;
+    };
+    if call.kind != kind {
+        return None;
+    }
+    let _ = IN_FLIGHT.remove(id);
+    Some(call)
+}
+
+fn in_allocator_call() -> bool {
+    // SAFETY: read-only look-up.
+    unsafe { IN_FLIGHT.get(bpf_get_current_pid_tgid()) }.is_some()
+}
+
+/// malloc(size), valloc(size), pvalloc(size).
+#[uprobe]
+pub fn size_arg0_enter(ctx: ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(0).unwrap_or(0);
+    enter(size, 0, cookie(&ctx));
+    0
+}
+
+/// aligned_alloc(alignment, size), memalign(alignment, size).
+#[uprobe]
+pub fn size_arg1_enter(ctx: ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    enter(size, 0, cookie(&ctx));
+    0
+}
+
+/// calloc(nmemb, size).
+#[uprobe]
+pub fn calloc_enter(ctx: ProbeContext) -> u32 {
+    let nmemb: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    // An overflowing product makes calloc fail: it returns NULL and nothing
+    // is recorded, so any value will do.
+    enter(nmemb.wrapping_mul(size), 0, alloc_kind::CALLOC);
+    0
+}
+
+/// realloc(ptr, size), reallocarray(ptr, nmemb, size) via the cookie.
+#[uprobe]
+pub fn realloc_enter(ctx: ProbeContext) -> u32 {
+    let ptr: u64 = ctx.arg(0).unwrap_or(0);
+    let kind = cookie(&ctx);
+    let size: u64 = if kind == alloc_kind::REALLOCARRAY {
+        let nmemb: u64 = ctx.arg(1).unwrap_or(0);
+        nmemb.wrapping_mul(ctx.arg(2).unwrap_or(0))
+    } else {
+        ctx.arg(1).unwrap_or(0)
+    };
+    // glibc's reallocarray calls realloc: the realloc nested in it is left
+    // to the outer call, as in `enter`.
+    enter(size, ptr, kind);
+    0
+}
+
+/// posix_memalign(memptr, alignment, size): the pointer comes back through
+/// `*memptr`, read at return.
+#[uprobe]
+pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
+    let memptr: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(2).unwrap_or(0);
+    enter(size, memptr, alloc_kind::POSIX_MEMALIGN);
+    0
+}
+
+/// Return of every function that returns the new block.
+#[uretprobe]
+pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    let kind = cookie(&ctx);
+    let Some(call) = take_call(kind) else {
+        return 0;
+    };
+    let addr: u64 = ctx.ret();
+    if addr != 0 {
+        live::record_alloc(&ctx, addr, call.size, kind);
+    }
+    0
+}
+
+#[uretprobe]
+pub fn realloc_return(ctx: RetProbeContext) -> u32 {
+    let kind = cookie(&ctx);
+    let Some(call) = take_call(kind) else {
+        return 0;
+    };
+    let addr: u64 = ctx.ret();
+    if addr == 0 {
+        // glibc's realloc(p, 0) frees p and returns NULL; any other NULL is a
+        // failure that leaves the old block live.
+        if call.size == 0 && call.ptr != 0 {
+            live::record_free(call.ptr);
+        }
+        return 0;
+    }
+    if call.ptr != 0 {
+        live::record_free(call.ptr);
+    }
+    live::record_alloc(&ctx, addr, call.size, kind);
+    0
+}
+
+#[uretprobe]
+pub fn posix_memalign_return(ctx: RetProbeContext) -> u32 {
+    let Some(call) = take_call(alloc_kind::POSIX_MEMALIGN) else {
+        return 0;
+    };
+    let status: i32 = ctx.ret();
+    if status != 0 || call.ptr == 0 {
+        return 0;
+    }
+    // SAFETY: bpf_probe_read_user checks the address; a fault is an error.
+    if let Ok(addr) = unsafe { bpf_probe_read_user(call.ptr as *const u64) }
+        && addr != 0
+    {
+        live::record_alloc(&ctx, addr, call.size, alloc_kind::POSIX_MEMALIGN);
+    }
+    0
+}
+
+/// free(ptr). Attached past the prologue's first instructions where the
+/// kernel can emulate them (see userspace `attach::probe_offset`); `rdi` is
+/// still the argument there.
+#[uprobe]
+pub fn free_enter(ctx: ProbeContext) -> u32 {
+    let ptr: u64 = ctx.arg(0).unwrap_or(0);
+    if ptr == 0 || in_allocator_call() {
+        return 0;
+    }
+    live::record_free(ptr);
+    0
+}
+
+/// libc's `_exit`, for a command memscope started: stop the process before
+/// its address space goes, so userspace can read its mappings for
+/// symbolization, then let it finish (see `session`).
+#[uprobe]
+pub fn exit_enter(_ctx: ProbeContext) -> u32 {
+    const SIGSTOP: u32 = 19;
+    // SAFETY: no preconditions; it signals the current process.
+    unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGSTOP) };
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

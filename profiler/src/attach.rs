@@ -1,0 +1,374 @@
+//! Puts memscope's programs on the target's allocator: libc's malloc family,
+//! one pid-scoped uprobe (and uretprobe) per function.
+
+use std::{
+    collections::BTreeSet,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+    },
+};
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+use profiler_common::alloc_kind;
+
+use crate::{
+    probe_site::{ProbeSite, entry_probe_site},
+    process_maps::ProcessMaps,
+};
+
+/// One allocator function and the programs that trace it.
+struct AllocatorFunction {
+    symbol: &'static str,
+    /// Attach cookie: one of `alloc_kind`, read by shared programs.
+    kind: u32,
+    entry_program: &'static str,
+    /// Return probe; functions without one (free) get their entry probe
+    /// moved to a cheap site.
+    return_program: Option<&'static str>,
+}
+
+const fn function(
+    symbol: &'static str,
+    kind: u32,
+    entry_program: &'static str,
+    return_program: Option<&'static str>,
+) -> AllocatorFunction {
+    AllocatorFunction {
+        symbol,
+        kind,
+        entry_program,
+        return_program,
+    }
+}
+
+/// libc's allocator family. malloc_usable_size is not an allocation.
+const LIBC_ALLOCATOR: &[AllocatorFunction] = &[
+    function(
+        "malloc",
+        alloc_kind::MALLOC,
+        "size_arg0_enter",
+        Some("alloc_return"),
+    ),
+    function(
+        "calloc",
+        alloc_kind::CALLOC,
+        "calloc_enter",
+        Some("alloc_return"),
+    ),
+    function(
+        "realloc",
+        alloc_kind::REALLOC,
+        "realloc_enter",
+        Some("realloc_return"),
+    ),
+    function(
+        "reallocarray",
+        alloc_kind::REALLOCARRAY,
+        "realloc_enter",
+        Some("realloc_return"),
+    ),
+    function(
+        "posix_memalign",
+        alloc_kind::POSIX_MEMALIGN,
+        "posix_memalign_enter",
+        Some("posix_memalign_return"),
+    ),
+    function(
+        "aligned_alloc",
+        alloc_kind::ALIGNED_ALLOC,
+        "size_arg1_enter",
+        Some("alloc_return"),
+    ),
+    function(
+        "memalign",
+        alloc_kind::MEMALIGN,
+        "size_arg1_enter",
+        Some("alloc_return"),
+    ),
+    function(
+        "valloc",
+        alloc_kind::VALLOC,
+        "size_arg0_enter",
+        Some("alloc_return"),
+    ),
+    function(
+        "pvalloc",
+        alloc_kind::PVALLOC,
+        "size_arg0_enter",
+        Some("alloc_return"),
+    ),
+    function("free", 0, "free_enter", None),
+];
+
+/// Functions without which nothing useful can be measured.
+const REQUIRED: [&str; 2] = ["malloc", "free"];
+
+/// Where one function was probed, for the report and `--verbose`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AttachedProbe {
+    pub function: String,
+    pub library: PathBuf,
+    /// Entry-probe offset from the function's start.
+    pub entry_offset: u64,
+    /// Whether the kernel emulates the probed instruction (fast) or
+    /// single-steps it (slow).
+    pub emulated: bool,
+    pub return_probe: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(
+        "pid {pid} has no libc.so mapped: memscope probes glibc's malloc family, and this target is statically linked or uses another libc (not supported yet)"
+    )]
+    NoLibc { pid: u32 },
+    #[error("cannot read {path}: {source}")]
+    ReadLibrary {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot parse {path} as ELF: {source}")]
+    ParseLibrary {
+        path: PathBuf,
+        #[source]
+        source: object::Error,
+    },
+    #[error("{path} does not export {symbol}: not a libc memscope knows how to probe")]
+    MissingSymbol { path: PathBuf, symbol: &'static str },
+    #[error("BPF program {0} is missing from memscope's object (build bug)")]
+    MissingProgram(&'static str),
+    #[error("cannot load BPF program {name}: {source}")]
+    Load {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot attach a uprobe to {symbol} in {path}: {source}")]
+    Probe {
+        symbol: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("pid {0} is not a valid process id")]
+    InvalidPid(u32),
+}
+
+/// A function of the library, located in the file.
+#[derive(Debug)]
+struct ResolvedSymbol {
+    file_offset: u64,
+    address: u64,
+    /// The first bytes of the function, for the probe-site choice.
+    prologue: Vec<u8>,
+}
+
+/// Attaches the allocator probes to process `pid`, whose mappings are
+/// `maps`. Probes are scoped to that pid (every thread of it).
+pub fn attach_allocator(
+    ebpf: &mut Ebpf,
+    pid: u32,
+    maps: &ProcessMaps,
+) -> Result<Vec<AttachedProbe>, AttachError> {
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::InvalidPid(pid))?);
+    let library = maps
+        .find_library("libc.so")
+        .ok_or(AttachError::NoLibc { pid })?;
+    let host_path = maps.host_path(library);
+    let bytes = std::fs::read(&host_path).map_err(|source| AttachError::ReadLibrary {
+        path: host_path.clone(),
+        source,
+    })?;
+    let elf = object::File::parse(&*bytes).map_err(|source| AttachError::ParseLibrary {
+        path: host_path.clone(),
+        source,
+    })?;
+
+    load_programs(ebpf)?;
+    let mut attached = Vec::new();
+    let mut probed_addresses = BTreeSet::new();
+    for function in LIBC_ALLOCATOR {
+        let Some(symbol) = resolve(&elf, function.symbol) else {
+            if REQUIRED.contains(&function.symbol) {
+                return Err(AttachError::MissingSymbol {
+                    path: host_path,
+                    symbol: function.symbol,
+                });
+            }
+            continue;
+        };
+        // Aliases (aligned_alloc = memalign in some glibcs) share an address:
+        // probing both would count each call twice.
+        if !probed_addresses.insert(symbol.address) {
+            continue;
+        }
+        let site = match function.return_program {
+            // A return probe needs a trap at the entry anyway; the entry
+            // program shares it.
+            Some(_) => ProbeSite {
+                offset: 0,
+                emulated: entry_probe_site(&symbol.prologue).offset == 0,
+            },
+            None => entry_probe_site(&symbol.prologue),
+        };
+        attach_one(
+            ebpf,
+            function.entry_program,
+            function,
+            symbol.file_offset + site.offset,
+            &host_path,
+            scope,
+        )?;
+        if let Some(return_program) = function.return_program {
+            attach_one(
+                ebpf,
+                return_program,
+                function,
+                symbol.file_offset,
+                &host_path,
+                scope,
+            )?;
+        }
+        tracing::debug!(
+            function = function.symbol,
+            offset = site.offset,
+            emulated = site.emulated,
+            "probe attached"
+        );
+        attached.push(AttachedProbe {
+            function: function.symbol.to_owned(),
+            library: library.to_path_buf(),
+            entry_offset: site.offset,
+            emulated: site.emulated,
+            return_probe: function.return_program.is_some(),
+        });
+    }
+    Ok(attached)
+}
+
+/// Stops `pid` when it calls libc's `_exit`, so that its mappings can be
+/// read after its last allocation and before they are gone. Only for a
+/// command memscope started: the stop is seen by its parent.
+pub fn attach_exit_stop(ebpf: &mut Ebpf, pid: u32, maps: &ProcessMaps) -> Result<(), AttachError> {
+    const PROGRAM: &str = "exit_enter";
+    const SYMBOL: &str = "_exit";
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::InvalidPid(pid))?);
+    let library = maps
+        .find_library("libc.so")
+        .ok_or(AttachError::NoLibc { pid })?;
+    let host_path = maps.host_path(library);
+    let program = uprobe(ebpf, PROGRAM)?;
+    program.load().map_err(|source| AttachError::Load {
+        name: PROGRAM,
+        source,
+    })?;
+    program
+        .attach(UProbeAttachLocation::Symbol(SYMBOL), &host_path, scope)
+        .map_err(|source| AttachError::Probe {
+            symbol: SYMBOL,
+            path: host_path.clone(),
+            source,
+        })?;
+    Ok(())
+}
+
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), AttachError> {
+    let names: BTreeSet<&'static str> = LIBC_ALLOCATOR
+        .iter()
+        .flat_map(|f| std::iter::once(f.entry_program).chain(f.return_program))
+        .collect();
+    for name in names {
+        let program = uprobe(ebpf, name)?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|source| AttachError::Load { name, source })?;
+        }
+    }
+    Ok(())
+}
+
+fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, AttachError> {
+    ebpf.program_mut(name)
+        .and_then(|p| <&mut UProbe>::try_from(p).ok())
+        .ok_or(AttachError::MissingProgram(name))
+}
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    function: &AllocatorFunction,
+    file_offset: u64,
+    path: &Path,
+    scope: UProbeScope,
+) -> Result<(), AttachError> {
+    let point = UProbeAttachPoint {
+        location: UProbeAttachLocation::AbsoluteOffset(file_offset),
+        cookie: Some(u64::from(function.kind)),
+    };
+    uprobe(ebpf, program)?
+        .attach(point, path, scope)
+        .map_err(|source| AttachError::Probe {
+            symbol: function.symbol,
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// Finds an exported function and its file offset.
+fn resolve(elf: &object::File<'_>, name: &str) -> Option<ResolvedSymbol> {
+    const PROLOGUE_BYTES: u64 = 64;
+    let symbol = elf.dynamic_symbols().find(|s| {
+        s.is_definition() && s.kind() == object::SymbolKind::Text && s.name() == Ok(name)
+    })?;
+    let address = symbol.address();
+    let section = elf.sections().find(|s| {
+        let start = s.address();
+        start <= address && address < start + s.size()
+    })?;
+    let (section_offset, _) = section.file_range()?;
+    let file_offset = address - section.address() + section_offset;
+    let data = section.data().ok()?;
+    let start = usize::try_from(address - section.address()).ok()?;
+    let len = usize::try_from(PROLOGUE_BYTES.min(symbol.size().max(1))).ok()?;
+    let prologue = data.get(start..data.len().min(start + len))?.to_vec();
+    Some(ResolvedSymbol {
+        file_offset,
+        address,
+        prologue,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_this_machines_libc_family() {
+        let maps = ProcessMaps::read(std::process::id()).expect("own maps");
+        let libc = maps
+            .find_library("libc.so")
+            .expect("test binary links libc");
+        let bytes = std::fs::read(libc).expect("read libc");
+        let elf = object::File::parse(&*bytes).expect("parse libc");
+        for name in REQUIRED {
+            let symbol = resolve(&elf, name).expect(name);
+            assert!(!symbol.prologue.is_empty());
+        }
+        // glibc's free starts with `test %rdi,%rdi; je`: the probe moves to the je.
+        let free = resolve(&elf, "free").expect("free");
+        let site = entry_probe_site(&free.prologue);
+        assert!(
+            site.emulated,
+            "free's entry probe is single-stepped: {site:?}"
+        );
+    }
+}

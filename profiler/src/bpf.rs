@@ -1,0 +1,101 @@
+//! The embedded kernel programs, loaded with the map sizes asked for.
+
+use aya::{Ebpf, EbpfLoader};
+use profiler_common::{MAX_IN_FLIGHT, MAX_STACK_DEPTH, STACK_TOTALS_PER_STACK, map_names};
+
+/// The BPF object built by build.rs from profiler-ebpf.
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memscope"));
+
+/// Capacities of the kernel maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapCapacity {
+    /// Live allocations tracked at once (`--max-live`).
+    pub max_live: u32,
+    /// Distinct user stacks (`--max-stacks`).
+    pub max_stacks: u32,
+}
+
+impl Default for MapCapacity {
+    fn default() -> Self {
+        Self {
+            max_live: profiler_common::DEFAULT_MAX_LIVE,
+            max_stacks: profiler_common::DEFAULT_MAX_STACKS,
+        }
+    }
+}
+
+impl MapCapacity {
+    /// Kernel memory the maps reserve (hash maps are preallocated), an
+    /// estimate from the kernel's per-element layout.
+    pub fn reserved_bytes(&self) -> u64 {
+        // struct htab_elem header, plus key and value rounded to 8 bytes.
+        const HTAB_ELEM: u64 = 48;
+        let live = u64::from(self.max_live) * (HTAB_ELEM + 16 + 24);
+        let totals =
+            u64::from(self.max_stacks) * u64::from(STACK_TOTALS_PER_STACK) * (HTAB_ELEM + 8 + 32);
+        // struct stack_map_bucket header plus the frames, one bucket per
+        // entry rounded up to a power of two.
+        let stacks =
+            u64::from(self.max_stacks.next_power_of_two()) * (16 + 8 * MAX_STACK_DEPTH as u64);
+        let in_flight = u64::from(MAX_IN_FLIGHT) * (HTAB_ELEM + 8 + 24);
+        live + totals + stacks + in_flight
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("BPF is not permitted: run as root or grant CAP_BPF and CAP_PERFMON ({0})")]
+    NotPermitted(#[source] aya::EbpfError),
+    #[error(
+        "cannot load memscope's BPF programs: {0}; is BPF enabled in this kernel (CONFIG_BPF_SYSCALL)?"
+    )]
+    Unavailable(#[source] aya::EbpfError),
+    #[error("invalid map size: {0}")]
+    Capacity(String),
+}
+
+/// Loads the BPF object into the kernel (maps created; programs are loaded
+/// by `attach`).
+pub fn load(capacity: MapCapacity) -> Result<Ebpf, LoadError> {
+    if capacity.max_live == 0 || capacity.max_stacks == 0 {
+        return Err(LoadError::Capacity(
+            "--max-live and --max-stacks must be at least 1".into(),
+        ));
+    }
+    raise_memlock_limit();
+    EbpfLoader::new()
+        .map_max_entries(map_names::LIVE, capacity.max_live)
+        .map_max_entries(map_names::STACKS, capacity.max_stacks)
+        .map_max_entries(
+            map_names::STACK_TOTALS,
+            capacity.max_stacks.saturating_mul(STACK_TOTALS_PER_STACK),
+        )
+        .load(BPF_OBJECT)
+        .map_err(|error| {
+            if is_permission_error(&error) {
+                LoadError::NotPermitted(error)
+            } else {
+                LoadError::Unavailable(error)
+            }
+        })
+}
+
+fn is_permission_error(error: &aya::EbpfError) -> bool {
+    let text = format!("{error:?}");
+    text.contains("code: 1,")
+        || text.contains("PermissionDenied")
+        || text.contains("Operation not permitted")
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the
+/// memory cgroup. Raising it is harmless either way.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid struct; failure only matters on old kernels.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK");
+    }
+}

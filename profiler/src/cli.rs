@@ -1,0 +1,76 @@
+//! Command-line arguments.
+
+use std::{ffi::OsString, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use memscope::{bpf::MapCapacity, units::parse_duration};
+use profiler_common::{DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "memscope",
+    version,
+    about = "eBPF allocation profiler and leak detector: which call stacks hold memory, with no restart and no code change",
+    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 not permitted (run as root), 4 no such process, \
+                  5 BPF or uprobes unavailable, 6 command not found or not executable, 7 unsupported target, \
+                  8 cannot write output"
+)]
+pub struct Cli {
+    /// More logging on stderr (-v: probe sites, -vv: debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a command with probes attached before its first instruction and
+    /// profile it until it exits (or Ctrl-C, or --duration).
+    Run {
+        #[command(flatten)]
+        profile: ProfileArgs,
+        /// The command and its arguments, after `--`.
+        #[arg(required = true, last = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+    /// Profile a running process from now on, until Ctrl-C, --duration or its exit.
+    Attach {
+        #[command(flatten)]
+        profile: ProfileArgs,
+        /// Process id of the target.
+        pid: u32,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ProfileArgs {
+    /// Directory for report.json, inuse.svg and stacks.folded
+    /// [default: memscope-<pid>-<timestamp>].
+    #[arg(short, long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// Stop after this long (500ms, 30s, 5m, 1h).
+    #[arg(short, long, value_parser = parse_duration, value_name = "DUR")]
+    pub duration: Option<Duration>,
+    /// Print report.json to stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Sites shown in the table.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub top: usize,
+    /// Live allocations tracked at once (kernel memory: about 88 bytes each).
+    #[arg(long, default_value_t = DEFAULT_MAX_LIVE, value_name = "N")]
+    pub max_live: u32,
+    /// Distinct call stacks recorded (kernel memory: about 1 KiB each).
+    #[arg(long, default_value_t = DEFAULT_MAX_STACKS, value_name = "N")]
+    pub max_stacks: u32,
+}
+
+impl ProfileArgs {
+    pub fn capacity(&self) -> MapCapacity {
+        MapCapacity {
+            max_live: self.max_live,
+            max_stacks: self.max_stacks,
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Reads the kernel maps into a plain-data snapshot: per-stack totals, the
+//! stacks they name, and the failure counters.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, StackTraceMap},
+};
+use profiler_common::{Counter, StackKey, StackTotals, UNKNOWN_STACK, map_names};
+
+/// Everything the kernel side knows at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelSnapshot {
+    /// Cumulative totals per (process, allocating stack).
+    pub totals: BTreeMap<StackKey, StackTotals>,
+    /// User stacks by id: instruction pointers, innermost first (return
+    /// addresses past the first).
+    pub stacks: HashMap<u32, Vec<u64>>,
+    pub counters: LossCounters,
+}
+
+/// Events the kernel side could not record, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LossCounters {
+    pub live_map_full: u64,
+    pub totals_map_full: u64,
+    pub stack_errors: u64,
+    pub unknown_frees: u64,
+    pub missed_returns: u64,
+    pub in_flight_full: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error("BPF map {0} is missing (build bug)")]
+    MissingMap(&'static str),
+    #[error("cannot read BPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Reads the maps. Stacks a totals entry names but the stack map lacks
+/// (evicted, or never walked) are simply absent from `stacks`.
+pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
+    let map_error = |name| move |source| CollectError::Map { name, source };
+    let map = |name: &'static str| ebpf.map(name).ok_or(CollectError::MissingMap(name));
+
+    let totals_map: BpfHashMap<&MapData, StackKey, StackTotals> =
+        BpfHashMap::try_from(map(map_names::STACK_TOTALS)?)
+            .map_err(map_error(map_names::STACK_TOTALS))?;
+    let mut totals = BTreeMap::new();
+    for entry in totals_map.iter() {
+        let (key, value) = entry.map_err(map_error(map_names::STACK_TOTALS))?;
+        totals.insert(key, value);
+    }
+
+    let stack_map: StackTraceMap<&MapData> =
+        StackTraceMap::try_from(map(map_names::STACKS)?).map_err(map_error(map_names::STACKS))?;
+    let mut stacks = HashMap::new();
+    for key in totals.keys() {
+        if key.stack_id == UNKNOWN_STACK || stacks.contains_key(&key.stack_id) {
+            continue;
+        }
+        if let Ok(trace) = stack_map.get(&key.stack_id, 0) {
+            let ips = trace.frames().iter().map(|f| f.ip).collect();
+            stacks.insert(key.stack_id, ips);
+        }
+    }
+
+    let counter_map: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(map(map_names::COUNTERS)?).map_err(map_error(map_names::COUNTERS))?;
+    let read = |counter: Counter| -> Result<u64, CollectError> {
+        let values = counter_map
+            .get(&(counter as u32), 0)
+            .map_err(map_error(map_names::COUNTERS))?;
+        Ok(values.iter().sum())
+    };
+    let counters = LossCounters {
+        live_map_full: read(Counter::LiveMapFull)?,
+        totals_map_full: read(Counter::TotalsMapFull)?,
+        stack_errors: read(Counter::StackErrors)?,
+        unknown_frees: read(Counter::UnknownFrees)?,
+        missed_returns: read(Counter::MissedReturns)?,
+        in_flight_full: read(Counter::InFlightFull)?,
+    };
+    Ok(KernelSnapshot {
+        totals,
+        stacks,
+        counters,
+    })
+}

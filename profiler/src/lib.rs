@@ -1,0 +1,29 @@
+//! memscope: an eBPF allocation profiler and leak detector.
+//!
+//! The pipeline, one module per stage:
+//! - [`preflight`]: privileges and kernel features, checked before anything loads;
+//! - [`target`]: the process to profile (started suspended, or a running pid);
+//! - [`bpf`] and [`attach`]: load the kernel programs and put them on the
+//!   target's allocator, at probe sites chosen by [`probe_site`];
+//! - [`collect`]: read the kernel maps into a plain-data [`collect::KernelSnapshot`];
+//! - [`process_maps`] and [`symbolize`]: turn addresses into frames, from a
+//!   cached copy of the target's mappings so it works after the target exits;
+//! - [`report`]: the versioned report.json model, built from a snapshot;
+//! - [`output`]: the table, folded stacks, flamegraph and JSON renderings;
+//! - [`session`]: runs the stages until the target exits, a signal or a deadline.
+//!
+//! Collection produces plain data, and analysis and rendering are functions
+//! of it alone, so every stage past collection is testable without a kernel.
+
+pub mod attach;
+pub mod bpf;
+pub mod collect;
+pub mod output;
+pub mod preflight;
+pub mod probe_site;
+pub mod process_maps;
+pub mod report;
+pub mod session;
+pub mod symbolize;
+pub mod target;
+pub mod units;

@@ -1,0 +1,184 @@
+//! The `memscope` command: parses arguments and drives the library.
+
+mod cli;
+mod exit_code;
+
+use std::{
+    io::{self, Write as _},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use memscope::{
+    output,
+    session::{Session, SessionOptions, StopReason, TargetSpec},
+    units::format_bytes,
+};
+
+use crate::cli::{Cli, Command, ProfileArgs};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("memscope: cannot start the async runtime: {error}");
+            return ExitCode::from(exit_code::FAILURE);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("memscope: {error:#}");
+            ExitCode::from(exit_code::for_error(&error))
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MEMSCOPE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_target(false)
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (spec, args) = match cli.command {
+        Command::Run { profile, command } => (TargetSpec::Run(command), profile),
+        Command::Attach { profile, pid } => (TargetSpec::Attach(pid), profile),
+    };
+    let options = SessionOptions {
+        capacity: args.capacity(),
+        duration: args.duration,
+    };
+    let mut session = Session::start(&spec, &options)?;
+    eprintln!(
+        "memscope: profiling pid {} ({}); {} probes on {}; kernel maps reserve {}; Ctrl-C to stop",
+        session.pid(),
+        session.command(),
+        session.probes().len(),
+        session
+            .probes()
+            .first()
+            .map(|p| p.library.display().to_string())
+            .unwrap_or_default(),
+        format_bytes(session.reserved_bytes()),
+    );
+    for probe in session.probes() {
+        tracing::info!(
+            "{}: entry probe at +{} ({}){}",
+            probe.function,
+            probe.entry_offset,
+            if probe.emulated {
+                "emulated"
+            } else {
+                "single-stepped"
+            },
+            if probe.return_probe {
+                ", return probe"
+            } else {
+                ""
+            }
+        );
+    }
+    let reason = session.wait(options.duration).await?;
+    let report = session.report()?;
+    let dir = args
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output_dir(session.pid()));
+    output::write_all(&dir, &report)
+        .with_context(|| format!("cannot write the report to {}", dir.display()))?;
+    print_result(&report, &args)?;
+    eprintln!(
+        "memscope: {}; wrote {} ({}, {}) to {}",
+        describe(reason),
+        output::REPORT_JSON,
+        output::INUSE_SVG,
+        output::STACKS_FOLDED,
+        dir.display()
+    );
+    Ok(())
+}
+
+fn describe(reason: StopReason) -> &'static str {
+    match reason {
+        StopReason::TargetExited => "target exited",
+        StopReason::Interrupted => "interrupted",
+        StopReason::Terminated => "terminated",
+        StopReason::DurationElapsed => "duration elapsed",
+    }
+}
+
+/// Prints the table or the JSON; a closed pipe (`| head`) is a normal end.
+fn print_result(report: &memscope::report::Report, args: &ProfileArgs) -> anyhow::Result<()> {
+    let mut stdout = io::stdout().lock();
+    let result = if args.json {
+        output::report_json(report)
+            .map_err(io::Error::other)
+            .and_then(|text| stdout.write_all(text.as_bytes()))
+    } else {
+        output::table::render(report, args.top, &mut stdout)
+    };
+    match result.and_then(|()| stdout.flush()) {
+        Err(error) if error.kind() != io::ErrorKind::BrokenPipe => {
+            Err(error).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `memscope-<pid>-<UTC date and time>` in the current directory.
+fn default_output_dir(pid: u32) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    PathBuf::from(format!("memscope-{pid}-{}", utc_timestamp(secs)))
+}
+
+/// `YYYYmmdd-HHMMSS` in UTC, from Unix seconds (civil-from-days).
+fn utc_timestamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_utc_calendar_dates() {
+        assert_eq!(utc_timestamp(0), "19700101-000000");
+        assert_eq!(utc_timestamp(951_782_400 + 3723), "20000229-010203");
+    }
+}

@@ -1,0 +1,88 @@
+//! The short table printed at the end of a session.
+
+use std::io::{self, Write};
+
+use crate::{report::Report, units::format_bytes};
+
+/// Frames of a site shown in the table's chain.
+const CHAIN_FRAMES: usize = 4;
+
+/// Writes a summary and the top `limit` sites by live bytes.
+pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result<()> {
+    let t = &report.totals;
+    writeln!(
+        out,
+        "memscope: pid {} ({}) over {:.1}s",
+        report.target.pid, report.target.command, report.duration_s
+    )?;
+    writeln!(
+        out,
+        "live: {} bytes ({}) in {} allocations; allocated {} bytes in {} calls, freed {} bytes in {} calls",
+        t.live_bytes,
+        format_bytes(t.live_bytes),
+        t.live_count,
+        t.alloc_bytes,
+        t.alloc_count,
+        t.free_bytes,
+        t.free_count
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:>14} {:>10} {:>14} {:>10}  SITE (allocating function <- callers)",
+        "LIVE BYTES", "LIVE", "ALLOC BYTES", "ALLOCS"
+    )?;
+    for site in report.sites.iter().take(limit) {
+        let chain = site
+            .frames
+            .iter()
+            .take(CHAIN_FRAMES)
+            .map(|f| f.function.as_str())
+            .collect::<Vec<_>>()
+            .join(" <- ");
+        let more = if site.frames.len() > CHAIN_FRAMES {
+            " <- ..."
+        } else {
+            ""
+        };
+        writeln!(
+            out,
+            "{:>14} {:>10} {:>14} {:>10}  {chain}{more}",
+            site.live_bytes, site.live_count, site.alloc_bytes, site.alloc_count
+        )?;
+    }
+    if report.sites.len() > limit {
+        writeln!(
+            out,
+            "... {} more sites in report.json",
+            report.sites.len() - limit
+        )?;
+    }
+    for warning in &report.warnings {
+        writeln!(out, "warning: {warning}")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::tests_support::sample_report;
+
+    #[test]
+    fn table_matches_golden_file() {
+        let mut out = Vec::new();
+        render(&sample_report(), 10, &mut out).expect("render");
+        crate::output::assert_golden("table.txt", &out);
+    }
+
+    #[test]
+    fn table_is_cut_at_the_limit() {
+        let mut out = Vec::new();
+        render(&sample_report(), 1, &mut out).expect("render");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.contains("leak_site <- handle_request <- main"));
+        assert!(!text.contains("parse_body"));
+        assert!(text.contains("... 2 more sites in report.json"));
+    }
+}

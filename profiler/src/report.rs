@@ -1,0 +1,457 @@
+//! The report.json model (`memscope.report/1`) and how it is built from a
+//! kernel snapshot. Later versions only add fields.
+
+use std::collections::BTreeMap;
+
+use profiler_common::{StackTotals, UNKNOWN_STACK};
+use serde::{Deserialize, Serialize};
+
+use crate::{attach::AttachedProbe, collect::KernelSnapshot};
+
+pub const SCHEMA: &str = "memscope.report/1";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub schema: String,
+    pub target: TargetInfo,
+    pub duration_s: f64,
+    pub totals: Totals,
+    /// Sorted by live bytes, largest first.
+    pub sites: Vec<Site>,
+    pub completeness: Completeness,
+    /// Where each allocator function was probed.
+    #[serde(default)]
+    pub probes: Vec<AttachedProbe>,
+    /// Things the reader should know about this profile (loss, coverage).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    #[serde(default)]
+    pub memscope_version: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    pub pid: u32,
+    pub command: String,
+    /// Exit code of a command started by `memscope run` (128+signal when
+    /// killed); absent while it runs or for `attach`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub alloc_count: u64,
+    pub alloc_bytes: u64,
+    pub free_count: u64,
+    pub free_bytes: u64,
+    pub live_count: u64,
+    pub live_bytes: u64,
+}
+
+impl Totals {
+    fn add(&mut self, totals: &StackTotals) {
+        self.alloc_count += totals.alloc_count;
+        self.alloc_bytes += totals.alloc_bytes;
+        self.free_count += totals.free_count;
+        self.free_bytes += totals.free_bytes;
+        self.live_count = self.alloc_count.saturating_sub(self.free_count);
+        self.live_bytes = self.alloc_bytes.saturating_sub(self.free_bytes);
+    }
+}
+
+/// One source location in a call stack.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Frame {
+    pub function: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+}
+
+impl Frame {
+    pub fn named(function: &str) -> Self {
+        Self {
+            function: function.to_owned(),
+            module: None,
+            file: None,
+            line: None,
+        }
+    }
+}
+
+/// An allocating call stack and what it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Site {
+    /// Innermost first: `frames[0]` called the allocator.
+    pub frames: Vec<Frame>,
+    pub live_bytes: u64,
+    pub live_count: u64,
+    pub alloc_bytes: u64,
+    pub alloc_count: u64,
+    #[serde(default)]
+    pub free_bytes: u64,
+    #[serde(default)]
+    pub free_count: u64,
+}
+
+/// What the kernel side could not record. All zero means the figures are exact.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completeness {
+    /// Allocations not tracked because a map was full (sum of the three below).
+    pub map_full: u64,
+    /// Stacks that could not be walked or stored; their bytes are under an
+    /// "[unknown stack]" site.
+    pub stack_errors: u64,
+    /// Frees of blocks allocated before memscope attached (or lost to a full map).
+    pub unknown_frees: u64,
+    /// Return probes that fired without their entry.
+    pub missed_returns: u64,
+    #[serde(default)]
+    pub live_map_full: u64,
+    #[serde(default)]
+    pub totals_map_full: u64,
+    #[serde(default)]
+    pub in_flight_full: u64,
+}
+
+impl Completeness {
+    /// Whether anything was lost (unknown frees are not a loss: they are
+    /// memory memscope never saw allocated).
+    pub fn lost_anything(&self) -> bool {
+        self.map_full + self.stack_errors + self.missed_returns > 0
+    }
+}
+
+/// What the report needs besides the snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct ReportContext {
+    pub target: Option<TargetInfo>,
+    pub duration_s: f64,
+    pub probes: Vec<AttachedProbe>,
+    pub warnings: Vec<String>,
+}
+
+/// Functions that are the allocator's plumbing rather than the caller that
+/// asked for memory: leading frames matching these are dropped so that
+/// `frames[0]` is the code that allocated.
+const ALLOCATOR_FRAMES: &[&str] = &[
+    "malloc",
+    "calloc",
+    "realloc",
+    "free",
+    "__libc_",
+    "__rust_alloc",
+    "__rust_realloc",
+    "__rust_alloc_zeroed",
+    "__rdl_",
+    "__rg_",
+    "alloc::alloc::",
+    "<alloc::alloc::Global as core::alloc::Allocator>",
+    "std::sys::alloc::",
+    "std::alloc::",
+    "<std::alloc::System as core::alloc::global::GlobalAlloc>",
+    "alloc::raw_vec::",
+    "operator new",
+    "operator new[]",
+];
+
+fn is_allocator_frame(frame: &Frame) -> bool {
+    ALLOCATOR_FRAMES.iter().any(|prefix| {
+        frame.function == *prefix
+            || (prefix.ends_with(['_', ':', '>']) && frame.function.starts_with(prefix))
+            || frame.function.starts_with(&format!("{prefix}("))
+    })
+}
+
+/// Drops the allocator's own leading frames; keeps at least one frame.
+pub fn trim_allocator_frames(mut frames: Vec<Frame>) -> Vec<Frame> {
+    let keep_from = frames
+        .iter()
+        .position(|f| !is_allocator_frame(f))
+        .unwrap_or(frames.len().saturating_sub(1));
+    frames.drain(..keep_from);
+    frames
+}
+
+/// Builds the report. `symbolize(tgid, ips)` turns a raw stack into frames,
+/// innermost first.
+pub fn build_report(
+    snapshot: &KernelSnapshot,
+    mut symbolize: impl FnMut(u32, &[u64]) -> Vec<Frame>,
+    context: ReportContext,
+) -> Report {
+    let mut totals = Totals::default();
+    let mut by_frames: BTreeMap<Vec<Frame>, StackTotals> = BTreeMap::new();
+    let mut frames_cache: BTreeMap<(u32, u32), Vec<Frame>> = BTreeMap::new();
+    for (key, stack_totals) in &snapshot.totals {
+        totals.add(stack_totals);
+        let frames = frames_cache
+            .entry((key.tgid, key.stack_id))
+            .or_insert_with(|| match snapshot.stacks.get(&key.stack_id) {
+                Some(ips) if key.stack_id != UNKNOWN_STACK => {
+                    trim_allocator_frames(symbolize(key.tgid, ips))
+                }
+                _ => vec![Frame::named("[unknown stack]")],
+            })
+            .clone();
+        let site = by_frames.entry(frames).or_default();
+        site.alloc_count += stack_totals.alloc_count;
+        site.alloc_bytes += stack_totals.alloc_bytes;
+        site.free_count += stack_totals.free_count;
+        site.free_bytes += stack_totals.free_bytes;
+    }
+    let mut sites: Vec<Site> = by_frames
+        .into_iter()
+        .map(|(frames, t)| Site {
+            frames,
+            live_bytes: t.alloc_bytes.saturating_sub(t.free_bytes),
+            live_count: t.alloc_count.saturating_sub(t.free_count),
+            alloc_bytes: t.alloc_bytes,
+            alloc_count: t.alloc_count,
+            free_bytes: t.free_bytes,
+            free_count: t.free_count,
+        })
+        .collect();
+    // Stable order for equal live bytes keeps outputs deterministic.
+    sites.sort_by(|a, b| {
+        b.live_bytes
+            .cmp(&a.live_bytes)
+            .then(b.alloc_bytes.cmp(&a.alloc_bytes))
+            .then_with(|| a.frames.cmp(&b.frames))
+    });
+
+    let c = snapshot.counters;
+    let completeness = Completeness {
+        map_full: c.live_map_full + c.totals_map_full + c.in_flight_full,
+        stack_errors: c.stack_errors,
+        unknown_frees: c.unknown_frees,
+        missed_returns: c.missed_returns,
+        live_map_full: c.live_map_full,
+        totals_map_full: c.totals_map_full,
+        in_flight_full: c.in_flight_full,
+    };
+    Report {
+        schema: SCHEMA.to_owned(),
+        target: context.target.unwrap_or(TargetInfo {
+            pid: 0,
+            command: String::new(),
+            exit_code: None,
+        }),
+        duration_s: context.duration_s,
+        totals,
+        sites,
+        completeness,
+        probes: context.probes,
+        warnings: context.warnings,
+        memscope_version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    fn frame(function: &str, file: &str, line: u32) -> Frame {
+        Frame {
+            function: function.into(),
+            module: Some("/opt/app/server".into()),
+            file: Some(file.into()),
+            line: Some(line),
+        }
+    }
+
+    fn site(frames: Vec<Frame>, alloc: (u64, u64), free: (u64, u64)) -> Site {
+        Site {
+            frames,
+            live_bytes: alloc.1 - free.1,
+            live_count: alloc.0 - free.0,
+            alloc_bytes: alloc.1,
+            alloc_count: alloc.0,
+            free_bytes: free.1,
+            free_count: free.0,
+        }
+    }
+
+    /// A fixed report for golden-file tests of the renderings.
+    pub(crate) fn sample_report() -> Report {
+        let main = frame("main", "server.c", 80);
+        let sites = vec![
+            site(
+                vec![
+                    frame("leak_site", "server.c", 12),
+                    frame("handle_request", "server.c", 40),
+                    main.clone(),
+                ],
+                (1000, 4_096_000),
+                (0, 0),
+            ),
+            site(
+                vec![
+                    frame("cache_insert", "cache.c", 7),
+                    frame("handle_request", "server.c", 44),
+                    main.clone(),
+                ],
+                (64, 65_536),
+                (32, 32_768),
+            ),
+            site(
+                vec![frame("parse_body", "server.c", 30), main],
+                (5000, 640_000),
+                (5000, 640_000),
+            ),
+        ];
+        let mut totals = Totals::default();
+        for s in &sites {
+            totals.add(&StackTotals {
+                alloc_count: s.alloc_count,
+                alloc_bytes: s.alloc_bytes,
+                free_count: s.free_count,
+                free_bytes: s.free_bytes,
+            });
+        }
+        Report {
+            schema: SCHEMA.into(),
+            target: TargetInfo {
+                pid: 4242,
+                command: "./server --port 8080".into(),
+                exit_code: Some(0),
+            },
+            duration_s: 12.5,
+            totals,
+            sites,
+            completeness: Completeness::default(),
+            probes: Vec::new(),
+            warnings: Vec::new(),
+            memscope_version: "0.1.0".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use profiler_common::StackKey;
+
+    use super::*;
+
+    fn totals(alloc_count: u64, alloc_bytes: u64, free_count: u64, free_bytes: u64) -> StackTotals {
+        StackTotals {
+            alloc_count,
+            alloc_bytes,
+            free_count,
+            free_bytes,
+        }
+    }
+
+    fn names(frames: &[Frame]) -> Vec<&str> {
+        frames.iter().map(|f| f.function.as_str()).collect()
+    }
+
+    #[test]
+    fn sites_sort_by_live_bytes_and_merge_equal_stacks() {
+        let mut snapshot = KernelSnapshot::default();
+        snapshot.totals.insert(
+            StackKey {
+                tgid: 1,
+                stack_id: 1,
+            },
+            totals(10, 1000, 10, 1000),
+        );
+        snapshot.totals.insert(
+            StackKey {
+                tgid: 1,
+                stack_id: 2,
+            },
+            totals(3, 300, 1, 100),
+        );
+        // Same frames after trimming as stack 2: merged.
+        snapshot.totals.insert(
+            StackKey {
+                tgid: 1,
+                stack_id: 3,
+            },
+            totals(1, 50, 0, 0),
+        );
+        snapshot.stacks.insert(1, vec![0x10]);
+        snapshot.stacks.insert(2, vec![0x20]);
+        snapshot.stacks.insert(3, vec![0x30]);
+        let report = build_report(
+            &snapshot,
+            |_, ips| match ips[0] {
+                0x10 => vec![Frame::named("churn"), Frame::named("main")],
+                0x20 => vec![Frame::named("leak"), Frame::named("main")],
+                _ => vec![
+                    Frame::named("malloc"),
+                    Frame::named("leak"),
+                    Frame::named("main"),
+                ],
+            },
+            ReportContext::default(),
+        );
+        assert_eq!(report.sites.len(), 2);
+        assert_eq!(names(&report.sites[0].frames), ["leak", "main"]);
+        assert_eq!(report.sites[0].live_bytes, 250);
+        assert_eq!(report.sites[0].live_count, 3);
+        assert_eq!(report.sites[1].live_bytes, 0);
+        assert_eq!(report.totals.live_bytes, 250);
+        assert_eq!(report.totals.alloc_count, 14);
+    }
+
+    #[test]
+    fn unwalkable_stacks_keep_their_bytes() {
+        let mut snapshot = KernelSnapshot::default();
+        snapshot.totals.insert(
+            StackKey {
+                tgid: 1,
+                stack_id: UNKNOWN_STACK,
+            },
+            totals(2, 64, 0, 0),
+        );
+        snapshot.counters.stack_errors = 2;
+        let report = build_report(&snapshot, |_, _| Vec::new(), ReportContext::default());
+        assert_eq!(names(&report.sites[0].frames), ["[unknown stack]"]);
+        assert_eq!(report.sites[0].live_bytes, 64);
+        assert!(report.completeness.lost_anything());
+    }
+
+    #[test]
+    fn allocator_frames_are_trimmed() {
+        let frames = [
+            "__rdl_alloc",
+            "alloc::raw_vec::RawVec<T>::grow",
+            "app::cache::insert",
+            "main",
+        ]
+        .map(Frame::named)
+        .to_vec();
+        assert_eq!(
+            names(&trim_allocator_frames(frames)),
+            ["app::cache::insert", "main"]
+        );
+        // A function merely named like an allocator prefix stays.
+        let frames = vec![Frame::named("malloc_wrapper_user")];
+        assert_eq!(
+            names(&trim_allocator_frames(frames)),
+            ["malloc_wrapper_user"]
+        );
+        // Only allocator frames: the last one stays.
+        let frames = vec![Frame::named("malloc")];
+        assert_eq!(names(&trim_allocator_frames(frames)), ["malloc"]);
+    }
+
+    #[test]
+    fn report_json_round_trips() {
+        let report = build_report(
+            &KernelSnapshot::default(),
+            |_, _| Vec::new(),
+            ReportContext::default(),
+        );
+        let text = serde_json::to_string(&report).expect("serialize");
+        let back: Report = serde_json::from_str(&text).expect("parse");
+        assert_eq!(back, report);
+        assert!(text.contains("\"schema\":\"memscope.report/1\""));
+    }
+}

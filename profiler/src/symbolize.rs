@@ -1,0 +1,173 @@
+//! Addresses to frames, with blazesym, from cached process mappings: a
+//! target that has exited can still be symbolized.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use blazesym::symbolize::{
+    Input, Symbolized, Symbolizer,
+    source::{Elf, Source},
+};
+
+use crate::{process_maps::ProcessMaps, report::Frame};
+
+/// Symbolizes user stacks of the target's processes.
+pub struct StackSymbolizer {
+    symbolizer: Symbolizer,
+    /// The latest mappings seen for each process.
+    maps: HashMap<u32, ProcessMaps>,
+    /// Process whose mappings stand in for an unknown pid (forked children
+    /// share their parent's layout).
+    main_pid: u32,
+    /// Frames per (module host path, file offset).
+    cache: HashMap<(PathBuf, u64), Vec<Frame>>,
+}
+
+impl StackSymbolizer {
+    pub fn new(main_pid: u32) -> Self {
+        Self {
+            symbolizer: Symbolizer::builder()
+                .enable_code_info(true)
+                .enable_inlined_fns(true)
+                .enable_demangling(true)
+                .build(),
+            maps: HashMap::new(),
+            main_pid,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// Records the current mappings of `pid`; call while it is alive, again
+    /// whenever it may have mapped new code.
+    pub fn update_maps(&mut self, maps: ProcessMaps) {
+        self.maps.insert(maps.pid, maps);
+    }
+
+    pub fn maps(&self, pid: u32) -> Option<&ProcessMaps> {
+        self.maps
+            .get(&pid)
+            .or_else(|| self.maps.get(&self.main_pid))
+    }
+
+    /// Frames for a user stack, innermost first. Past the first, each
+    /// address is a return address: the call is the instruction before it.
+    pub fn symbolize_stack(&mut self, pid: u32, ips: &[u64]) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        for (depth, &ip) in ips.iter().enumerate() {
+            let addr = if depth == 0 { ip } else { ip.saturating_sub(1) };
+            frames.extend(self.symbolize_address(pid, addr));
+        }
+        frames
+    }
+
+    fn symbolize_address(&mut self, pid: u32, addr: u64) -> Vec<Frame> {
+        let Some(maps) = self.maps(pid) else {
+            return vec![unknown(addr, None)];
+        };
+        let Some(mapping) = maps.find(addr) else {
+            return vec![unknown(addr, None)];
+        };
+        let Some(path) = mapping.path.clone() else {
+            return vec![unknown(addr, None)];
+        };
+        let file_offset = addr - mapping.start + mapping.file_offset;
+        let host_path = maps.host_path(&path);
+        let key = (host_path.clone(), file_offset);
+        if let Some(frames) = self.cache.get(&key) {
+            return frames.clone();
+        }
+        let frames = self.symbolize_file_offset(&host_path, &path, file_offset);
+        self.cache.insert(key, frames.clone());
+        frames
+    }
+
+    fn symbolize_file_offset(&self, host_path: &Path, path: &Path, file_offset: u64) -> Vec<Frame> {
+        let module = path.display().to_string();
+        let source = Source::Elf(Elf::new(host_path));
+        let symbolized = self
+            .symbolizer
+            .symbolize_single(&source, Input::FileOffset(file_offset));
+        let Ok(Symbolized::Sym(sym)) = symbolized else {
+            return vec![Frame {
+                function: format!("{}+{file_offset:#x}", file_name(path)),
+                module: Some(module),
+                file: None,
+                line: None,
+            }];
+        };
+        let location = |info: Option<&blazesym::symbolize::CodeInfo<'_>>| {
+            info.map(|i| (i.to_path().display().to_string(), i.line))
+        };
+        // blazesym lists inlined calls outermost first; emit them innermost
+        // first, like the rest of the stack.
+        let mut frames = Vec::with_capacity(1 + sym.inlined.len());
+        for inlined in sym.inlined.iter().rev() {
+            let (file, line) = location(inlined.code_info.as_ref()).unzip();
+            frames.push(Frame {
+                function: inlined.name.to_string(),
+                module: Some(module.clone()),
+                file,
+                line: line.flatten(),
+            });
+        }
+        let (file, line) = location(sym.code_info.as_deref()).unzip();
+        frames.push(Frame {
+            function: sym.name.to_string(),
+            module: Some(module),
+            file,
+            line: line.flatten(),
+        });
+        frames
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+fn unknown(addr: u64, module: Option<String>) -> Frame {
+    Frame {
+        function: format!("{addr:#x}"),
+        module,
+        file: None,
+        line: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    fn marker_function_for_symbolizer_test() -> u64 {
+        marker_function_for_symbolizer_test as *const () as u64
+    }
+
+    #[test]
+    fn symbolizes_a_function_of_this_test_binary() {
+        let pid = std::process::id();
+        let mut symbolizer = StackSymbolizer::new(pid);
+        symbolizer.update_maps(ProcessMaps::read(pid).expect("own maps"));
+        let frames = symbolizer.symbolize_stack(pid, &[marker_function_for_symbolizer_test()]);
+        assert!(
+            frames
+                .iter()
+                .any(|f| f.function.ends_with("marker_function_for_symbolizer_test")),
+            "{frames:?}"
+        );
+    }
+
+    #[test]
+    fn unmapped_addresses_become_hex_frames() {
+        let mut symbolizer = StackSymbolizer::new(1);
+        symbolizer.update_maps(ProcessMaps::default());
+        assert_eq!(
+            symbolizer.symbolize_stack(1, &[0x1234]),
+            vec![unknown(0x1234, None)]
+        );
+    }
+}
