@@ -149,12 +149,12 @@ const ALLOCATOR_FRAMES: &[&str] = &[
     "__rust_alloc_zeroed",
     "__rdl_",
     "__rg_",
-    "alloc::alloc::",
-    "<alloc::alloc::Global as core::alloc::Allocator>",
+    // The alloc crate: Vec, Box, String and their growth plumbing.
+    "alloc::",
+    "<alloc::",
     "std::sys::alloc::",
     "std::alloc::",
     "<std::alloc::System as core::alloc::global::GlobalAlloc>",
-    "alloc::raw_vec::",
     "operator new",
     "operator new[]",
 ];

@@ -1,1 +1,12 @@
+//! End-to-end tests: the real `memscope` binary, real BPF programs in the
+//! running kernel, and fixture programs whose allocations are known to the
+//! byte. They need root; under CI=true a missing privilege fails them.
 
+mod support;
+
+mod alloc_family;
+mod attach;
+mod errors;
+mod leak_basic;
+mod rust_fixture;
+mod threads;

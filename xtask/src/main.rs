@@ -1,1 +1,162 @@
-fn main() {}
+//! `cargo xtask`: every developer workflow of memscope in one place.
+//!
+//! - `setup`: nightly rust-src, bpf-linker under target/tools, tracefs.
+//! - `build`: setup, then a release build of memscope.
+//! - `test`: setup, then every test (real BPF: run as root).
+//! - `demo`: build, then profile examples/leaky-server and say where the
+//!   report and flamegraph are.
+//! - `bench`: build, then the allocation benchmark against other tools.
+
+mod bench;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "memscope developer workflows")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent).
+    Setup,
+    /// Release build of memscope (target/release/memscope).
+    Build,
+    /// Run all tests; BPF tests need root.
+    Test {
+        /// Extra arguments for `cargo test` (after --).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Profile examples/leaky-server and show the result.
+    Demo,
+    /// Benchmark memscope against the untraced program and other tools.
+    Bench,
+    /// cargo fmt --check and clippy with -D warnings.
+    Lint,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    match cli.task {
+        Task::Setup => setup::run(&root),
+        Task::Build => {
+            setup::run(&root)?;
+            build_release(&root).map(|_| ())
+        }
+        Task::Test { args } => {
+            setup::run(&root)?;
+            cargo(&root, &["test", "--workspace"], &args)
+        }
+        Task::Demo => {
+            setup::run(&root)?;
+            let memscope = build_release(&root)?;
+            demo(&root, &memscope)
+        }
+        Task::Bench => {
+            setup::run(&root)?;
+            let memscope = build_release(&root)?;
+            bench::run(&root, &memscope)
+        }
+        Task::Lint => {
+            setup::run(&root)?;
+            cargo(&root, &["fmt", "--all", "--check"], &[])?;
+            cargo(
+                &root,
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+                &[],
+            )
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
+
+/// Runs cargo in the workspace with target/tools/bin (bpf-linker) on PATH.
+fn cargo(root: &Path, args: &[&str], extra: &[String]) -> Result<()> {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(root).args(args);
+    if !extra.is_empty() {
+        command.arg("--").args(extra);
+    }
+    command.env("PATH", setup::path_with_tools(root)?);
+    run_command(&mut command)
+}
+
+fn run_command(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn build_release(root: &Path) -> Result<PathBuf> {
+    cargo(root, &["build", "--release", "--package", "memscope"], &[])?;
+    Ok(root.join("target/release/memscope"))
+}
+
+fn demo(root: &Path, memscope: &Path) -> Result<()> {
+    let dir = root.join("target/demo");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let server = dir.join("leaky-server");
+    run_command(
+        Command::new("gcc")
+            .args([
+                "-O0",
+                "-g",
+                "-fno-omit-frame-pointer",
+                "-fno-builtin-malloc",
+                "-pthread",
+                "-o",
+            ])
+            .arg(&server)
+            .arg(root.join("examples/leaky-server/leaky-server.c")),
+    )?;
+    let report_dir = dir.join("report");
+    println!(
+        "\n== memscope run -o {} -- {}\n",
+        report_dir.display(),
+        server.display()
+    );
+    run_command(
+        Command::new(memscope)
+            .arg("run")
+            .arg("-o")
+            .arg(&report_dir)
+            .arg("--")
+            .arg(&server),
+    )?;
+    println!("\nreport:     {}", report_dir.join("report.json").display());
+    println!(
+        "flamegraph: {} (open it in a browser)",
+        report_dir.join("inuse.svg").display()
+    );
+    println!("folded:     {}", report_dir.join("stacks.folded").display());
+    Ok(())
+}

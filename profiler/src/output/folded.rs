@@ -23,7 +23,7 @@ fn stack_text(frames: &[Frame]) -> String {
     frames
         .iter()
         .rev()
-        .map(|f| frame_name(f))
+        .map(frame_name)
         .collect::<Vec<_>>()
         .join(";")
 }

@@ -1,0 +1,72 @@
+//! Bad input: one clear line on stderr and a distinct exit code.
+
+use std::process::Command;
+
+use crate::support::*;
+
+fn stderr_of(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn attach_to_missing_pid_says_so() {
+    let output = Command::new(MEMSCOPE)
+        .args(["attach", "999999"])
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(4));
+    assert_eq!(
+        stderr_of(&output),
+        "memscope: cannot attach to pid 999999: no such process\n"
+    );
+}
+
+#[test]
+fn unknown_command_says_so() {
+    let output = Command::new(MEMSCOPE)
+        .args(["run", "--", "no-such-command-memscope"])
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(6));
+    assert_eq!(
+        stderr_of(&output),
+        "memscope: command not found: no-such-command-memscope (not an executable path, nor on PATH)\n"
+    );
+}
+
+#[test]
+fn without_root_says_to_use_sudo() {
+    if !bpf_available() {
+        return;
+    }
+    // Drop to nobody with no capabilities; the binary stays readable.
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(MEMSCOPE)
+        .args(["attach", &std::process::id().to_string()])
+        .output()
+        .expect("setpriv runs");
+    assert_eq!(output.status.code(), Some(3), "{}", stderr_of(&output));
+    let stderr = stderr_of(&output);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("run it with sudo"), "{stderr}");
+}
+
+#[test]
+fn bad_duration_is_a_usage_error() {
+    let output = Command::new(MEMSCOPE)
+        .args(["attach", "-d", "soon", "1"])
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr_of(&output).contains("invalid duration \"soon\""),
+        "{}",
+        stderr_of(&output)
+    );
+}

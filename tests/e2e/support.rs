@@ -1,0 +1,156 @@
+//! Builds fixtures and runs memscope on them.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::Mutex,
+};
+
+use memscope::report::{Report, Site};
+
+pub const MEMSCOPE: &str = env!("CARGO_BIN_EXE_memscope");
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn scratch() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+}
+
+/// Whether BPF tests can run: root is needed. Under CI=true its absence
+/// fails the test instead of skipping it.
+pub fn bpf_available() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "BPF tests need root and CI=true forbids skipping them"
+        );
+        eprintln!("SKIPPED: BPF tests need root (run `sudo cargo xtask test`)");
+    }
+    root
+}
+
+static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
+
+/// Compiles tests/fixtures/NAME.c (or .rs) once per test run and returns the
+/// executable. C fixtures: -O0 and -fno-builtin-malloc so gcc keeps every
+/// allocation, frame pointers so the kernel can walk the stack.
+pub fn fixture(name: &str) -> PathBuf {
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    let built = built.get_or_insert_with(HashMap::new);
+    if let Some(path) = built.get(name) {
+        return path.clone();
+    }
+    let source_dir = workspace().join("tests/fixtures");
+    let out = scratch().join(format!("fixture-{name}"));
+    let c_source = source_dir.join(format!("{name}.c"));
+    let status = if c_source.exists() {
+        Command::new("gcc")
+            .args([
+                "-O0",
+                "-g",
+                "-fno-omit-frame-pointer",
+                "-fno-builtin-malloc",
+                "-pthread",
+            ])
+            .args(["-Wall", "-Wextra", "-Werror", "-o"])
+            .arg(&out)
+            .arg(&c_source)
+            .status()
+    } else {
+        Command::new("rustc")
+            .args([
+                "-C",
+                "force-frame-pointers=yes",
+                "-C",
+                "opt-level=0",
+                "-g",
+                "-o",
+            ])
+            .arg(&out)
+            .arg(source_dir.join(format!("{name}.rs")))
+            .status()
+    };
+    assert!(
+        status.expect("compiler runs").success(),
+        "fixture {name} does not build"
+    );
+    built.insert(name.to_owned(), out.clone());
+    out
+}
+
+/// A fresh output directory for one test.
+pub fn output_dir(test: &str) -> PathBuf {
+    let dir = scratch().join(format!("out-{test}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+pub fn read_report(dir: &Path) -> Report {
+    let text = std::fs::read_to_string(dir.join("report.json")).expect("report.json written");
+    serde_json::from_str(&text).expect("report.json parses")
+}
+
+/// `memscope run -o DIR -- FIXTURE`; asserts success and returns the report.
+pub fn run_fixture(test: &str, fixture_name: &str, extra_args: &[&str]) -> (Report, Output) {
+    let dir = output_dir(test);
+    let output = Command::new(MEMSCOPE)
+        .arg("run")
+        .arg("-o")
+        .arg(&dir)
+        .args(extra_args)
+        .arg("--")
+        .arg(fixture(fixture_name))
+        .output()
+        .expect("memscope runs");
+    assert!(
+        output.status.success(),
+        "memscope failed: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (read_report(&dir), output)
+}
+
+/// The one site whose innermost frame is `function`.
+pub fn site<'a>(report: &'a Report, function: &str) -> &'a Site {
+    let matches: Vec<&Site> = report
+        .sites
+        .iter()
+        .filter(|s| s.frames.first().is_some_and(|f| f.function == function))
+        .collect();
+    assert_eq!(
+        matches.len(),
+        1,
+        "expected one site at {function}, sites: {:#?}",
+        report
+            .sites
+            .iter()
+            .map(|s| &s.frames[0].function)
+            .collect::<Vec<_>>()
+    );
+    matches[0]
+}
+
+/// (live bytes, live count, alloc bytes, alloc count) of a site.
+pub fn figures(site: &Site) -> (u64, u64, u64, u64) {
+    (
+        site.live_bytes,
+        site.live_count,
+        site.alloc_bytes,
+        site.alloc_count,
+    )
+}
+
+pub fn assert_nothing_lost(report: &Report) {
+    let c = &report.completeness;
+    assert_eq!(
+        (c.map_full, c.stack_errors, c.missed_returns),
+        (0, 0, 0),
+        "loss: {c:?}"
+    );
+}
