@@ -9,4 +9,5 @@ mod attach;
 mod errors;
 mod leak_basic;
 mod rust_fixture;
+mod scale;
 mod threads;
