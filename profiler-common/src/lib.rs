@@ -18,6 +18,52 @@ pub mod map_names {
     pub const IN_FLIGHT: &str = "IN_FLIGHT";
     /// Per-CPU failure counters, indexed by `Counter`.
     pub const COUNTERS: &str = "COUNTERS";
+    /// Processes under the probes: `tgid -> 1`.
+    pub const TRACED: &str = "TRACED";
+    /// Children forked by a traced process, until they first return to user
+    /// mode: `tid -> parent tgid`.
+    pub const NEW_CHILDREN: &str = "NEW_CHILDREN";
+    /// Process lifecycle events for userspace (`ProcessEvent`).
+    pub const EVENTS: &str = "EVENTS";
+    /// Settings written by userspace before attaching, indexed by `config`.
+    pub const CONFIG: &str = "CONFIG";
+}
+
+/// Slots of the `CONFIG` array.
+pub mod config {
+    /// Byte offset of `child_pid` in the sched_process_fork record (it moved
+    /// between kernels; userspace reads the tracepoint's format file).
+    pub const FORK_CHILD_PID_OFFSET: u32 = 0;
+    /// Byte offset of `group_dead` in the sched_process_exit record.
+    pub const EXIT_GROUP_DEAD_OFFSET: u32 = 1;
+    pub const SLOTS: u32 = 2;
+}
+
+/// Processes followed at once (the target and its descendants).
+pub const MAX_PROCESSES: u32 = 4096;
+/// Ring buffer for process events: rare, small records.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// `ProcessEvent::kind` values.
+pub mod event_kind {
+    /// A traced process forked `pid`, which is now stopped (SIGSTOP) before
+    /// its first user instruction, waiting for its probes.
+    pub const FORK: u32 = 1;
+    /// `pid` executed a new program: its address space was replaced.
+    pub const EXEC: u32 = 2;
+    /// The last thread of `pid` exited.
+    pub const EXIT: u32 = 3;
+}
+
+/// A process lifecycle event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub ppid: u32,
+    pub _pad: u32,
+    pub timestamp_ns: u64,
 }
 
 /// Default capacity of the live-allocation map (`--max-live`).
@@ -27,6 +73,9 @@ pub const DEFAULT_MAX_STACKS: u32 = 1 << 15;
 /// Per-stack totals are keyed by (process, stack): room for several
 /// processes sharing stacks.
 pub const STACK_TOTALS_PER_STACK: u32 = 2;
+/// An allocator call in flight longer than this lost its return (it was
+/// caught while probes were being attached, or the thread longjmp'd out).
+pub const STALE_CALL_NS: u64 = 1_000_000_000;
 /// Threads that can be inside an allocator call at once.
 pub const MAX_IN_FLIGHT: u32 = 1 << 16;
 /// Deepest user stack recorded; the kernel's PERF_MAX_STACK_DEPTH.
@@ -68,10 +117,12 @@ pub enum Counter {
     MissedReturns = 4,
     /// The in-flight map was full: an allocator call's arguments were lost.
     InFlightFull = 5,
+    /// A forked child could not be followed (process map or event ring full).
+    LostChildren = 6,
 }
 
 /// Number of `Counter` slots.
-pub const COUNTER_SLOTS: u32 = 6;
+pub const COUNTER_SLOTS: u32 = 7;
 
 /// Key of a live allocation. Forked workers share their parent's layout, so
 /// two processes often hold the same address: key by (tgid, address).
@@ -120,6 +171,8 @@ pub struct InFlightCall {
     pub size: u64,
     /// realloc: the old pointer; posix_memalign: the `memptr` out-pointer.
     pub ptr: u64,
+    /// When the call entered, to recognise an entry whose return never came.
+    pub timestamp_ns: u64,
     /// One of `alloc_kind`.
     pub kind: u32,
     pub _pad: u32,
@@ -134,4 +187,5 @@ mod pod {
     unsafe impl aya::Pod for super::StackKey {}
     unsafe impl aya::Pod for super::StackTotals {}
     unsafe impl aya::Pod for super::InFlightCall {}
+    unsafe impl aya::Pod for super::ProcessEvent {}
 }

@@ -14,15 +14,16 @@
 
 mod counters;
 mod live;
+mod processes;
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
     maps::HashMap,
     programs::{ProbeContext, RetProbeContext},
 };
-use profiler_common::{Counter, InFlightCall, MAX_IN_FLIGHT, alloc_kind};
+use profiler_common::{Counter, InFlightCall, MAX_IN_FLIGHT, STALE_CALL_NS, alloc_kind};
 
 use crate::counters::count;
 
@@ -42,18 +43,30 @@ fn cookie(ctx: &impl aya_ebpf::EbpfContext) -> u32 {
 /// (realloc(NULL, n), realloc(p, 0)): the outer call owns the thread's slot,
 /// and inner calls are left to it, or they would be counted twice.
 fn enter(size: u64, ptr: u64, kind: u32) {
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     let call = InFlightCall {
         size,
         ptr,
+        timestamp_ns: now,
         kind,
         _pad: 0,
     };
     let id = bpf_get_current_pid_tgid();
-    if IN_FLIGHT.insert(id, call, BPF_NOEXIST as u64).is_err() {
-        // SAFETY: read-only look-up of a plain-data value.
-        if unsafe { IN_FLIGHT.get(id) }.is_none() {
-            count(Counter::InFlightFull);
-        }
+    if IN_FLIGHT.insert(id, call, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    // SAFETY: read-only look-up; the value is copied.
+    let Some(outer) = (unsafe { IN_FLIGHT.get(id) }).copied() else {
+        count(Counter::InFlightFull);
+        return;
+    };
+    // The same function cannot be in flight twice on one thread, and no
+    // allocator call lasts a second: such an entry lost its return and would
+    // block the thread's slot for good.
+    if outer.kind == kind || now.wrapping_sub(outer.timestamp_ns) > STALE_CALL_NS {
+        count(Counter::MissedReturns);
+        let _ = IN_FLIGHT.insert(id, call, 0);
     }
 }
 
@@ -73,9 +86,16 @@ fn take_call(kind: u32) -> Option<InFlightCall> {
     Some(call)
 }
 
+/// Whether this thread is inside a (live, not stale) allocator call.
 fn in_allocator_call() -> bool {
     // SAFETY: read-only look-up.
-    unsafe { IN_FLIGHT.get(bpf_get_current_pid_tgid()) }.is_some()
+    match unsafe { IN_FLIGHT.get(bpf_get_current_pid_tgid()) } {
+        // SAFETY: no preconditions.
+        Some(call) => {
+            unsafe { bpf_ktime_get_ns() }.wrapping_sub(call.timestamp_ns) <= STALE_CALL_NS
+        }
+        None => false,
+    }
 }
 
 /// malloc(size), valloc(size), pvalloc(size).

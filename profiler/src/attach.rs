@@ -48,7 +48,10 @@ const fn function(
 }
 
 /// libc's allocator family. malloc_usable_size is not an allocation.
+/// NB: free comes first: a block allocated while the family is being
+/// attached must not have its free missed (it would look leaked).
 const LIBC_ALLOCATOR: &[AllocatorFunction] = &[
+    function("free", 0, "free_enter", None),
     function(
         "malloc",
         alloc_kind::MALLOC,
@@ -212,20 +215,18 @@ pub fn attach_allocator(
         let site = match function.return_program {
             // A return probe needs a trap at the entry anyway; the entry
             // program shares it.
-            Some(_) => ProbeSite {
-                offset: 0,
-                emulated: entry_probe_site(&symbol.prologue).offset == 0,
-            },
+            Some(_) => {
+                let first = entry_probe_site(&symbol.prologue);
+                ProbeSite {
+                    offset: 0,
+                    emulated: first.emulated && first.offset == 0,
+                }
+            }
             None => entry_probe_site(&symbol.prologue),
         };
-        attach_one(
-            ebpf,
-            function.entry_program,
-            function,
-            symbol.file_offset + site.offset,
-            &host_path,
-            scope,
-        )?;
+        // NB: return probe before entry probe. A call caught between the two
+        // then only misses its return (counted); the other order would leave
+        // an entry that no return consumes, blocking the thread's slot.
         if let Some(return_program) = function.return_program {
             attach_one(
                 ebpf,
@@ -236,6 +237,14 @@ pub fn attach_allocator(
                 scope,
             )?;
         }
+        attach_one(
+            ebpf,
+            function.entry_program,
+            function,
+            symbol.file_offset + site.offset,
+            &host_path,
+            scope,
+        )?;
         tracing::debug!(
             function = function.symbol,
             offset = site.offset,

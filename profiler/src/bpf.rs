@@ -37,7 +37,7 @@ impl MapCapacity {
         // entry rounded up to a power of two.
         let stacks =
             u64::from(self.max_stacks.next_power_of_two()) * (16 + 8 * MAX_STACK_DEPTH as u64);
-        let in_flight = u64::from(MAX_IN_FLIGHT) * (HTAB_ELEM + 8 + 24);
+        let in_flight = u64::from(MAX_IN_FLIGHT) * (HTAB_ELEM + 8 + 32);
         live + totals + stacks + in_flight
     }
 }

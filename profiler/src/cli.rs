@@ -61,6 +61,12 @@ pub struct ProfileArgs {
     /// Live allocations tracked at once (kernel memory: about 88 bytes each).
     #[arg(long, default_value_t = DEFAULT_MAX_LIVE, value_name = "N")]
     pub max_live: u32,
+    /// Profile only the given process, not the children it forks.
+    #[arg(long)]
+    pub no_children: bool,
+    /// Give each process (master, workers) its own site list in report.json.
+    #[arg(long)]
+    pub per_process: bool,
     /// Distinct call stacks recorded (kernel memory: about 1 KiB each).
     #[arg(long, default_value_t = DEFAULT_MAX_STACKS, value_name = "N")]
     pub max_stacks: u32,

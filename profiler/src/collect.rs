@@ -29,6 +29,7 @@ pub struct LossCounters {
     pub unknown_frees: u64,
     pub missed_returns: u64,
     pub in_flight_full: u64,
+    pub lost_children: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +87,7 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
         unknown_frees: read(Counter::UnknownFrees)?,
         missed_returns: read(Counter::MissedReturns)?,
         in_flight_full: read(Counter::InFlightFull)?,
+        lost_children: read(Counter::LostChildren)?,
     };
     Ok(KernelSnapshot {
         totals,

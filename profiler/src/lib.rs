@@ -5,6 +5,8 @@
 //! - [`target`]: the process to profile (started suspended, or a running pid);
 //! - [`bpf`] and [`attach`]: load the kernel programs and put them on the
 //!   target's allocator, at probe sites chosen by [`probe_site`];
+//! - [`follow`] and [`processes`]: follow forks, execs and exits of the
+//!   target's processes and keep their live sets right;
 //! - [`collect`]: read the kernel maps into a plain-data [`collect::KernelSnapshot`];
 //! - [`process_maps`] and [`symbolize`]: turn addresses into frames, from a
 //!   cached copy of the target's mappings so it works after the target exits;
@@ -18,10 +20,12 @@
 pub mod attach;
 pub mod bpf;
 pub mod collect;
+pub mod follow;
 pub mod output;
 pub mod preflight;
 pub mod probe_site;
 pub mod process_maps;
+pub mod processes;
 pub mod report;
 pub mod session;
 pub mod symbolize;

@@ -64,6 +64,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let options = SessionOptions {
         capacity: args.capacity(),
         duration: args.duration,
+        follow_children: !args.no_children,
+        per_process_sites: args.per_process,
     };
     let mut session = Session::start(&spec, &options)?;
     eprintln!(

@@ -3,10 +3,14 @@
 
 use std::collections::BTreeMap;
 
-use profiler_common::{StackTotals, UNKNOWN_STACK};
+use profiler_common::{StackKey, StackTotals, UNKNOWN_STACK};
 use serde::{Deserialize, Serialize};
 
-use crate::{attach::AttachedProbe, collect::KernelSnapshot};
+use crate::{
+    attach::AttachedProbe,
+    collect::KernelSnapshot,
+    processes::{Adjustments, ProcessRecord},
+};
 
 pub const SCHEMA: &str = "memscope.report/1";
 
@@ -27,6 +31,35 @@ pub struct Report {
     pub warnings: Vec<String>,
     #[serde(default)]
     pub memscope_version: String,
+    /// The target and the children it forked.
+    #[serde(default)]
+    pub processes: Vec<ProcessReport>,
+}
+
+/// One process of the session.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessReport {
+    pub pid: u32,
+    /// Absent for the target itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ppid: Option<u32>,
+    pub command: String,
+    /// Seconds after the session started.
+    pub started_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exited_s: Option<f64>,
+    /// Includes `inherited_*`: a forked child starts with its parent's live blocks.
+    pub totals: Totals,
+    #[serde(default)]
+    pub inherited_count: u64,
+    #[serde(default)]
+    pub inherited_bytes: u64,
+    /// Live bytes minus inherited bytes: what this process added.
+    #[serde(default)]
+    pub growth_bytes: i64,
+    /// This process's sites (with `--per-process`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<Site>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,13 +149,16 @@ pub struct Completeness {
     pub totals_map_full: u64,
     #[serde(default)]
     pub in_flight_full: u64,
+    /// Forked children that could not be followed.
+    #[serde(default)]
+    pub lost_children: u64,
 }
 
 impl Completeness {
     /// Whether anything was lost (unknown frees are not a loss: they are
     /// memory memscope never saw allocated).
     pub fn lost_anything(&self) -> bool {
-        self.map_full + self.stack_errors + self.missed_returns > 0
+        self.map_full + self.stack_errors + self.missed_returns + self.lost_children > 0
     }
 }
 
@@ -133,6 +169,11 @@ pub struct ReportContext {
     pub duration_s: f64,
     pub probes: Vec<AttachedProbe>,
     pub warnings: Vec<String>,
+    pub processes: Vec<ProcessRecord>,
+    /// Userspace changes to the live set (inheritance at fork, release at exec).
+    pub adjustments: Adjustments,
+    /// Whether each process gets its own site list.
+    pub per_process_sites: bool,
 }
 
 /// Functions that are the allocator's plumbing rather than the caller that
@@ -184,45 +225,63 @@ pub fn build_report(
     mut symbolize: impl FnMut(u32, &[u64]) -> Vec<Frame>,
     context: ReportContext,
 ) -> Report {
-    let mut totals = Totals::default();
-    let mut by_frames: BTreeMap<Vec<Frame>, StackTotals> = BTreeMap::new();
-    let mut frames_cache: BTreeMap<(u32, u32), Vec<Frame>> = BTreeMap::new();
-    for (key, stack_totals) in &snapshot.totals {
-        totals.add(stack_totals);
-        let frames = frames_cache
-            .entry((key.tgid, key.stack_id))
-            .or_insert_with(|| match snapshot.stacks.get(&key.stack_id) {
-                Some(ips) if key.stack_id != UNKNOWN_STACK => {
-                    trim_allocator_frames(symbolize(key.tgid, ips))
-                }
-                _ => vec![Frame::named("[unknown stack]")],
-            })
-            .clone();
-        let site = by_frames.entry(frames).or_default();
-        site.alloc_count += stack_totals.alloc_count;
-        site.alloc_bytes += stack_totals.alloc_bytes;
-        site.free_count += stack_totals.free_count;
-        site.free_bytes += stack_totals.free_bytes;
+    let mut combined = snapshot.totals.clone();
+    for (key, adjustment) in &context.adjustments {
+        let t = combined.entry(*key).or_default();
+        t.alloc_count += adjustment.alloc_count;
+        t.alloc_bytes += adjustment.alloc_bytes;
+        t.free_count += adjustment.free_count;
+        t.free_bytes += adjustment.free_bytes;
     }
-    let mut sites: Vec<Site> = by_frames
-        .into_iter()
-        .map(|(frames, t)| Site {
-            frames,
-            live_bytes: t.alloc_bytes.saturating_sub(t.free_bytes),
-            live_count: t.alloc_count.saturating_sub(t.free_count),
-            alloc_bytes: t.alloc_bytes,
-            alloc_count: t.alloc_count,
-            free_bytes: t.free_bytes,
-            free_count: t.free_count,
+    let mut frames_of = |key: &StackKey| match snapshot.stacks.get(&key.stack_id) {
+        Some(ips) if key.stack_id != UNKNOWN_STACK => {
+            trim_allocator_frames(symbolize(key.tgid, ips))
+        }
+        _ => vec![Frame::named("[unknown stack]")],
+    };
+    // Symbolize each (process, stack) once.
+    let frames: BTreeMap<StackKey, Vec<Frame>> =
+        combined.keys().map(|k| (*k, frames_of(k))).collect();
+
+    let mut totals = Totals::default();
+    for t in combined.values() {
+        totals.add(t);
+    }
+    let sites = sites_of(combined.iter(), &frames);
+    let processes = context
+        .processes
+        .iter()
+        .map(|p| {
+            let own = || combined.iter().filter(|(k, _)| k.tgid == p.pid);
+            let mut totals = Totals::default();
+            for (_, t) in own() {
+                totals.add(t);
+            }
+            let (inherited_count, inherited_bytes) = context
+                .adjustments
+                .iter()
+                .filter(|(k, _)| k.tgid == p.pid)
+                .fold((0, 0), |(c, b), (_, t)| {
+                    (c + t.alloc_count, b + t.alloc_bytes)
+                });
+            ProcessReport {
+                pid: p.pid,
+                ppid: p.ppid,
+                command: p.command.clone(),
+                started_s: p.started_s,
+                exited_s: p.exited_s,
+                totals,
+                inherited_count,
+                inherited_bytes,
+                growth_bytes: totals.live_bytes as i64 - inherited_bytes as i64,
+                sites: if context.per_process_sites {
+                    sites_of(own(), &frames)
+                } else {
+                    Vec::new()
+                },
+            }
         })
         .collect();
-    // Stable order for equal live bytes keeps outputs deterministic.
-    sites.sort_by(|a, b| {
-        b.live_bytes
-            .cmp(&a.live_bytes)
-            .then(b.alloc_bytes.cmp(&a.alloc_bytes))
-            .then_with(|| a.frames.cmp(&b.frames))
-    });
 
     let c = snapshot.counters;
     let completeness = Completeness {
@@ -233,6 +292,7 @@ pub fn build_report(
         live_map_full: c.live_map_full,
         totals_map_full: c.totals_map_full,
         in_flight_full: c.in_flight_full,
+        lost_children: c.lost_children,
     };
     Report {
         schema: SCHEMA.to_owned(),
@@ -248,7 +308,47 @@ pub fn build_report(
         probes: context.probes,
         warnings: context.warnings,
         memscope_version: env!("CARGO_PKG_VERSION").to_owned(),
+        processes,
     }
+}
+
+/// Sites from per-(process, stack) totals: stacks with equal frames (after
+/// trimming, or in different processes) are one site.
+fn sites_of<'a>(
+    entries: impl Iterator<Item = (&'a StackKey, &'a StackTotals)>,
+    frames: &BTreeMap<StackKey, Vec<Frame>>,
+) -> Vec<Site> {
+    let mut by_frames: BTreeMap<&[Frame], StackTotals> = BTreeMap::new();
+    for (key, t) in entries {
+        let Some(frames) = frames.get(key) else {
+            continue;
+        };
+        let site = by_frames.entry(frames).or_default();
+        site.alloc_count += t.alloc_count;
+        site.alloc_bytes += t.alloc_bytes;
+        site.free_count += t.free_count;
+        site.free_bytes += t.free_bytes;
+    }
+    let mut sites: Vec<Site> = by_frames
+        .into_iter()
+        .map(|(frames, t)| Site {
+            frames: frames.to_vec(),
+            live_bytes: t.alloc_bytes.saturating_sub(t.free_bytes),
+            live_count: t.alloc_count.saturating_sub(t.free_count),
+            alloc_bytes: t.alloc_bytes,
+            alloc_count: t.alloc_count,
+            free_bytes: t.free_bytes,
+            free_count: t.free_count,
+        })
+        .collect();
+    // Stable order for equal live bytes keeps outputs deterministic.
+    sites.sort_by(|a, b| {
+        b.live_bytes
+            .cmp(&a.live_bytes)
+            .then(b.alloc_bytes.cmp(&a.alloc_bytes))
+            .then_with(|| a.frames.cmp(&b.frames))
+    });
+    sites
 }
 
 #[cfg(test)]
@@ -327,13 +427,13 @@ pub(crate) mod tests_support {
             probes: Vec::new(),
             warnings: Vec::new(),
             memscope_version: "0.1.0".into(),
+            processes: Vec::new(),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use profiler_common::StackKey;
 
     use super::*;
 

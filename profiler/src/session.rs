@@ -8,7 +8,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::Ebpf;
+use std::collections::BTreeSet;
+
+use aya::{
+    Ebpf,
+    maps::{MapData, RingBuf},
+};
+use profiler_common::{ProcessEvent, event_kind, map_names};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -18,8 +24,10 @@ use crate::{
     attach::{self, AttachError, AttachedProbe},
     bpf::{self, LoadError, MapCapacity},
     collect::{self, CollectError},
+    follow::{self, FollowError},
     preflight::{self, PreflightError},
     process_maps::ProcessMaps,
+    processes::{self, Adjustments, LiveSetError, ProcessRecord},
     report::{self, Report, ReportContext, TargetInfo},
     symbolize::StackSymbolizer,
     target::{self, TargetError},
@@ -38,11 +46,26 @@ pub enum TargetSpec {
     Attach(u32),
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct SessionOptions {
     pub capacity: MapCapacity,
     /// Stop after this long.
     pub duration: Option<Duration>,
+    /// Put forked children under the same probes.
+    pub follow_children: bool,
+    /// Give each process its own site list in the report.
+    pub per_process_sites: bool,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            capacity: MapCapacity::default(),
+            duration: None,
+            follow_children: true,
+            per_process_sites: false,
+        }
+    }
 }
 
 /// Why a session ended.
@@ -66,12 +89,25 @@ pub enum SessionError {
     Attach(#[from] AttachError),
     #[error(transparent)]
     Collect(#[from] CollectError),
+    #[error(transparent)]
+    Follow(#[from] FollowError),
+    #[error(transparent)]
+    LiveSet(#[from] LiveSetError),
     #[error("cannot watch pid {pid}: {source}")]
     Watch {
         pid: u32,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The root process once its probes are on.
+struct AttachedTarget {
+    pid: u32,
+    command: String,
+    is_child: bool,
+    probes: Vec<AttachedProbe>,
+    maps: ProcessMaps,
 }
 
 /// A target with memscope's probes on it.
@@ -86,12 +122,22 @@ pub struct Session {
     capacity: MapCapacity,
     started: Instant,
     exit_code: Option<i32>,
+    /// Lifecycle events from the kernel.
+    events: Option<AsyncFd<RingBuf<MapData>>>,
+    processes: Vec<ProcessRecord>,
+    /// Processes still running; the session ends when none is left.
+    alive: BTreeSet<u32>,
+    adjustments: Adjustments,
+    per_process_sites: bool,
+    warnings: Vec<String>,
 }
 
 impl Session {
     /// Checks privileges, loads the BPF programs and attaches them. For
     /// `Run`, the command starts only once the probes are in place.
     pub fn start(spec: &TargetSpec, options: &SessionOptions) -> Result<Self, SessionError> {
+        // The profile covers attach time too: probes go on one by one.
+        let started = Instant::now();
         if let TargetSpec::Attach(pid) = spec {
             target::check_exists(*pid)?;
         }
@@ -103,20 +149,21 @@ impl Session {
         preflight::check_privileges()?;
         preflight::check_uprobes()?;
         let mut ebpf = bpf::load(options.capacity)?;
+        follow::attach_lifecycle(&mut ebpf, options.follow_children)?;
         match spec {
             TargetSpec::Attach(pid) => {
                 let pid = *pid;
                 let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
                 let probes = attach::attach_allocator(&mut ebpf, pid, &maps)?;
-                Ok(Self::new(
-                    ebpf,
+                follow::trace(&mut ebpf, pid)?;
+                let target = AttachedTarget {
                     pid,
-                    target::command_line(pid),
-                    false,
+                    command: target::command_line(pid),
+                    is_child: false,
                     probes,
                     maps,
-                    options,
-                ))
+                };
+                Self::new(ebpf, target, options, started)
             }
             TargetSpec::Run(argv) => {
                 let child = target::spawn_suspended(argv)?;
@@ -125,6 +172,7 @@ impl Session {
                     .and_then(|maps| {
                         let probes = attach::attach_allocator(&mut ebpf, child.pid, &maps)?;
                         attach::attach_exit_stop(&mut ebpf, child.pid, &maps)?;
+                        follow::trace(&mut ebpf, child.pid)?;
                         Ok::<_, SessionError>((probes, maps))
                     });
                 let (probes, maps) = match attached {
@@ -139,33 +187,65 @@ impl Session {
                 };
                 let command = child.command().to_owned();
                 let pid = child.resume()?;
-                Ok(Self::new(ebpf, pid, command, true, probes, maps, options))
+                let target = AttachedTarget {
+                    pid,
+                    command,
+                    is_child: true,
+                    probes,
+                    maps,
+                };
+                Self::new(ebpf, target, options, started)
             }
         }
     }
 
     fn new(
-        ebpf: Ebpf,
-        pid: u32,
-        command: String,
-        is_child: bool,
-        probes: Vec<AttachedProbe>,
-        maps: ProcessMaps,
+        mut ebpf: Ebpf,
+        target: AttachedTarget,
         options: &SessionOptions,
-    ) -> Self {
-        let mut symbolizer = StackSymbolizer::new(pid);
-        symbolizer.update_maps(maps);
-        Self {
-            ebpf,
+        started: Instant,
+    ) -> Result<Self, SessionError> {
+        let AttachedTarget {
             pid,
             command,
             is_child,
             probes,
+            maps,
+        } = target;
+        let mut symbolizer = StackSymbolizer::new(pid);
+        symbolizer.update_maps(maps);
+        let events = ebpf
+            .take_map(map_names::EVENTS)
+            .and_then(|map| RingBuf::try_from(map).ok())
+            .ok_or(FollowError::Missing(map_names::EVENTS))?;
+        // SAFETY: the ring buffer's descriptor lives as long as the AsyncFd.
+        let events = unsafe { AsyncFd::register(events) }.map_err(|e| SessionError::Watch {
+            pid,
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Ok(Self {
+            ebpf,
+            pid,
+            command: command.clone(),
+            is_child,
+            probes,
             symbolizer,
             capacity: options.capacity,
-            started: Instant::now(),
+            started,
             exit_code: None,
-        }
+            events: Some(events),
+            processes: vec![ProcessRecord {
+                pid,
+                ppid: None,
+                command,
+                started_s: 0.0,
+                exited_s: None,
+            }],
+            alive: BTreeSet::from([pid]),
+            adjustments: Adjustments::new(),
+            per_process_sites: options.per_process_sites,
+            warnings: Vec::new(),
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -203,24 +283,122 @@ impl Session {
         tokio::pin!(deadline);
         let mut refresh = tokio::time::interval(MAPS_REFRESH);
 
+        // A stop or exit of our child before the SIGCHLD stream existed was
+        // not delivered to it: look once now (and at every refresh tick).
+        if self.is_child && self.handle_child_event() {
+            self.process_exited(self.pid);
+        }
+        let mut events = self.events.take();
         let reason = loop {
+            if self.alive.is_empty() {
+                break StopReason::TargetExited;
+            }
+            let root_alive = self.alive.contains(&self.pid);
             tokio::select! {
-                _ = exited.readable() => break StopReason::TargetExited,
+                _ = exited.readable(), if root_alive => self.process_exited(self.pid),
+                guard = readable(&mut events) => {
+                    if let Ok(mut guard) = guard {
+                        self.drain_events(guard.get_inner_mut());
+                        guard.clear_ready();
+                    }
+                }
                 _ = interrupt.recv() => break StopReason::Interrupted,
                 _ = terminate.recv() => break StopReason::Terminated,
                 _ = &mut deadline => break StopReason::DurationElapsed,
                 _ = child_events.recv(), if self.is_child => {
                     if self.handle_child_event() {
-                        break StopReason::TargetExited;
+                        self.process_exited(self.pid);
                     }
                 }
-                _ = refresh.tick() => self.refresh_maps(),
+                _ = refresh.tick() => {
+                    self.refresh_maps();
+                    if self.is_child && self.handle_child_event() {
+                        self.process_exited(self.pid);
+                    }
+                }
             }
         };
+        if let Some(events) = events.as_mut() {
+            // Forks that raced with the end still need their SIGCONT.
+            self.drain_events(events.get_mut());
+        }
+        self.events = events;
         if self.is_child {
             self.finish_child(reason).await;
         }
         Ok(reason)
+    }
+
+    fn process_exited(&mut self, pid: u32) {
+        if self.alive.remove(&pid) {
+            let now = self.started.elapsed().as_secs_f64();
+            if let Some(record) = self.processes.iter_mut().find(|p| p.pid == pid) {
+                record.exited_s = Some(now);
+            }
+        }
+    }
+
+    fn drain_events(&mut self, ring: &mut RingBuf<MapData>) {
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() >= size_of::<ProcessEvent>() {
+                // SAFETY: the kernel wrote a ProcessEvent; read unaligned.
+                events.push(unsafe {
+                    std::ptr::read_unaligned(item.as_ptr().cast::<ProcessEvent>())
+                });
+            }
+        }
+        for event in events {
+            self.handle_event(event);
+        }
+    }
+
+    fn handle_event(&mut self, event: ProcessEvent) {
+        let pid = event.pid;
+        match event.kind {
+            event_kind::FORK => {
+                if let Err(error) = self.follow_child(pid, event.ppid, event.timestamp_ns) {
+                    tracing::warn!("cannot follow child {pid} of {}: {error}", event.ppid);
+                    self.warnings
+                        .push(format!("child process {pid} was not followed: {error}"));
+                }
+                // Stopped in the kernel before its first instruction: let it go.
+                // SAFETY: plain syscall.
+                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            }
+            event_kind::EXEC => {
+                match processes::release_live_set(&mut self.ebpf, pid, event.timestamp_ns) {
+                    Ok(released) => processes::merge_adjustments(&mut self.adjustments, released),
+                    Err(error) => tracing::warn!("exec of {pid}: {error}"),
+                }
+                let command = target::command_line(pid);
+                if let Some(record) = self.processes.iter_mut().find(|p| p.pid == pid) {
+                    record.command = command;
+                }
+                self.refresh_maps();
+            }
+            event_kind::EXIT => self.process_exited(pid),
+            _ => {}
+        }
+    }
+
+    /// Puts the allocator probes on a new child and gives it its parent's
+    /// live set.
+    fn follow_child(&mut self, pid: u32, ppid: u32, fork_ns: u64) -> Result<(), SessionError> {
+        let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
+        attach::attach_allocator(&mut self.ebpf, pid, &maps)?;
+        let inherited = processes::copy_live_set(&mut self.ebpf, ppid, pid, fork_ns)?;
+        processes::merge_adjustments(&mut self.adjustments, inherited);
+        self.symbolizer.update_maps(maps);
+        self.alive.insert(pid);
+        self.processes.push(ProcessRecord {
+            pid,
+            ppid: Some(ppid),
+            command: target::command_line(pid),
+            started_s: self.started.elapsed().as_secs_f64(),
+            exited_s: None,
+        });
+        Ok(())
     }
 
     /// A stop of our child is the `_exit` probe's: read its mappings one
@@ -291,10 +469,12 @@ impl Session {
     }
 
     fn refresh_maps(&mut self) {
-        if let Ok(maps) = ProcessMaps::read(self.pid)
-            && !maps.mappings.is_empty()
-        {
-            self.symbolizer.update_maps(maps);
+        for &pid in &self.alive {
+            if let Ok(maps) = ProcessMaps::read(pid)
+                && !maps.mappings.is_empty()
+            {
+                self.symbolizer.update_maps(maps);
+            }
         }
     }
 
@@ -312,14 +492,30 @@ impl Session {
             duration_s: self.started.elapsed().as_secs_f64(),
             probes: self.probes.clone(),
             warnings: Vec::new(),
+            processes: self.processes.clone(),
+            adjustments: self.adjustments.clone(),
+            per_process_sites: self.per_process_sites,
         };
         let mut report = report::build_report(
             &snapshot,
             |pid, ips| symbolizer.symbolize_stack(pid, ips),
             context,
         );
-        report.warnings = loss_warnings(&report, self.capacity);
+        report.warnings = self.warnings.clone();
+        report
+            .warnings
+            .extend(loss_warnings(&report, self.capacity));
         Ok(report)
+    }
+}
+
+/// Waits until the ring buffer has data; never resolves without one.
+async fn readable(
+    events: &mut Option<AsyncFd<RingBuf<MapData>>>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>> {
+    match events {
+        Some(events) => events.readable_mut().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -357,6 +553,13 @@ pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
         warnings.push(format!(
             "{} allocator calls were missed: more threads were inside the allocator at once than memscope tracks",
             c.in_flight_full
+        ));
+    }
+    if c.lost_children > 0 {
+        warnings.push(format!(
+            "{} forked children could not be followed (more than {} processes)",
+            c.lost_children,
+            profiler_common::MAX_PROCESSES
         ));
     }
     if c.missed_returns > 0 {

@@ -51,26 +51,31 @@ impl StackSymbolizer {
             .or_else(|| self.maps.get(&self.main_pid))
     }
 
-    /// Frames for a user stack, innermost first. Past the first, each
-    /// address is a return address: the call is the instruction before it.
+    /// Frames for a user stack, innermost first. Every address is a return
+    /// address (stacks are taken at return probes, or at a system call's
+    /// exit where the first one is just past the syscall instruction): the
+    /// call is the instruction before it, so look up `addr - 1`, or the line
+    /// can land one past the call.
     pub fn symbolize_stack(&mut self, pid: u32, ips: &[u64]) -> Vec<Frame> {
         let mut frames = Vec::new();
-        for (depth, &ip) in ips.iter().enumerate() {
-            let addr = if depth == 0 { ip } else { ip.saturating_sub(1) };
-            frames.extend(self.symbolize_address(pid, addr));
+        for &ip in ips {
+            frames.extend(self.symbolize_return_address(pid, ip));
         }
         frames
     }
 
-    fn symbolize_address(&mut self, pid: u32, addr: u64) -> Vec<Frame> {
+    /// Unknown frames show the address as the stack holds it.
+    fn symbolize_return_address(&mut self, pid: u32, return_addr: u64) -> Vec<Frame> {
+        let addr = return_addr.saturating_sub(1);
+        let unknown = || vec![unknown(return_addr, None)];
         let Some(maps) = self.maps(pid) else {
-            return vec![unknown(addr, None)];
+            return unknown();
         };
         let Some(mapping) = maps.find(addr) else {
-            return vec![unknown(addr, None)];
+            return unknown();
         };
         let Some(path) = mapping.path.clone() else {
-            return vec![unknown(addr, None)];
+            return unknown();
         };
         let file_offset = addr - mapping.start + mapping.file_offset;
         let host_path = maps.host_path(&path);
@@ -152,7 +157,8 @@ mod tests {
         let pid = std::process::id();
         let mut symbolizer = StackSymbolizer::new(pid);
         symbolizer.update_maps(ProcessMaps::read(pid).expect("own maps"));
-        let frames = symbolizer.symbolize_stack(pid, &[marker_function_for_symbolizer_test()]);
+        // +1: symbolize_stack takes return addresses.
+        let frames = symbolizer.symbolize_stack(pid, &[marker_function_for_symbolizer_test() + 1]);
         assert!(
             frames
                 .iter()

@@ -8,6 +8,7 @@ mod alloc_family;
 mod attach;
 mod errors;
 mod leak_basic;
+mod processes;
 mod rust_fixture;
 mod scale;
 mod threads;

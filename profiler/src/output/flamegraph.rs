@@ -24,18 +24,33 @@ pub fn render_inuse(report: &Report) -> Result<Vec<u8>, OutputError> {
     options.name_type = "Function:".into();
     options.colors = Palette::Basic(BasicPalette::Mem);
     options.deterministic = true;
+    if folded.is_empty() {
+        // inferno treats an empty profile as an error and logs it.
+        return Ok(empty_svg(&options.title).into_bytes());
+    }
     let mut svg = Vec::new();
-    let result = flamegraph::from_lines(&mut options, folded.lines(), &mut svg);
-    // With no live memory inferno still writes an SVG that says so, then
-    // reports an error; that SVG is the right output.
-    match result {
-        Ok(()) => Ok(svg),
-        Err(_) if folded.is_empty() && !svg.is_empty() => Ok(svg),
-        Err(error) => Err(OutputError::Render {
+    flamegraph::from_lines(&mut options, folded.lines(), &mut svg).map_err(|error| {
+        OutputError::Render {
             what: super::INUSE_SVG,
             message: error.to_string(),
-        }),
-    }
+        }
+    })?;
+    Ok(svg)
+}
+
+/// A valid SVG that says there is nothing to draw.
+fn empty_svg(title: &str) -> String {
+    let escaped = title
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
+    format!(
+        "<?xml version=\"1.0\" standalone=\"no\"?>\n\
+         <svg version=\"1.1\" width=\"1200\" height=\"80\" xmlns=\"http://www.w3.org/2000/svg\">\n\
+         <text x=\"600\" y=\"30\" text-anchor=\"middle\" font-family=\"Verdana\" font-size=\"17\">{escaped}</text>\n\
+         <text x=\"600\" y=\"60\" text-anchor=\"middle\" font-family=\"Verdana\" font-size=\"12\">no live memory at the end of the profile</text>\n\
+         </svg>\n"
+    )
 }
 
 #[cfg(test)]
@@ -53,7 +68,8 @@ mod tests {
     fn empty_report_still_gives_an_svg() {
         let mut report = sample_report();
         report.sites.clear();
-        let svg = render_inuse(&report).expect("render");
-        assert!(String::from_utf8_lossy(&svg).contains("<svg"));
+        let svg = String::from_utf8(render_inuse(&report).expect("render")).expect("utf-8");
+        assert!(svg.starts_with("<?xml") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("no live memory"));
     }
 }

@@ -58,8 +58,41 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
             report.sites.len() - limit
         )?;
     }
+    if report.processes.len() > 1 {
+        render_processes(report, out)?;
+    }
     for warning in &report.warnings {
         writeln!(out, "warning: {warning}")?;
+    }
+    Ok(())
+}
+
+/// Per-process figures: a pre-fork master and its workers, growth being
+/// what each added beyond what it inherited at fork.
+fn render_processes(report: &Report, out: &mut impl Write) -> io::Result<()> {
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:>8} {:>8} {:>14} {:>14} {:>14} {:>10}  COMMAND",
+        "PID", "PPID", "LIVE BYTES", "GROWTH", "ALLOC BYTES", "STATE"
+    )?;
+    for p in &report.processes {
+        let ppid = p.ppid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        let state = match p.exited_s {
+            Some(t) => format!("exit {t:.1}s"),
+            None => "running".into(),
+        };
+        writeln!(
+            out,
+            "{:>8} {:>8} {:>14} {:>+14} {:>14} {:>10}  {}",
+            p.pid,
+            ppid,
+            p.totals.live_bytes,
+            p.growth_bytes,
+            p.totals.alloc_bytes,
+            state,
+            p.command
+        )?;
     }
     Ok(())
 }

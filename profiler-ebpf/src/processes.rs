@@ -1,0 +1,122 @@
+//! Following the target's children: forks are caught in the kernel and the
+//! child is stopped before its first user instruction, so userspace can put
+//! the (pid-scoped) allocator probes on it with nothing missed.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, RingBuf},
+    programs::TracePointContext,
+};
+use profiler_common::{Counter, EVENTS_BYTES, MAX_PROCESSES, ProcessEvent, config, event_kind};
+
+use crate::counters::count;
+
+#[map]
+static TRACED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_PROCESSES, 0);
+
+#[map]
+static NEW_CHILDREN: HashMap<u32, u32> = HashMap::with_max_entries(MAX_PROCESSES, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+#[map]
+static CONFIG: Array<u32> = Array::with_max_entries(config::SLOTS, 0);
+
+fn config(slot: u32) -> usize {
+    CONFIG.get(slot).copied().unwrap_or(0) as usize
+}
+
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+pub fn is_traced(tgid: u32) -> bool {
+    // SAFETY: read-only look-up.
+    unsafe { TRACED.get(tgid) }.is_some()
+}
+
+fn emit(kind: u32, pid: u32, ppid: u32) {
+    let event = ProcessEvent {
+        kind,
+        pid,
+        ppid,
+        _pad: 0,
+        // SAFETY: no preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    if EVENTS.output::<ProcessEvent>(&event, 0).is_err() {
+        count(Counter::LostChildren);
+    }
+}
+
+/// Runs in the parent. The record's parent_pid is the forking thread, so
+/// the parent process is the current tgid.
+#[tracepoint]
+pub fn process_fork(ctx: TracePointContext) -> u32 {
+    let parent = current_tgid();
+    if !is_traced(parent) {
+        return 0;
+    }
+    // SAFETY: the offset comes from the tracepoint's format file.
+    let Ok(child) = (unsafe { ctx.read_at::<i32>(config(config::FORK_CHILD_PID_OFFSET)) }) else {
+        return 0;
+    };
+    if NEW_CHILDREN.insert(child as u32, parent, 0).is_err() {
+        count(Counter::LostChildren);
+    }
+    0
+}
+
+/// Runs as every task leaves a system call; a new child leaves fork()
+/// here before its first user instruction. A new process (not a thread) is
+/// stopped and reported; userspace attaches its probes and continues it.
+#[tracepoint]
+pub fn syscall_exit(_ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let tid = id as u32;
+    // SAFETY: read-only look-up; the value is copied.
+    let Some(parent) = (unsafe { NEW_CHILDREN.get(tid) }).copied() else {
+        return 0;
+    };
+    let _ = NEW_CHILDREN.remove(tid);
+    let tgid = (id >> 32) as u32;
+    if tid != tgid {
+        return 0; // a new thread: the process's probes already cover it
+    }
+    const SIGSTOP: u32 = 19;
+    // SAFETY: signals the current process, which is the new child.
+    unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGSTOP) };
+    if TRACED.insert(tgid, 1, BPF_NOEXIST as u64).is_err() && !is_traced(tgid) {
+        count(Counter::LostChildren);
+    }
+    emit(event_kind::FORK, tgid, parent);
+    0
+}
+
+#[tracepoint]
+pub fn process_exec(_ctx: TracePointContext) -> u32 {
+    let tgid = current_tgid();
+    if is_traced(tgid) {
+        emit(event_kind::EXEC, tgid, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn process_exit(ctx: TracePointContext) -> u32 {
+    let tgid = current_tgid();
+    if !is_traced(tgid) {
+        return 0;
+    }
+    // SAFETY: the offset comes from the tracepoint's format file.
+    let group_dead =
+        unsafe { ctx.read_at::<u8>(config(config::EXIT_GROUP_DEAD_OFFSET)) }.unwrap_or(0);
+    if group_dead != 0 {
+        let _ = TRACED.remove(tgid);
+        emit(event_kind::EXIT, tgid, 0);
+    }
+    0
+}

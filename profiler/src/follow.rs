@@ -1,0 +1,185 @@
+//! Process lifecycle in the kernel: which processes are traced, and the
+//! tracepoints that follow forks, execs and exits (kernel side:
+//! profiler-ebpf/src/processes.rs).
+
+use std::path::Path;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap as BpfHashMap, MapData},
+    programs::TracePoint,
+};
+use profiler_common::{config, map_names};
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error(
+        "tracefs is not mounted and could not be mounted at {TRACEFS}: run `mount -t tracefs tracefs {TRACEFS}` as root"
+    )]
+    NoTracefs,
+    #[error("cannot read tracepoint format {path}: {source}")]
+    Format {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("tracepoint {tracepoint} has no field {field}")]
+    MissingField {
+        tracepoint: &'static str,
+        field: &'static str,
+    },
+    #[error("BPF map or program {0} is missing (build bug)")]
+    Missing(&'static str),
+    #[error("cannot update BPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("cannot attach to tracepoint {tracepoint}: {source}")]
+    Attach {
+        tracepoint: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// (program, category, tracepoint) of the lifecycle programs.
+const LIFECYCLE: [(&str, &str, &str); 2] = [
+    ("process_exec", "sched", "sched_process_exec"),
+    ("process_exit", "sched", "sched_process_exit"),
+];
+const FORK_FOLLOWING: [(&str, &str, &str); 2] = [
+    ("process_fork", "sched", "sched_process_fork"),
+    // Every system call exit on the host runs this; it is one hash look-up
+    // that misses unless a traced process has just forked.
+    ("syscall_exit", "raw_syscalls", "sys_exit"),
+];
+
+/// Writes the tracepoint field offsets and attaches the lifecycle
+/// tracepoints; with `follow_children`, forks of traced processes too.
+pub fn attach_lifecycle(ebpf: &mut Ebpf, follow_children: bool) -> Result<(), FollowError> {
+    ensure_tracefs()?;
+    let fork_child = field_offset("sched", "sched_process_fork", "child_pid")?;
+    let exit_group_dead = field_offset("sched", "sched_process_exit", "group_dead")?;
+    let mut config_map: Array<&mut MapData, u32> = Array::try_from(
+        ebpf.map_mut(map_names::CONFIG)
+            .ok_or(FollowError::Missing(map_names::CONFIG))?,
+    )
+    .map_err(|source| FollowError::Map {
+        name: map_names::CONFIG,
+        source,
+    })?;
+    for (slot, value) in [
+        (config::FORK_CHILD_PID_OFFSET, fork_child),
+        (config::EXIT_GROUP_DEAD_OFFSET, exit_group_dead),
+    ] {
+        config_map
+            .set(slot, value, 0)
+            .map_err(|source| FollowError::Map {
+                name: map_names::CONFIG,
+                source,
+            })?;
+    }
+    let forks: &[_] = if follow_children {
+        &FORK_FOLLOWING
+    } else {
+        &[]
+    };
+    for (program, category, name) in LIFECYCLE.iter().chain(forks) {
+        let tracepoint: &mut TracePoint = ebpf
+            .program_mut(program)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(FollowError::Missing(program))?;
+        let attach_error = |source| FollowError::Attach {
+            tracepoint: name,
+            source,
+        };
+        tracepoint.load().map_err(attach_error)?;
+        tracepoint.attach(category, name).map_err(attach_error)?;
+    }
+    Ok(())
+}
+
+/// Marks `pid` as traced: its forks, exec and exit are reported.
+pub fn trace(ebpf: &mut Ebpf, pid: u32) -> Result<(), FollowError> {
+    let map_error = |source| FollowError::Map {
+        name: map_names::TRACED,
+        source,
+    };
+    let mut traced: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
+        ebpf.map_mut(map_names::TRACED)
+            .ok_or(FollowError::Missing(map_names::TRACED))?,
+    )
+    .map_err(map_error)?;
+    traced.insert(pid, 1, 0).map_err(map_error)
+}
+
+fn ensure_tracefs() -> Result<(), FollowError> {
+    if Path::new(TRACEFS).join("events").exists() {
+        return Ok(());
+    }
+    let (source, target, fstype) = (c"tracefs", c"/sys/kernel/tracing", c"tracefs");
+    // SAFETY: valid NUL-terminated strings; a failure is reported below.
+    let mounted = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    } == 0;
+    if mounted {
+        tracing::info!("mounted tracefs at {TRACEFS}");
+        Ok(())
+    } else {
+        Err(FollowError::NoTracefs)
+    }
+}
+
+/// A field's byte offset, from the tracepoint's format file: layouts differ
+/// between kernels (sched_process_fork's child_pid is at 20 on 6.18, 44
+/// where comm is an inline array).
+fn field_offset(
+    category: &str,
+    tracepoint: &'static str,
+    field: &'static str,
+) -> Result<u32, FollowError> {
+    let path = format!("{TRACEFS}/events/{category}/{tracepoint}/format");
+    let text =
+        std::fs::read_to_string(&path).map_err(|source| FollowError::Format { path, source })?;
+    parse_field_offset(&text, field).ok_or(FollowError::MissingField { tracepoint, field })
+}
+
+fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let mut parts = line.trim().split(';').map(str::trim);
+        let declaration = parts.next()?.strip_prefix("field:")?;
+        let name = declaration.rsplit([' ', '*']).next()?;
+        let name = name.split('[').next()?;
+        if name != field {
+            return None;
+        }
+        parts.find_map(|p| p.strip_prefix("offset:")?.parse().ok())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_offsets_in_format_files() {
+        let format = "\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\
+                      \tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\
+                      \tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n\
+                      \tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;\n";
+        assert_eq!(parse_field_offset(format, "child_pid"), Some(20));
+        assert_eq!(parse_field_offset(format, "parent_pid"), Some(12));
+        assert_eq!(parse_field_offset(format, "comm"), Some(8));
+        assert_eq!(parse_field_offset(format, "pid"), None);
+    }
+}

@@ -1,0 +1,163 @@
+//! The processes of a session (the target and the children it forks) and
+//! what their lifecycle does to the live set: a forked child starts with a
+//! copy of its parent's live blocks; an exec frees all of a process's blocks.
+
+use std::collections::{BTreeMap, HashSet};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData},
+};
+use profiler_common::{LiveAllocation, LiveKey, StackKey, StackTotals, map_names};
+
+/// One process of the session, as the report shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProcessRecord {
+    pub pid: u32,
+    /// None for the target itself.
+    pub ppid: Option<u32>,
+    pub command: String,
+    /// Seconds since the session started.
+    pub started_s: f64,
+    pub exited_s: Option<f64>,
+}
+
+/// Live-set changes made in userspace, per (process, stack), added to the
+/// kernel's totals when the report is built: `alloc_*` are blocks inherited
+/// at fork, `free_*` blocks released by an exec.
+pub type Adjustments = BTreeMap<StackKey, StackTotals>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot update the live-allocation map: {0}")]
+pub struct LiveSetError(#[source] aya::maps::MapError);
+
+fn live_map(
+    ebpf: &mut Ebpf,
+) -> Result<BpfHashMap<&mut MapData, LiveKey, LiveAllocation>, LiveSetError> {
+    let map =
+        ebpf.map_mut(map_names::LIVE)
+            .ok_or(LiveSetError(aya::maps::MapError::InvalidName {
+                name: map_names::LIVE.into(),
+            }))?;
+    BpfHashMap::try_from(map).map_err(LiveSetError)
+}
+
+/// Live blocks of `pid` allocated no later than `before_ns`. Keys are read
+/// first and deduplicated: the kernel changes the map while it is walked.
+fn blocks_of(
+    map: &BpfHashMap<&mut MapData, LiveKey, LiveAllocation>,
+    pid: u32,
+    before_ns: u64,
+) -> Vec<(LiveKey, LiveAllocation)> {
+    let keys: HashSet<LiveKey> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.tgid == pid)
+        .collect();
+    keys.into_iter()
+        .filter_map(|key| map.get(&key, 0).ok().map(|block| (key, block)))
+        .filter(|(_, block)| block.timestamp_ns <= before_ns)
+        .collect()
+}
+
+/// Copies `parent`'s blocks live at the fork (`fork_ns`) to `child`, so the
+/// child's frees of them are known, and returns them per stack (as
+/// inherited allocations of the child). Blocks the parent freed between the
+/// fork and this copy are missed: the child's free of one is then an
+/// unknown free.
+pub fn copy_live_set(
+    ebpf: &mut Ebpf,
+    parent: u32,
+    child: u32,
+    fork_ns: u64,
+) -> Result<Adjustments, LiveSetError> {
+    let mut map = live_map(ebpf)?;
+    let mut inherited = Adjustments::new();
+    for (key, block) in blocks_of(&map, parent, fork_ns) {
+        let child_key = LiveKey { tgid: child, ..key };
+        if map.insert(child_key, block, 0).is_err() {
+            continue; // map full: the kernel counts the loss on the child's free
+        }
+        let totals = inherited
+            .entry(StackKey {
+                tgid: child,
+                stack_id: block.stack_id,
+            })
+            .or_default();
+        totals.alloc_count += 1;
+        totals.alloc_bytes += block.size;
+    }
+    Ok(inherited)
+}
+
+/// Drops `pid`'s blocks allocated before its exec (`exec_ns`): the exec
+/// released them, they did not leak. Returns them per stack as frees.
+pub fn release_live_set(
+    ebpf: &mut Ebpf,
+    pid: u32,
+    exec_ns: u64,
+) -> Result<Adjustments, LiveSetError> {
+    let mut map = live_map(ebpf)?;
+    let mut released = Adjustments::new();
+    for (key, block) in blocks_of(&map, pid, exec_ns) {
+        if map.remove(&key).is_err() {
+            continue; // freed meanwhile by the kernel side
+        }
+        let totals = released
+            .entry(StackKey {
+                tgid: pid,
+                stack_id: block.stack_id,
+            })
+            .or_default();
+        totals.free_count += 1;
+        totals.free_bytes += block.size;
+    }
+    Ok(released)
+}
+
+/// Adds `more` into `into`.
+pub fn merge_adjustments(into: &mut Adjustments, more: Adjustments) {
+    for (key, t) in more {
+        let entry = into.entry(key).or_default();
+        entry.alloc_count += t.alloc_count;
+        entry.alloc_bytes += t.alloc_bytes;
+        entry.free_count += t.free_count;
+        entry.free_bytes += t.free_bytes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adjustments_add_up() {
+        let key = StackKey {
+            tgid: 2,
+            stack_id: 7,
+        };
+        let mut into = Adjustments::new();
+        let one = |alloc, free| {
+            Adjustments::from([(
+                key,
+                StackTotals {
+                    alloc_count: alloc,
+                    alloc_bytes: alloc * 10,
+                    free_count: free,
+                    free_bytes: free * 10,
+                },
+            )])
+        };
+        merge_adjustments(&mut into, one(3, 0));
+        merge_adjustments(&mut into, one(0, 2));
+        assert_eq!(
+            into[&key],
+            StackTotals {
+                alloc_count: 3,
+                alloc_bytes: 30,
+                free_count: 2,
+                free_bytes: 20
+            }
+        );
+    }
+}
