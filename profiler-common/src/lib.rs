@@ -27,6 +27,8 @@ pub mod map_names {
     pub const EVENTS: &str = "EVENTS";
     /// Settings written by userspace before attaching, indexed by `config`.
     pub const CONFIG: &str = "CONFIG";
+    /// Heap top per process: `tgid -> HeapTop`.
+    pub const HEAP_TOPS: &str = "HEAP_TOPS";
 }
 
 /// Slots of the `CONFIG` array.
@@ -96,6 +98,19 @@ pub mod alloc_kind {
     pub const VALLOC: u32 = 7;
     pub const PVALLOC: u32 = 8;
     pub const REALLOCARRAY: u32 = 9;
+    /// An anonymous private mmap outside the allocator.
+    pub const MMAP: u32 = 10;
+    /// An mremap in flight (recorded as `MMAP`).
+    pub const MREMAP: u32 = 11;
+}
+
+/// What kind of memory a site holds: `StackKey::class`.
+pub mod site_class {
+    /// The malloc family (including glibc's own mmaps for large blocks,
+    /// which happen inside malloc and are counted there, once).
+    pub const MALLOC: u32 = 0;
+    /// Anonymous private mappings made outside the allocator.
+    pub const MMAP: u32 = 1;
 }
 
 /// Index into the per-CPU `COUNTERS` array. Every event the kernel side could
@@ -119,10 +134,25 @@ pub enum Counter {
     InFlightFull = 5,
     /// A forked child could not be followed (process map or event ring full).
     LostChildren = 6,
+    /// The per-process heap (brk) map was full.
+    HeapMapFull = 7,
 }
 
 /// Number of `Counter` slots.
-pub const COUNTER_SLOTS: u32 = 7;
+pub const COUNTER_SLOTS: u32 = 8;
+
+/// Movement of a process's heap top (brk), all calls included: glibc's
+/// main arena grows this way inside malloc.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapTop {
+    /// The break seen first, and the latest one.
+    pub first: u64,
+    pub current: u64,
+    /// Bytes the break moved up and down, summed.
+    pub grown: u64,
+    pub shrunk: u64,
+}
 
 /// Key of a live allocation. Forked workers share their parent's layout, so
 /// two processes often hold the same address: key by (tgid, address).
@@ -141,15 +171,55 @@ pub struct LiveAllocation {
     pub size: u64,
     pub timestamp_ns: u64,
     pub stack_id: u32,
+    /// One of `alloc_kind`.
     pub kind: u32,
+    /// See `StackKey::caller`.
+    pub caller: u64,
 }
 
 /// Key of per-stack totals: the process and the allocating stack.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StackKey {
     pub tgid: u32,
     pub stack_id: u32,
+    /// One of `site_class`.
+    pub class: u32,
+    pub _pad: u32,
+    /// For stacks taken at a system call: the return address at the user
+    /// stack pointer. libc's syscall wrappers are leaves without a frame, so
+    /// the frame-pointer walk skips their caller; this is that caller. Zero
+    /// for stacks taken at return probes, which are complete.
+    pub caller: u64,
+}
+
+impl LiveAllocation {
+    /// The totals this block is counted in, in process `tgid`.
+    pub const fn stack_key(&self, tgid: u32) -> StackKey {
+        StackKey {
+            tgid,
+            stack_id: self.stack_id,
+            class: if self.kind == alloc_kind::MMAP {
+                site_class::MMAP
+            } else {
+                site_class::MALLOC
+            },
+            _pad: 0,
+            caller: self.caller,
+        }
+    }
+}
+
+impl StackKey {
+    pub const fn new(tgid: u32, stack_id: u32) -> Self {
+        Self {
+            tgid,
+            stack_id,
+            class: site_class::MALLOC,
+            _pad: 0,
+            caller: 0,
+        }
+    }
 }
 
 /// Cumulative totals of one stack. Updated with atomic adds: many threads
@@ -188,4 +258,5 @@ mod pod {
     unsafe impl aya::Pod for super::StackTotals {}
     unsafe impl aya::Pod for super::InFlightCall {}
     unsafe impl aya::Pod for super::ProcessEvent {}
+    unsafe impl aya::Pod for super::HeapTop {}
 }

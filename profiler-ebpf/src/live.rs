@@ -2,13 +2,12 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::programs::tracing::StackIdContext as _;
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
     maps::{HashMap, StackTrace},
-    programs::RetProbeContext,
+    programs::tracing::StackIdContext,
 };
 use profiler_common::{
     Counter, DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS, LiveAllocation, LiveKey, STACK_TOTALS_PER_STACK,
@@ -38,7 +37,7 @@ fn tgid() -> u32 {
 /// Records a new block. Called at the return probe, where the stack is right:
 /// at a function's first instruction the frame-pointer walk misses the
 /// direct caller, whose return address is not behind the frame pointer yet.
-pub fn record_alloc(ctx: &RetProbeContext, addr: u64, size: u64, kind: u32) {
+pub fn record_alloc(ctx: &impl StackIdContext, addr: u64, size: u64, kind: u32, caller: u64) {
     let tgid = tgid();
     let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
         Ok(id) => id as u32,
@@ -58,6 +57,7 @@ pub fn record_alloc(ctx: &RetProbeContext, addr: u64, size: u64, kind: u32) {
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         stack_id,
         kind,
+        caller,
     };
     if LIVE.insert(key, block, BPF_NOEXIST as u64).is_err() {
         // The address is live already: its free went unseen. Close the old
@@ -71,7 +71,56 @@ pub fn record_alloc(ctx: &RetProbeContext, addr: u64, size: u64, kind: u32) {
             return;
         }
     }
-    add_totals(StackKey { tgid, stack_id }, 1, size, 0, 0);
+    add_totals(stack_key(tgid, &block), 1, size, 0, 0);
+}
+
+fn stack_key(tgid: u32, block: &LiveAllocation) -> StackKey {
+    block.stack_key(tgid)
+}
+
+/// A live block of this process, if `addr` starts one.
+pub fn live_block(addr: u64) -> Option<LiveAllocation> {
+    let key = LiveKey {
+        tgid: tgid(),
+        _pad: 0,
+        addr,
+    };
+    // SAFETY: the value is copied out.
+    unsafe { LIVE.get(key) }.copied()
+}
+
+/// Removes `len` bytes from the start of the mapped block at `addr`: the
+/// rest stays live at `addr + len` under the same stack.
+pub fn shrink_mapping_front(addr: u64, len: u64) {
+    let tgid = tgid();
+    let key = LiveKey { tgid, _pad: 0, addr };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(block) = (unsafe { LIVE.get(key) }).copied() else {
+        return;
+    };
+    if len >= block.size {
+        release(&key);
+        return;
+    }
+    if LIVE.remove(key).is_err() {
+        return;
+    }
+    let rest = LiveAllocation {
+        size: block.size - len,
+        ..block
+    };
+    let rest_key = LiveKey {
+        tgid,
+        _pad: 0,
+        addr: addr + len,
+    };
+    if LIVE.insert(rest_key, rest, 0).is_err() {
+        count(Counter::LiveMapFull);
+        add_totals(stack_key(tgid, &block), 0, 0, 1, block.size);
+        return;
+    }
+    // Bytes are freed; the mapping (one allocation) lives on.
+    add_totals(stack_key(tgid, &block), 0, 0, 0, len);
 }
 
 /// Records free(addr) in the calling process.
@@ -98,11 +147,7 @@ fn release(key: &LiveKey) -> bool {
     if LIVE.remove(key).is_err() {
         return false;
     }
-    let stack = StackKey {
-        tgid: key.tgid,
-        stack_id: block.stack_id,
-    };
-    add_totals(stack, 0, 0, 1, block.size);
+    add_totals(stack_key(key.tgid, &block), 0, 0, 1, block.size);
     true
 }
 
@@ -125,7 +170,7 @@ fn add_totals(key: StackKey, alloc_count: u64, alloc_bytes: u64, free_count: u64
     // other CPUs add to the same value, hence atomic adds (the BPF target
     // has no compare-and-swap, so `AtomicU64::fetch_add` is not offered).
     unsafe {
-        if alloc_count != 0 {
+        if alloc_count != 0 || alloc_bytes != 0 {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
                 &raw mut (*totals).alloc_count,
                 alloc_count,
@@ -135,7 +180,7 @@ fn add_totals(key: StackKey, alloc_count: u64, alloc_bytes: u64, free_count: u64
                 alloc_bytes,
             );
         }
-        if free_count != 0 {
+        if free_count != 0 || free_bytes != 0 {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
                 &raw mut (*totals).free_count,
                 free_count,

@@ -14,6 +14,7 @@
 
 mod counters;
 mod live;
+mod mapped;
 mod processes;
 
 use aya_ebpf::{
@@ -42,7 +43,7 @@ fn cookie(ctx: &impl aya_ebpf::EbpfContext) -> u32 {
 /// Saves a call's arguments. glibc's realloc calls malloc and free itself
 /// (realloc(NULL, n), realloc(p, 0)): the outer call owns the thread's slot,
 /// and inner calls are left to it, or they would be counted twice.
-fn enter(size: u64, ptr: u64, kind: u32) {
+pub(crate) fn enter(size: u64, ptr: u64, kind: u32) {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let call = InFlightCall {
@@ -72,13 +73,20 @@ fn enter(size: u64, ptr: u64, kind: u32) {
 
 /// Takes the thread's saved call if it belongs to the function returning now;
 /// an inner call nested in realloc finds its outer call and leaves it.
-fn take_call(kind: u32) -> Option<InFlightCall> {
+pub(crate) fn take_call(kind: u32) -> Option<InFlightCall> {
+    let call = take_call_if_any(kind);
+    if call.is_none() && !in_allocator_call() {
+        count(Counter::MissedReturns);
+    }
+    call
+}
+
+/// As `take_call`, for exits that often have no entry (system calls the
+/// entry program chose not to track).
+pub(crate) fn take_call_if_any(kind: u32) -> Option<InFlightCall> {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(call) = (unsafe { IN_FLIGHT.get(id) }).copied() else {
-        count(Counter::MissedReturns);
-        return None;
-    };
+    let call = (unsafe { IN_FLIGHT.get(id) }).copied()?;
     if call.kind != kind {
         return None;
     }
@@ -87,7 +95,7 @@ fn take_call(kind: u32) -> Option<InFlightCall> {
 }
 
 /// Whether this thread is inside a (live, not stale) allocator call.
-fn in_allocator_call() -> bool {
+pub(crate) fn in_allocator_call() -> bool {
     // SAFETY: read-only look-up.
     match unsafe { IN_FLIGHT.get(bpf_get_current_pid_tgid()) } {
         // SAFETY: no preconditions.
@@ -161,7 +169,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     };
     let addr: u64 = ctx.ret();
     if addr != 0 {
-        live::record_alloc(&ctx, addr, call.size, kind);
+        live::record_alloc(&ctx, addr, call.size, kind, 0);
     }
     0
 }
@@ -184,7 +192,7 @@ pub fn realloc_return(ctx: RetProbeContext) -> u32 {
     if call.ptr != 0 {
         live::record_free(call.ptr);
     }
-    live::record_alloc(&ctx, addr, call.size, kind);
+    live::record_alloc(&ctx, addr, call.size, kind, 0);
     0
 }
 
@@ -201,7 +209,7 @@ pub fn posix_memalign_return(ctx: RetProbeContext) -> u32 {
     if let Ok(addr) = unsafe { bpf_probe_read_user(call.ptr as *const u64) }
         && addr != 0
     {
-        live::record_alloc(&ctx, addr, call.size, alloc_kind::POSIX_MEMALIGN);
+        live::record_alloc(&ctx, addr, call.size, alloc_kind::POSIX_MEMALIGN, 0);
     }
     0
 }

@@ -7,7 +7,7 @@ use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, StackTraceMap},
 };
-use profiler_common::{Counter, StackKey, StackTotals, UNKNOWN_STACK, map_names};
+use profiler_common::{Counter, HeapTop, StackKey, StackTotals, UNKNOWN_STACK, map_names};
 
 /// Everything the kernel side knows at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -18,6 +18,8 @@ pub struct KernelSnapshot {
     /// addresses past the first).
     pub stacks: HashMap<u32, Vec<u64>>,
     pub counters: LossCounters,
+    /// Heap top per process.
+    pub heap_tops: BTreeMap<u32, HeapTop>,
 }
 
 /// Events the kernel side could not record, summed over CPUs.
@@ -30,6 +32,7 @@ pub struct LossCounters {
     pub missed_returns: u64,
     pub in_flight_full: u64,
     pub lost_children: u64,
+    pub heap_map_full: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,10 +91,16 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
         missed_returns: read(Counter::MissedReturns)?,
         in_flight_full: read(Counter::InFlightFull)?,
         lost_children: read(Counter::LostChildren)?,
+        heap_map_full: read(Counter::HeapMapFull)?,
     };
+    let heap_map: BpfHashMap<&MapData, u32, HeapTop> =
+        BpfHashMap::try_from(map(map_names::HEAP_TOPS)?)
+            .map_err(map_error(map_names::HEAP_TOPS))?;
+    let heap_tops = heap_map.iter().filter_map(Result::ok).collect();
     Ok(KernelSnapshot {
         totals,
         stacks,
         counters,
+        heap_tops,
     })
 }

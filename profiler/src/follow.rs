@@ -58,8 +58,19 @@ const FORK_FOLLOWING: [(&str, &str, &str); 2] = [
     ("syscall_exit", "raw_syscalls", "sys_exit"),
 ];
 
-/// Writes the tracepoint field offsets and attaches the lifecycle
-/// tracepoints; with `follow_children`, forks of traced processes too.
+/// Anonymous mmaps, munmap, mremap and brk (profiler-ebpf/src/mapped.rs).
+const MAPPED_MEMORY: [(&str, &str, &str); 6] = [
+    ("mmap_enter", "syscalls", "sys_enter_mmap"),
+    ("mmap_exit", "syscalls", "sys_exit_mmap"),
+    ("munmap_enter", "syscalls", "sys_enter_munmap"),
+    ("mremap_enter", "syscalls", "sys_enter_mremap"),
+    ("mremap_exit", "syscalls", "sys_exit_mremap"),
+    ("brk_exit", "syscalls", "sys_exit_brk"),
+];
+
+/// Writes the tracepoint field offsets and attaches the lifecycle and
+/// mapped-memory tracepoints; with `follow_children`, forks of traced
+/// processes too. All of them act only for traced processes.
 pub fn attach_lifecycle(ebpf: &mut Ebpf, follow_children: bool) -> Result<(), FollowError> {
     ensure_tracefs()?;
     let fork_child = field_offset("sched", "sched_process_fork", "child_pid")?;
@@ -88,7 +99,7 @@ pub fn attach_lifecycle(ebpf: &mut Ebpf, follow_children: bool) -> Result<(), Fo
     } else {
         &[]
     };
-    for (program, category, name) in LIFECYCLE.iter().chain(forks) {
+    for (program, category, name) in LIFECYCLE.iter().chain(forks).chain(&MAPPED_MEMORY) {
         let tracepoint: &mut TracePoint = ebpf
             .program_mut(program)
             .and_then(|p| p.try_into().ok())

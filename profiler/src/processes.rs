@@ -78,12 +78,7 @@ pub fn copy_live_set(
         if map.insert(child_key, block, 0).is_err() {
             continue; // map full: the kernel counts the loss on the child's free
         }
-        let totals = inherited
-            .entry(StackKey {
-                tgid: child,
-                stack_id: block.stack_id,
-            })
-            .or_default();
+        let totals = inherited.entry(block.stack_key(child)).or_default();
         totals.alloc_count += 1;
         totals.alloc_bytes += block.size;
     }
@@ -103,12 +98,7 @@ pub fn release_live_set(
         if map.remove(&key).is_err() {
             continue; // freed meanwhile by the kernel side
         }
-        let totals = released
-            .entry(StackKey {
-                tgid: pid,
-                stack_id: block.stack_id,
-            })
-            .or_default();
+        let totals = released.entry(block.stack_key(pid)).or_default();
         totals.free_count += 1;
         totals.free_bytes += block.size;
     }
@@ -132,10 +122,7 @@ mod tests {
 
     #[test]
     fn adjustments_add_up() {
-        let key = StackKey {
-            tgid: 2,
-            stack_id: 7,
-        };
+        let key = StackKey::new(2, 7);
         let mut into = Adjustments::new();
         let one = |alloc, free| {
             Adjustments::from([(

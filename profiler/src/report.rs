@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use profiler_common::{StackKey, StackTotals, UNKNOWN_STACK};
+use profiler_common::{HeapTop, StackKey, StackTotals, UNKNOWN_STACK, site_class};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -19,7 +19,12 @@ pub struct Report {
     pub schema: String,
     pub target: TargetInfo,
     pub duration_s: f64,
+    /// The malloc family. glibc's own mmaps for large blocks happen inside
+    /// malloc and are counted here, once.
     pub totals: Totals,
+    /// Anonymous private mappings made outside the allocator (`kind: mmap` sites).
+    #[serde(default)]
+    pub mapped: Totals,
     /// Sorted by live bytes, largest first.
     pub sites: Vec<Site>,
     pub completeness: Completeness,
@@ -51,10 +56,16 @@ pub struct ProcessReport {
     /// Includes `inherited_*`: a forked child starts with its parent's live blocks.
     pub totals: Totals,
     #[serde(default)]
+    pub mapped: Totals,
+    /// Movement of the heap top (brk), inside malloc or not; absent if the
+    /// process never called brk while traced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heap: Option<HeapReport>,
+    #[serde(default)]
     pub inherited_count: u64,
     #[serde(default)]
     pub inherited_bytes: u64,
-    /// Live bytes minus inherited bytes: what this process added.
+    /// Live bytes minus inherited bytes (malloc family): what this process added.
     #[serde(default)]
     pub growth_bytes: i64,
     /// This process's sites (with `--per-process`).
@@ -93,6 +104,28 @@ impl Totals {
     }
 }
 
+/// A process's heap top (program break).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeapReport {
+    /// The break when first seen and at the end.
+    pub first: u64,
+    pub current: u64,
+    /// Bytes it moved up and down, summed over all brk calls.
+    pub grown_bytes: u64,
+    pub shrunk_bytes: u64,
+}
+
+impl From<HeapTop> for HeapReport {
+    fn from(h: HeapTop) -> Self {
+        Self {
+            first: h.first,
+            current: h.current,
+            grown_bytes: h.grown,
+            shrunk_bytes: h.shrunk,
+        }
+    }
+}
+
 /// One source location in a call stack.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Frame {
@@ -119,6 +152,9 @@ impl Frame {
 /// An allocating call stack and what it holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Site {
+    /// `malloc` (the malloc family) or `mmap` (anonymous mappings).
+    #[serde(default = "malloc_kind")]
+    pub kind: String,
     /// Innermost first: `frames[0]` called the allocator.
     pub frames: Vec<Frame>,
     pub live_bytes: u64,
@@ -129,6 +165,17 @@ pub struct Site {
     pub free_bytes: u64,
     #[serde(default)]
     pub free_count: u64,
+}
+
+fn malloc_kind() -> String {
+    "malloc".into()
+}
+
+fn class_name(class: u32) -> &'static str {
+    match class {
+        site_class::MMAP => "mmap",
+        _ => "malloc",
+    }
 }
 
 /// What the kernel side could not record. All zero means the figures are exact.
@@ -198,6 +245,15 @@ const ALLOCATOR_FRAMES: &[&str] = &[
     "<std::alloc::System as core::alloc::global::GlobalAlloc>",
     "operator new",
     "operator new[]",
+    // libc's system call wrappers, for mmap sites.
+    "mmap",
+    "mmap64",
+    "__mmap",
+    "__mmap64",
+    "__GI___mmap64",
+    "mremap",
+    "__mremap",
+    "__GI___mremap",
 ];
 
 fn is_allocator_frame(frame: &Frame) -> bool {
@@ -235,7 +291,7 @@ pub fn build_report(
     }
     let mut frames_of = |key: &StackKey| match snapshot.stacks.get(&key.stack_id) {
         Some(ips) if key.stack_id != UNKNOWN_STACK => {
-            trim_allocator_frames(symbolize(key.tgid, ips))
+            trim_allocator_frames(symbolize(key.tgid, &with_caller(ips, key.caller)))
         }
         _ => vec![Frame::named("[unknown stack]")],
     };
@@ -243,24 +299,18 @@ pub fn build_report(
     let frames: BTreeMap<StackKey, Vec<Frame>> =
         combined.keys().map(|k| (*k, frames_of(k))).collect();
 
-    let mut totals = Totals::default();
-    for t in combined.values() {
-        totals.add(t);
-    }
+    let (totals, mapped) = class_totals(combined.iter());
     let sites = sites_of(combined.iter(), &frames);
     let processes = context
         .processes
         .iter()
         .map(|p| {
             let own = || combined.iter().filter(|(k, _)| k.tgid == p.pid);
-            let mut totals = Totals::default();
-            for (_, t) in own() {
-                totals.add(t);
-            }
+            let (totals, mapped) = class_totals(own());
             let (inherited_count, inherited_bytes) = context
                 .adjustments
                 .iter()
-                .filter(|(k, _)| k.tgid == p.pid)
+                .filter(|(k, _)| k.tgid == p.pid && k.class == site_class::MALLOC)
                 .fold((0, 0), |(c, b), (_, t)| {
                     (c + t.alloc_count, b + t.alloc_bytes)
                 });
@@ -271,6 +321,8 @@ pub fn build_report(
                 started_s: p.started_s,
                 exited_s: p.exited_s,
                 totals,
+                mapped,
+                heap: snapshot.heap_tops.get(&p.pid).map(|h| HeapReport::from(*h)),
                 inherited_count,
                 inherited_bytes,
                 growth_bytes: totals.live_bytes as i64 - inherited_bytes as i64,
@@ -303,6 +355,7 @@ pub fn build_report(
         }),
         duration_s: context.duration_s,
         totals,
+        mapped,
         sites,
         completeness,
         probes: context.probes,
@@ -312,18 +365,48 @@ pub fn build_report(
     }
 }
 
+/// A stack taken at a system call lacks the wrapper's caller (see
+/// `StackKey::caller`): put it back after the wrapper's frame.
+fn with_caller(ips: &[u64], caller: u64) -> Vec<u64> {
+    match ips.split_first() {
+        Some((first, rest)) if caller != 0 && rest.first() != Some(&caller) => {
+            let mut out = Vec::with_capacity(ips.len() + 1);
+            out.push(*first);
+            out.push(caller);
+            out.extend_from_slice(rest);
+            out
+        }
+        _ => ips.to_vec(),
+    }
+}
+
+/// Totals of the malloc family and of mapped memory.
+fn class_totals<'a>(
+    entries: impl Iterator<Item = (&'a StackKey, &'a StackTotals)>,
+) -> (Totals, Totals) {
+    let (mut malloc, mut mapped) = (Totals::default(), Totals::default());
+    for (key, t) in entries {
+        if key.class == site_class::MMAP {
+            mapped.add(t);
+        } else {
+            malloc.add(t);
+        }
+    }
+    (malloc, mapped)
+}
+
 /// Sites from per-(process, stack) totals: stacks with equal frames (after
 /// trimming, or in different processes) are one site.
 fn sites_of<'a>(
     entries: impl Iterator<Item = (&'a StackKey, &'a StackTotals)>,
     frames: &BTreeMap<StackKey, Vec<Frame>>,
 ) -> Vec<Site> {
-    let mut by_frames: BTreeMap<&[Frame], StackTotals> = BTreeMap::new();
+    let mut by_frames: BTreeMap<(u32, &[Frame]), StackTotals> = BTreeMap::new();
     for (key, t) in entries {
         let Some(frames) = frames.get(key) else {
             continue;
         };
-        let site = by_frames.entry(frames).or_default();
+        let site = by_frames.entry((key.class, frames)).or_default();
         site.alloc_count += t.alloc_count;
         site.alloc_bytes += t.alloc_bytes;
         site.free_count += t.free_count;
@@ -331,7 +414,8 @@ fn sites_of<'a>(
     }
     let mut sites: Vec<Site> = by_frames
         .into_iter()
-        .map(|(frames, t)| Site {
+        .map(|((class, frames), t)| Site {
+            kind: class_name(class).to_owned(),
             frames: frames.to_vec(),
             live_bytes: t.alloc_bytes.saturating_sub(t.free_bytes),
             live_count: t.alloc_count.saturating_sub(t.free_count),
@@ -366,6 +450,7 @@ pub(crate) mod tests_support {
 
     fn site(frames: Vec<Frame>, alloc: (u64, u64), free: (u64, u64)) -> Site {
         Site {
+            kind: "malloc".into(),
             frames,
             live_bytes: alloc.1 - free.1,
             live_count: alloc.0 - free.0,
@@ -422,6 +507,7 @@ pub(crate) mod tests_support {
             },
             duration_s: 12.5,
             totals,
+            mapped: Totals::default(),
             sites,
             completeness: Completeness::default(),
             probes: Vec::new(),
@@ -453,28 +539,16 @@ mod tests {
     #[test]
     fn sites_sort_by_live_bytes_and_merge_equal_stacks() {
         let mut snapshot = KernelSnapshot::default();
-        snapshot.totals.insert(
-            StackKey {
-                tgid: 1,
-                stack_id: 1,
-            },
-            totals(10, 1000, 10, 1000),
-        );
-        snapshot.totals.insert(
-            StackKey {
-                tgid: 1,
-                stack_id: 2,
-            },
-            totals(3, 300, 1, 100),
-        );
+        snapshot
+            .totals
+            .insert(StackKey::new(1, 1), totals(10, 1000, 10, 1000));
+        snapshot
+            .totals
+            .insert(StackKey::new(1, 2), totals(3, 300, 1, 100));
         // Same frames after trimming as stack 2: merged.
-        snapshot.totals.insert(
-            StackKey {
-                tgid: 1,
-                stack_id: 3,
-            },
-            totals(1, 50, 0, 0),
-        );
+        snapshot
+            .totals
+            .insert(StackKey::new(1, 3), totals(1, 50, 0, 0));
         snapshot.stacks.insert(1, vec![0x10]);
         snapshot.stacks.insert(2, vec![0x20]);
         snapshot.stacks.insert(3, vec![0x30]);
@@ -503,18 +577,56 @@ mod tests {
     #[test]
     fn unwalkable_stacks_keep_their_bytes() {
         let mut snapshot = KernelSnapshot::default();
-        snapshot.totals.insert(
-            StackKey {
-                tgid: 1,
-                stack_id: UNKNOWN_STACK,
-            },
-            totals(2, 64, 0, 0),
-        );
+        snapshot
+            .totals
+            .insert(StackKey::new(1, UNKNOWN_STACK), totals(2, 64, 0, 0));
         snapshot.counters.stack_errors = 2;
         let report = build_report(&snapshot, |_, _| Vec::new(), ReportContext::default());
         assert_eq!(names(&report.sites[0].frames), ["[unknown stack]"]);
         assert_eq!(report.sites[0].live_bytes, 64);
         assert!(report.completeness.lost_anything());
+    }
+
+    #[test]
+    fn syscall_stacks_get_their_callers_back() {
+        assert_eq!(with_caller(&[1, 3, 4], 2), [1, 2, 3, 4]);
+        assert_eq!(with_caller(&[1, 2, 4], 2), [1, 2, 4], "already there");
+        assert_eq!(with_caller(&[1, 3], 0), [1, 3]);
+        assert!(with_caller(&[], 2).is_empty());
+    }
+
+    #[test]
+    fn mapped_memory_is_totalled_apart() {
+        let mut snapshot = KernelSnapshot::default();
+        snapshot
+            .totals
+            .insert(StackKey::new(1, 1), totals(1, 100, 0, 0));
+        let mmap_key = StackKey {
+            class: site_class::MMAP,
+            ..StackKey::new(1, 2)
+        };
+        snapshot.totals.insert(mmap_key, totals(2, 8192, 1, 4096));
+        let report = build_report(
+            &snapshot,
+            |_, ips| vec![Frame::named(&format!("f{}", ips[0]))],
+            {
+                let mut c = ReportContext::default();
+                c.processes.push(ProcessRecord {
+                    pid: 1,
+                    ppid: None,
+                    command: "x".into(),
+                    started_s: 0.0,
+                    exited_s: None,
+                });
+                c
+            },
+        );
+        snapshot.stacks.clear();
+        assert_eq!(report.totals.live_bytes, 100);
+        assert_eq!(report.mapped.live_bytes, 4096);
+        assert_eq!(report.processes[0].mapped.live_bytes, 4096);
+        let kinds: Vec<&str> = report.sites.iter().map(|s| s.kind.as_str()).collect();
+        assert_eq!(kinds, ["mmap", "malloc"]);
     }
 
     #[test]

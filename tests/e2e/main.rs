@@ -8,6 +8,7 @@ mod alloc_family;
 mod attach;
 mod errors;
 mod leak_basic;
+mod mapped;
 mod processes;
 mod rust_fixture;
 mod scale;

@@ -26,6 +26,18 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
         t.free_bytes,
         t.free_count
     )?;
+    let m = &report.mapped;
+    if m.alloc_count > 0 {
+        writeln!(
+            out,
+            "mapped outside malloc: {} bytes ({}) in {} mappings; mapped {} bytes in {} calls",
+            m.live_bytes,
+            format_bytes(m.live_bytes),
+            m.live_count,
+            m.alloc_bytes,
+            m.alloc_count
+        )?;
+    }
     writeln!(out)?;
     writeln!(
         out,
@@ -40,6 +52,7 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
             .map(|f| f.function.as_str())
             .collect::<Vec<_>>()
             .join(" <- ");
+        let kind = if site.kind == "malloc" { "" } else { "[mmap] " };
         let more = if site.frames.len() > CHAIN_FRAMES {
             " <- ..."
         } else {
@@ -47,7 +60,7 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
         };
         writeln!(
             out,
-            "{:>14} {:>10} {:>14} {:>10}  {chain}{more}",
+            "{:>14} {:>10} {:>14} {:>10}  {kind}{chain}{more}",
             site.live_bytes, site.live_count, site.alloc_bytes, site.alloc_count
         )?;
     }
