@@ -51,7 +51,8 @@ pub mod event_kind {
     /// A traced process forked `pid`, which is now stopped (SIGSTOP) before
     /// its first user instruction, waiting for its probes.
     pub const FORK: u32 = 1;
-    /// `pid` executed a new program: its address space was replaced.
+    /// `pid` executed a new program: its address space was replaced. It is
+    /// stopped (SIGSTOP) before the new image's first instruction.
     pub const EXEC: u32 = 2;
     /// The last thread of `pid` exited.
     pub const EXIT: u32 = 3;

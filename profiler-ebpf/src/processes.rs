@@ -25,6 +25,8 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[map]
 static CONFIG: Array<u32> = Array::with_max_entries(config::SLOTS, 0);
 
+const SIGSTOP: u32 = 19;
+
 fn config(slot: u32) -> usize {
     CONFIG.get(slot).copied().unwrap_or(0) as usize
 }
@@ -86,7 +88,6 @@ pub fn syscall_exit(_ctx: TracePointContext) -> u32 {
     if tid != tgid {
         return 0; // a new thread: the process's probes already cover it
     }
-    const SIGSTOP: u32 = 19;
     // SAFETY: signals the current process, which is the new child.
     unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGSTOP) };
     if TRACED.insert(tgid, 1, BPF_NOEXIST as u64).is_err() && !is_traced(tgid) {
@@ -96,10 +97,15 @@ pub fn syscall_exit(_ctx: TracePointContext) -> u32 {
     0
 }
 
+/// The new image may bring its own malloc (a static binary, a preloaded
+/// allocator): stop it before its first instruction so userspace can probe
+/// it, as for a fork.
 #[tracepoint]
 pub fn process_exec(_ctx: TracePointContext) -> u32 {
     let tgid = current_tgid();
     if is_traced(tgid) {
+        // SAFETY: signals the current process, the one executing.
+        unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGSTOP) };
         emit(event_kind::EXEC, tgid, 0);
     }
     0

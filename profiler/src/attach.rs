@@ -18,6 +18,7 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use profiler_common::alloc_kind;
 
 use crate::{
+    allocator::{self, NoAllocator},
     probe_site::{ProbeSite, entry_probe_site},
     process_maps::ProcessMaps,
 };
@@ -127,10 +128,8 @@ pub struct AttachedProbe {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error(
-        "pid {pid} has no libc.so mapped: memscope probes glibc's malloc family, and this target is statically linked or uses another libc (not supported yet)"
-    )]
-    NoLibc { pid: u32 },
+    #[error(transparent)]
+    NoAllocator(#[from] NoAllocator),
     #[error("cannot read {path}: {source}")]
     ReadLibrary {
         path: PathBuf,
@@ -173,17 +172,25 @@ struct ResolvedSymbol {
     prologue: Vec<u8>,
 }
 
+/// The probes on one process, and what they cannot see.
+#[derive(Clone, Debug, Default)]
+pub struct Attached {
+    pub probes: Vec<AttachedProbe>,
+    pub warnings: Vec<String>,
+}
+
 /// Attaches the allocator probes to process `pid`, whose mappings are
 /// `maps`. Probes are scoped to that pid (every thread of it).
 pub fn attach_allocator(
     ebpf: &mut Ebpf,
     pid: u32,
     maps: &ProcessMaps,
-) -> Result<Vec<AttachedProbe>, AttachError> {
+) -> Result<Attached, AttachError> {
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::InvalidPid(pid))?);
-    let library = maps
-        .find_library("libc.so")
-        .ok_or(AttachError::NoLibc { pid })?;
+    let exe = allocator::executable(pid);
+    let image = allocator::locate(maps, exe.as_deref())?;
+    let warnings = allocator::blind_spots(maps, exe.as_deref(), &image);
+    let library = image.path.as_path();
     let host_path = maps.host_path(library);
     let bytes = std::fs::read(&host_path).map_err(|source| AttachError::ReadLibrary {
         path: host_path.clone(),
@@ -259,7 +266,10 @@ pub fn attach_allocator(
             return_probe: function.return_program.is_some(),
         });
     }
-    Ok(attached)
+    Ok(Attached {
+        probes: attached,
+        warnings,
+    })
 }
 
 /// Stops `pid` when it calls libc's `_exit`, so that its mappings can be
@@ -269,9 +279,11 @@ pub fn attach_exit_stop(ebpf: &mut Ebpf, pid: u32, maps: &ProcessMaps) -> Result
     const PROGRAM: &str = "exit_enter";
     const SYMBOL: &str = "_exit";
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::InvalidPid(pid))?);
-    let library = maps
-        .find_library("libc.so")
-        .ok_or(AttachError::NoLibc { pid })?;
+    // The copy of memscope that will exec the command maps libc; without
+    // it there is nothing to stop at.
+    let Some(library) = maps.find_library("libc.so") else {
+        return Ok(());
+    };
     let host_path = maps.host_path(library);
     let program = uprobe(ebpf, PROGRAM)?;
     program.load().map_err(|source| AttachError::Load {
@@ -335,7 +347,8 @@ fn attach_one(
 /// Finds an exported function and its file offset.
 fn resolve(elf: &object::File<'_>, name: &str) -> Option<ResolvedSymbol> {
     const PROLOGUE_BYTES: u64 = 64;
-    let symbol = elf.dynamic_symbols().find(|s| {
+    // A static executable's malloc is only in .symtab.
+    let symbol = elf.dynamic_symbols().chain(elf.symbols()).find(|s| {
         s.is_definition() && s.kind() == object::SymbolKind::Text && s.name() == Ok(name)
     })?;
     let address = symbol.address();

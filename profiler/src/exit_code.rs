@@ -36,7 +36,7 @@ fn for_session_error(error: &SessionError) -> u8 {
             TargetError::CommandNotFound(_) | TargetError::Exec { .. } | TargetError::EmptyCommand,
         ) => COMMAND_NOT_FOUND,
         SessionError::Attach(
-            AttachError::NoLibc { .. }
+            AttachError::NoAllocator(_)
             | AttachError::MissingSymbol { .. }
             | AttachError::ParseLibrary { .. }
             | AttachError::ReadLibrary { .. },

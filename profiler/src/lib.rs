@@ -4,7 +4,8 @@
 //! - [`preflight`]: privileges and kernel features, checked before anything loads;
 //! - [`target`]: the process to profile (started suspended, or a running pid);
 //! - [`bpf`] and [`attach`]: load the kernel programs and put them on the
-//!   target's allocator, at probe sites chosen by [`probe_site`];
+//!   target's allocator (found by [`allocator`]), at probe sites chosen by
+//!   [`probe_site`];
 //! - [`follow`] and [`processes`]: follow forks, execs and exits of the
 //!   target's processes and keep their live sets right;
 //! - [`collect`]: read the kernel maps into a plain-data [`collect::KernelSnapshot`];
@@ -17,6 +18,7 @@
 //! Collection produces plain data, and analysis and rendering are functions
 //! of it alone, so every stage past collection is testable without a kernel.
 
+pub mod allocator;
 pub mod attach;
 pub mod bpf;
 pub mod collect;

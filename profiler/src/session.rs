@@ -21,7 +21,7 @@ use tokio::{
 };
 
 use crate::{
-    attach::{self, AttachError, AttachedProbe},
+    attach::{self, AttachError, Attached, AttachedProbe},
     bpf::{self, LoadError, MapCapacity},
     collect::{self, CollectError},
     follow::{self, FollowError},
@@ -106,7 +106,7 @@ struct AttachedTarget {
     pid: u32,
     command: String,
     is_child: bool,
-    probes: Vec<AttachedProbe>,
+    attached: Attached,
     maps: ProcessMaps,
 }
 
@@ -130,6 +130,8 @@ pub struct Session {
     adjustments: Adjustments,
     per_process_sites: bool,
     warnings: Vec<String>,
+    /// (process, image) pairs whose malloc family is probed.
+    probed_images: std::collections::HashSet<(u32, std::path::PathBuf)>,
 }
 
 impl Session {
@@ -154,13 +156,13 @@ impl Session {
             TargetSpec::Attach(pid) => {
                 let pid = *pid;
                 let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
-                let probes = attach::attach_allocator(&mut ebpf, pid, &maps)?;
+                let attached = attach::attach_allocator(&mut ebpf, pid, &maps)?;
                 follow::trace(&mut ebpf, pid)?;
                 let target = AttachedTarget {
                     pid,
                     command: target::command_line(pid),
                     is_child: false,
-                    probes,
+                    attached,
                     maps,
                 };
                 Self::new(ebpf, target, options, started)
@@ -170,12 +172,12 @@ impl Session {
                 let attached = ProcessMaps::read(child.pid)
                     .map_err(|_| SessionError::from(TargetError::NoSuchProcess(child.pid)))
                     .and_then(|maps| {
-                        let probes = attach::attach_allocator(&mut ebpf, child.pid, &maps)?;
+                        let attached = attach::attach_allocator(&mut ebpf, child.pid, &maps)?;
                         attach::attach_exit_stop(&mut ebpf, child.pid, &maps)?;
                         follow::trace(&mut ebpf, child.pid)?;
-                        Ok::<_, SessionError>((probes, maps))
+                        Ok::<_, SessionError>((attached, maps))
                     });
-                let (probes, maps) = match attached {
+                let (attached, maps) = match attached {
                     Ok(attached) => attached,
                     Err(error) => {
                         // Never leave a stopped child behind.
@@ -191,7 +193,7 @@ impl Session {
                     pid,
                     command,
                     is_child: true,
-                    probes,
+                    attached,
                     maps,
                 };
                 Self::new(ebpf, target, options, started)
@@ -209,9 +211,10 @@ impl Session {
             pid,
             command,
             is_child,
-            probes,
+            attached: Attached { probes, warnings },
             maps,
         } = target;
+        let probed_images = probes.iter().map(|p| (pid, p.library.clone())).collect();
         let mut symbolizer = StackSymbolizer::new(pid);
         symbolizer.update_maps(maps);
         let events = ebpf
@@ -244,7 +247,8 @@ impl Session {
             alive: BTreeSet::from([pid]),
             adjustments: Adjustments::new(),
             per_process_sites: options.per_process_sites,
-            warnings: Vec::new(),
+            warnings,
+            probed_images,
         })
     }
 
@@ -283,12 +287,12 @@ impl Session {
         tokio::pin!(deadline);
         let mut refresh = tokio::time::interval(MAPS_REFRESH);
 
+        let mut events = self.events.take();
         // A stop or exit of our child before the SIGCHLD stream existed was
         // not delivered to it: look once now (and at every refresh tick).
-        if self.is_child && self.handle_child_event() {
+        if self.is_child && self.handle_child_event(&mut events) {
             self.process_exited(self.pid);
         }
-        let mut events = self.events.take();
         let reason = loop {
             if self.alive.is_empty() {
                 break StopReason::TargetExited;
@@ -306,13 +310,13 @@ impl Session {
                 _ = terminate.recv() => break StopReason::Terminated,
                 _ = &mut deadline => break StopReason::DurationElapsed,
                 _ = child_events.recv(), if self.is_child => {
-                    if self.handle_child_event() {
+                    if self.handle_child_event(&mut events) {
                         self.process_exited(self.pid);
                     }
                 }
                 _ = refresh.tick() => {
                     self.refresh_maps();
-                    if self.is_child && self.handle_child_event() {
+                    if self.is_child && self.handle_child_event(&mut events) {
                         self.process_exited(self.pid);
                     }
                 }
@@ -376,9 +380,44 @@ impl Session {
                     record.command = command;
                 }
                 self.refresh_maps();
+                self.probe_new_image(pid);
+                // Stopped in the kernel at the exec: let it go.
+                // SAFETY: plain syscall.
+                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
             }
             event_kind::EXIT => self.process_exited(pid),
             _ => {}
+        }
+    }
+
+    /// After an exec: a new image with its own malloc (a static binary, a
+    /// preloaded allocator) gets probes of its own. A dynamically linked
+    /// one loads the libc whose probes are already on this process.
+    fn probe_new_image(&mut self, pid: u32) {
+        let Ok(maps) = ProcessMaps::read(pid) else {
+            return;
+        };
+        let exe = crate::allocator::executable(pid);
+        let image = match crate::allocator::locate(&maps, exe.as_deref()) {
+            Ok(image) if image.name != "glibc" => image,
+            _ => return,
+        };
+        if !self.probed_images.insert((pid, image.path.clone())) {
+            return;
+        }
+        match attach::attach_allocator(&mut self.ebpf, pid, &maps) {
+            Ok(attached) => {
+                for warning in attached.warnings {
+                    if !self.warnings.contains(&warning) {
+                        self.warnings.push(warning);
+                    }
+                }
+                self.probes.extend(attached.probes);
+            }
+            Err(error) => self.warnings.push(format!(
+                "pid {pid} executed {}: {error}",
+                image.path.display()
+            )),
         }
     }
 
@@ -386,7 +425,12 @@ impl Session {
     /// live set.
     fn follow_child(&mut self, pid: u32, ppid: u32, fork_ns: u64) -> Result<(), SessionError> {
         let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
-        attach::attach_allocator(&mut self.ebpf, pid, &maps)?;
+        let attached = attach::attach_allocator(&mut self.ebpf, pid, &maps)?;
+        for warning in attached.warnings {
+            if !self.warnings.contains(&warning) {
+                self.warnings.push(warning);
+            }
+        }
         let inherited = processes::copy_live_set(&mut self.ebpf, ppid, pid, fork_ns)?;
         processes::merge_adjustments(&mut self.adjustments, inherited);
         self.symbolizer.update_maps(maps);
@@ -403,7 +447,7 @@ impl Session {
 
     /// A stop of our child is the `_exit` probe's: read its mappings one
     /// last time and let it exit. Returns true once it has exited.
-    fn handle_child_event(&mut self) -> bool {
+    fn handle_child_event(&mut self, events: &mut Option<AsyncFd<RingBuf<MapData>>>) -> bool {
         let mut status = 0;
         // SAFETY: non-blocking wait on our own child.
         let r = unsafe {
@@ -417,6 +461,11 @@ impl Session {
             return false;
         }
         if libc::WIFSTOPPED(status) {
+            // An exec stop is the EXEC event's to end, once the new image
+            // is probed: handle pending events before continuing.
+            if let Some(events) = events.as_mut() {
+                self.drain_events(events.get_mut());
+            }
             self.refresh_maps();
             // SAFETY: plain syscall on our own child.
             unsafe { libc::kill(self.pid as i32, libc::SIGCONT) };

@@ -5,6 +5,7 @@
 mod support;
 
 mod alloc_family;
+mod allocators;
 mod attach;
 mod errors;
 mod leak_basic;

@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result, bail};
 /// bpf-linker release known to build here (TOOLCHAIN.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const TRACEFS: &str = "/sys/kernel/tracing";
+const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
 
 pub fn run(root: &Path) -> Result<()> {
     let mut did = Vec::new();
@@ -27,8 +28,13 @@ pub fn run(root: &Path) -> Result<()> {
     if ensure_gcc()? {
         did.push("installed gcc (fixtures and examples are C)");
     }
+    if ensure_jemalloc()? {
+        did.push("installed libjemalloc2 (a test preloads it)");
+    }
     if did.is_empty() {
-        eprintln!("xtask setup: nothing to do (rust-src, bpf-linker, tracefs, gcc present)");
+        eprintln!(
+            "xtask setup: nothing to do (rust-src, bpf-linker, tracefs, gcc, libjemalloc2 present)"
+        );
     } else {
         for line in did {
             eprintln!("xtask setup: {line}");
@@ -207,6 +213,14 @@ fn ensure_tracefs() -> bool {
         );
     }
     mounted
+}
+
+fn ensure_jemalloc() -> Result<bool> {
+    if Path::new(JEMALLOC).exists() {
+        return Ok(false);
+    }
+    apt_install(&["libjemalloc2"])?;
+    Ok(true)
 }
 
 fn ensure_gcc() -> Result<bool> {
