@@ -36,7 +36,8 @@ pub mod config {
     /// Byte offset of `child_pid` in the sched_process_fork record (it moved
     /// between kernels; userspace reads the tracepoint's format file).
     pub const FORK_CHILD_PID_OFFSET: u32 = 0;
-    /// Byte offset of `group_dead` in the sched_process_exit record.
+    /// Byte offset of `group_dead` in the sched_process_exit record;
+    /// `u32::MAX` where the kernel's record has no such field.
     pub const EXIT_GROUP_DEAD_OFFSET: u32 = 1;
     pub const SLOTS: u32 = 2;
 }

@@ -117,10 +117,15 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
     if !is_traced(tgid) {
         return 0;
     }
-    // SAFETY: the offset comes from the tracepoint's format file.
-    let group_dead =
-        unsafe { ctx.read_at::<u8>(config(config::EXIT_GROUP_DEAD_OFFSET)) }.unwrap_or(0);
-    if group_dead != 0 {
+    let offset = config(config::EXIT_GROUP_DEAD_OFFSET);
+    let group_dead = if offset == u32::MAX as usize {
+        // No group_dead field: the leader's exit stands for the process's.
+        bpf_get_current_pid_tgid() as u32 == tgid
+    } else {
+        // SAFETY: the offset comes from the tracepoint's format file.
+        unsafe { ctx.read_at::<u8>(offset) }.unwrap_or(0) != 0
+    };
+    if group_dead {
         let _ = TRACED.remove(tgid);
         emit(event_kind::EXIT, tgid, 0);
     }

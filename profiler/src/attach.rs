@@ -152,6 +152,10 @@ pub enum AttachError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error(
+        "the kernel refused a uprobe on {symbol} in {path} (EINVAL): another tracer (bcc's memleak, for one) holds a uprobe there registered differently; stop it and retry"
+    )]
+    ProbeConflict { symbol: &'static str, path: PathBuf },
     #[error("cannot attach a uprobe to {symbol} in {path}: {source}")]
     Probe {
         symbol: &'static str,
@@ -336,10 +340,21 @@ fn attach_one(
     };
     uprobe(ebpf, program)?
         .attach(point, path, scope)
-        .map_err(|source| AttachError::Probe {
-            symbol: function.symbol,
-            path: path.to_path_buf(),
-            source,
+        .map_err(|source| {
+            // The kernel rejects a second uprobe at one place whose
+            // reference-counter offset differs (dmesg: ref_ctr_offset mismatch).
+            if format!("{source:?}").contains("code: 22") || source.to_string().contains("Invalid argument") {
+                AttachError::ProbeConflict {
+                    symbol: function.symbol,
+                    path: path.to_path_buf(),
+                }
+            } else {
+                AttachError::Probe {
+                    symbol: function.symbol,
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
         })?;
     Ok(())
 }

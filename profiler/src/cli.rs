@@ -41,6 +41,21 @@ pub enum Command {
         /// Process id of the target.
         pid: u32,
     },
+    /// Show a saved report.json again (no root needed); with -o, also
+    /// render its flamegraph and folded stacks into DIR.
+    Report {
+        /// A report.json, or the directory holding it.
+        path: PathBuf,
+        /// Write inuse.svg and stacks.folded (and a copy of report.json) here.
+        #[arg(short, long, value_name = "DIR")]
+        output: Option<PathBuf>,
+        /// Print the JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Sites shown in the table.
+        #[arg(long, default_value_t = 10, value_name = "N")]
+        top: usize,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -5,7 +5,7 @@ mod exit_code;
 
 use std::{
     io::{self, Write as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
 };
 
@@ -17,7 +17,7 @@ use memscope::{
     units::format_bytes,
 };
 
-use crate::cli::{Cli, Command, ProfileArgs};
+use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -60,6 +60,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let (spec, args) = match cli.command {
         Command::Run { profile, command } => (TargetSpec::Run(command), profile),
         Command::Attach { profile, pid } => (TargetSpec::Attach(pid), profile),
+        Command::Report {
+            path,
+            output,
+            json,
+            top,
+        } => return show_saved_report(&path, output.as_deref(), json, top),
     };
     let options = SessionOptions {
         capacity: args.capacity(),
@@ -105,7 +111,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or_else(|| default_output_dir(session.pid()));
     output::write_all(&dir, &report)
         .with_context(|| format!("cannot write the report to {}", dir.display()))?;
-    print_result(&report, &args)?;
+    print_result(&report, args.json, args.top)?;
     eprintln!(
         "memscope: {}; wrote {} ({}, {}) to {}",
         describe(reason),
@@ -126,15 +132,31 @@ fn describe(reason: StopReason) -> &'static str {
     }
 }
 
+/// `memscope report`: a saved profile, re-rendered without the kernel.
+fn show_saved_report(path: &Path, output: Option<&Path>, json: bool, top: usize) -> anyhow::Result<()> {
+    let file = if path.is_dir() {
+        path.join(output::REPORT_JSON)
+    } else {
+        path.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+    let report: memscope::report::Report = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a memscope report.json", file.display()))?;
+    if let Some(dir) = output {
+        output::write_all(dir, &report).with_context(|| format!("cannot write to {}", dir.display()))?;
+    }
+    print_result(&report, json, top)
+}
+
 /// Prints the table or the JSON; a closed pipe (`| head`) is a normal end.
-fn print_result(report: &memscope::report::Report, args: &ProfileArgs) -> anyhow::Result<()> {
+fn print_result(report: &memscope::report::Report, json: bool, top: usize) -> anyhow::Result<()> {
     let mut stdout = io::stdout().lock();
-    let result = if args.json {
+    let result = if json {
         output::report_json(report)
             .map_err(io::Error::other)
             .and_then(|text| stdout.write_all(text.as_bytes()))
     } else {
-        output::table::render(report, args.top, &mut stdout)
+        output::table::render(report, top, &mut stdout)
     };
     match result.and_then(|()| stdout.flush()) {
         Err(error) if error.kind() != io::ErrorKind::BrokenPipe => {

@@ -105,6 +105,15 @@ pub fn release_live_set(
     Ok(released)
 }
 
+/// Drops an exited process's entries from the live map, to free its room
+/// for the processes still running (gunicorn recycles workers). Its totals
+/// stay: the report shows what it held when it exited.
+pub fn forget_live_set(ebpf: &mut Ebpf, pid: u32) -> Result<usize, LiveSetError> {
+    let mut map = live_map(ebpf)?;
+    let blocks = blocks_of(&map, pid, u64::MAX);
+    Ok(blocks.iter().filter(|(key, _)| map.remove(key).is_ok()).count())
+}
+
 /// Adds `more` into `into`.
 pub fn merge_adjustments(into: &mut Adjustments, more: Adjustments) {
     for (key, t) in more {

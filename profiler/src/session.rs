@@ -385,7 +385,14 @@ impl Session {
                 // SAFETY: plain syscall.
                 unsafe { libc::kill(pid as i32, libc::SIGCONT) };
             }
-            event_kind::EXIT => self.process_exited(pid),
+            event_kind::EXIT => {
+                self.process_exited(pid);
+                if pid != self.pid
+                    && let Err(error) = processes::forget_live_set(&mut self.ebpf, pid)
+                {
+                    tracing::warn!("exit of {pid}: {error}");
+                }
+            }
             _ => {}
         }
     }

@@ -84,3 +84,39 @@ fn json_flag_prints_the_report_on_stdout() {
         serde_json::from_str(&stdout[json_start..]).expect("valid JSON");
     assert_eq!(printed, report);
 }
+
+/// A saved profile re-renders without the kernel (and without root).
+#[test]
+fn saved_report_renders_again_without_root() {
+    if !bpf_available() {
+        return;
+    }
+    let (report, _) = run_fixture("leak_basic_saved", "leak_basic", &[]);
+    let saved = output_dir_path("leak_basic_saved");
+    let rendered = output_dir("leak_basic_rerendered");
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(crate::support::MEMSCOPE)
+        .arg("report")
+        .arg(saved.join("report.json"))
+        .arg("--json")
+        .output()
+        .expect("memscope report runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let again: memscope::report::Report = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(again, report);
+
+    let output = std::process::Command::new(crate::support::MEMSCOPE)
+        .arg("report")
+        .arg(&saved)
+        .arg("-o")
+        .arg(&rendered)
+        .output()
+        .expect("memscope report runs");
+    assert!(output.status.success());
+    assert_eq!(
+        std::fs::read(rendered.join("inuse.svg")).expect("svg"),
+        std::fs::read(saved.join("inuse.svg")).expect("svg"),
+        "rendering is deterministic"
+    );
+}

@@ -13,4 +13,5 @@ mod mapped;
 mod processes;
 mod rust_fixture;
 mod scale;
+mod stopping;
 mod threads;

@@ -1,0 +1,99 @@
+//! However a session ends, everything collected so far is written.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use crate::support::*;
+
+fn attach(target: u32, dir: &std::path::Path, extra: &[&str]) -> (Child, BufReader<std::process::ChildStderr>) {
+    let mut memscope = Command::new(MEMSCOPE)
+        .arg("attach")
+        .arg("-o")
+        .arg(dir)
+        .args(extra)
+        .arg(target.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("memscope starts");
+    let mut stderr = BufReader::new(memscope.stderr.take().expect("stderr"));
+    let mut banner = String::new();
+    stderr.read_line(&mut banner).expect("banner");
+    assert!(banner.starts_with("memscope: profiling pid"), "{banner}");
+    (memscope, stderr)
+}
+
+fn rest_of(mut stderr: BufReader<std::process::ChildStderr>) -> String {
+    let mut text = String::new();
+    let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+    text
+}
+
+#[test]
+fn sigterm_writes_the_report_and_leaves_the_target_running() {
+    if !bpf_available() {
+        return;
+    }
+    let mut target = Command::new("sleep").arg("60").spawn().expect("sleep starts");
+    let dir = output_dir("sigterm");
+    let (memscope, stderr) = attach(target.id(), &dir, &[]);
+    // SAFETY: plain syscall.
+    unsafe { libc::kill(memscope.id() as i32, libc::SIGTERM) };
+    let output = memscope.wait_with_output().expect("memscope exits");
+    assert!(output.status.success(), "{}", rest_of(stderr));
+    assert!(rest_of(stderr).contains("memscope: terminated; wrote report.json"));
+    let report = read_report(&dir);
+    assert_eq!(report.target.pid, target.id());
+    assert!(target.try_wait().expect("wait").is_none(), "the target keeps running");
+    target.kill().expect("kill sleep");
+    let _ = target.wait();
+}
+
+#[test]
+fn duration_ends_the_session() {
+    if !bpf_available() {
+        return;
+    }
+    let mut target = Command::new("sleep").arg("60").spawn().expect("sleep starts");
+    let dir = output_dir("duration");
+    let (memscope, stderr) = attach(target.id(), &dir, &["-d", "1s"]);
+    let output = memscope.wait_with_output().expect("memscope exits");
+    assert!(output.status.success());
+    assert!(rest_of(stderr).contains("memscope: duration elapsed; wrote report.json"));
+    let report = read_report(&dir);
+    assert!(report.duration_s >= 1.0 && report.duration_s < 30.0, "{}", report.duration_s);
+    // `sleep` allocates nothing while it sleeps: say so, not silently empty.
+    assert!(report.warnings.iter().any(|w| w.contains("no allocations were seen")));
+    target.kill().expect("kill sleep");
+    let _ = target.wait();
+}
+
+#[test]
+fn ctrl_c_in_run_mode_reaches_the_command_and_writes_the_report() {
+    if !bpf_available() {
+        return;
+    }
+    let dir = output_dir("sigint_run");
+    let mut memscope = Command::new(MEMSCOPE)
+        .arg("run")
+        .arg("-o")
+        .arg(&dir)
+        .args(["--", "sleep", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("memscope starts");
+    let mut stderr = BufReader::new(memscope.stderr.take().expect("stderr"));
+    let mut banner = String::new();
+    stderr.read_line(&mut banner).expect("banner");
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: plain syscall.
+    unsafe { libc::kill(memscope.id() as i32, libc::SIGINT) };
+    let status = memscope.wait().expect("memscope exits");
+    assert!(status.success());
+    let report = read_report(&dir);
+    assert_eq!(report.target.exit_code, Some(128 + libc::SIGINT), "sleep got the SIGINT");
+}
