@@ -343,7 +343,9 @@ fn attach_one(
         .map_err(|source| {
             // The kernel rejects a second uprobe at one place whose
             // reference-counter offset differs (dmesg: ref_ctr_offset mismatch).
-            if format!("{source:?}").contains("code: 22") || source.to_string().contains("Invalid argument") {
+            if format!("{source:?}").contains("code: 22")
+                || source.to_string().contains("Invalid argument")
+            {
                 AttachError::ProbeConflict {
                     symbol: function.symbol,
                     path: path.to_path_buf(),

@@ -76,7 +76,8 @@ pub fn attach_lifecycle(ebpf: &mut Ebpf, follow_children: bool) -> Result<(), Fo
     let fork_child = field_offset("sched", "sched_process_fork", "child_pid")?;
     // Older kernels lack group_dead: the program then takes the exit of the
     // thread-group leader as the process's.
-    let exit_group_dead = field_offset("sched", "sched_process_exit", "group_dead").unwrap_or(u32::MAX);
+    let exit_group_dead =
+        field_offset("sched", "sched_process_exit", "group_dead").unwrap_or(u32::MAX);
     let mut config_map: Array<&mut MapData, u32> = Array::try_from(
         ebpf.map_mut(map_names::CONFIG)
             .ok_or(FollowError::Missing(map_names::CONFIG))?,

@@ -22,6 +22,7 @@ pub mod allocator;
 pub mod attach;
 pub mod bpf;
 pub mod collect;
+pub mod completeness;
 pub mod follow;
 pub mod output;
 pub mod preflight;

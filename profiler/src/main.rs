@@ -133,17 +133,24 @@ fn describe(reason: StopReason) -> &'static str {
 }
 
 /// `memscope report`: a saved profile, re-rendered without the kernel.
-fn show_saved_report(path: &Path, output: Option<&Path>, json: bool, top: usize) -> anyhow::Result<()> {
+fn show_saved_report(
+    path: &Path,
+    output: Option<&Path>,
+    json: bool,
+    top: usize,
+) -> anyhow::Result<()> {
     let file = if path.is_dir() {
         path.join(output::REPORT_JSON)
     } else {
         path.to_path_buf()
     };
-    let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
     let report: memscope::report::Report = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a memscope report.json", file.display()))?;
     if let Some(dir) = output {
-        output::write_all(dir, &report).with_context(|| format!("cannot write to {}", dir.display()))?;
+        output::write_all(dir, &report)
+            .with_context(|| format!("cannot write to {}", dir.display()))?;
     }
     print_result(&report, json, top)
 }

@@ -111,7 +111,10 @@ pub fn release_live_set(
 pub fn forget_live_set(ebpf: &mut Ebpf, pid: u32) -> Result<usize, LiveSetError> {
     let mut map = live_map(ebpf)?;
     let blocks = blocks_of(&map, pid, u64::MAX);
-    Ok(blocks.iter().filter(|(key, _)| map.remove(key).is_ok()).count())
+    Ok(blocks
+        .iter()
+        .filter(|(key, _)| map.remove(key).is_ok())
+        .count())
 }
 
 /// Adds `more` into `into`.

@@ -182,6 +182,34 @@ pub fn reap(pid: u32) -> Option<i32> {
     if r != pid as i32 {
         return None;
     }
+    exit_code(status)
+}
+
+/// What a child of ours is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildState {
+    Running,
+    Stopped,
+    /// Reaped, with its exit code (see `exit_code`).
+    Exited(Option<i32>),
+}
+
+/// Looks at child `pid` without blocking; reaps it if it has exited.
+pub fn poll_child(pid: u32) -> ChildState {
+    let mut status = 0;
+    // SAFETY: non-blocking wait on our own child.
+    let r = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG | libc::WUNTRACED) };
+    if r != pid as i32 {
+        ChildState::Running
+    } else if libc::WIFSTOPPED(status) {
+        ChildState::Stopped
+    } else {
+        ChildState::Exited(exit_code(status))
+    }
+}
+
+/// A wait status as a shell shows it: the exit code, or 128+signal.
+pub fn exit_code(status: i32) -> Option<i32> {
     if libc::WIFEXITED(status) {
         Some(libc::WEXITSTATUS(status))
     } else if libc::WIFSIGNALED(status) {

@@ -28,21 +28,7 @@ fn static_binary_is_probed_in_its_own_malloc() {
         .status()
         .expect("gcc runs");
     assert!(status.success(), "static build (libc6-dev provides libc.a)");
-    let dir = output_dir("static");
-    let output = Command::new(MEMSCOPE)
-        .arg("run")
-        .arg("-o")
-        .arg(&dir)
-        .arg("--")
-        .arg(&program)
-        .output()
-        .expect("memscope runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report = read_report(&dir);
+    let (report, _) = run_command("static", &[program.clone().into_os_string()], &[]);
     assert_eq!(
         figures(site(&report, "leak_site")),
         (4_096_000, 1000, 4_096_000, 1000)
@@ -69,21 +55,12 @@ fn preloaded_jemalloc_is_probed_instead_of_libc() {
         Path::new(JEMALLOC).exists(),
         "{JEMALLOC} missing: `cargo xtask setup` installs libjemalloc2"
     );
-    let dir = output_dir("jemalloc");
-    let output = Command::new(MEMSCOPE)
-        .arg("run")
-        .arg("-o")
-        .arg(&dir)
-        .args(["--", "env", &format!("LD_PRELOAD={JEMALLOC}")])
-        .arg(fixture("leak_basic"))
-        .output()
-        .expect("memscope runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report = read_report(&dir);
+    let command = [
+        "env".into(),
+        format!("LD_PRELOAD={JEMALLOC}").into(),
+        fixture("leak_basic").into_os_string(),
+    ];
+    let (report, _) = run_command("jemalloc", &command, &[]);
     assert_eq!(
         figures(site(&report, "leak_site")),
         (4_096_000, 1000, 4_096_000, 1000)

@@ -102,7 +102,11 @@ fn saved_report_renders_again_without_root() {
         .arg("--json")
         .output()
         .expect("memscope report runs");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let again: memscope::report::Report = serde_json::from_slice(&output.stdout).expect("JSON");
     assert_eq!(again, report);
 

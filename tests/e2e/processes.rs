@@ -85,22 +85,8 @@ fn exec_releases_the_old_image_and_follows_the_new_one() {
     if !bpf_available() {
         return;
     }
-    let leak_basic = fixture("leak_basic");
-    let dir = output_dir("exec");
-    let output = std::process::Command::new(MEMSCOPE)
-        .arg("run")
-        .arg("-o")
-        .arg(&dir)
-        .args(["--", "bash", "-c"])
-        .arg(format!("x=$(echo warm); exec {}", leak_basic.display()))
-        .output()
-        .expect("memscope runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report = read_report(&dir);
+    let script = format!("x=$(echo warm); exec {}", fixture("leak_basic").display());
+    let (report, _) = run_command("exec", &["bash".into(), "-c".into(), script.into()], &[]);
     assert_eq!(
         figures(site(&report, "leak_site")),
         (4_096_000, 1000, 4_096_000, 1000)

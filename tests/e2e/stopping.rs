@@ -8,7 +8,11 @@ use std::{
 
 use crate::support::*;
 
-fn attach(target: u32, dir: &std::path::Path, extra: &[&str]) -> (Child, BufReader<std::process::ChildStderr>) {
+fn attach(
+    target: u32,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (Child, BufReader<std::process::ChildStderr>) {
     let mut memscope = Command::new(MEMSCOPE)
         .arg("attach")
         .arg("-o")
@@ -37,7 +41,10 @@ fn sigterm_writes_the_report_and_leaves_the_target_running() {
     if !bpf_available() {
         return;
     }
-    let mut target = Command::new("sleep").arg("60").spawn().expect("sleep starts");
+    let mut target = Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("sleep starts");
     let dir = output_dir("sigterm");
     let (memscope, stderr) = attach(target.id(), &dir, &[]);
     // SAFETY: plain syscall.
@@ -47,7 +54,10 @@ fn sigterm_writes_the_report_and_leaves_the_target_running() {
     assert!(rest_of(stderr).contains("memscope: terminated; wrote report.json"));
     let report = read_report(&dir);
     assert_eq!(report.target.pid, target.id());
-    assert!(target.try_wait().expect("wait").is_none(), "the target keeps running");
+    assert!(
+        target.try_wait().expect("wait").is_none(),
+        "the target keeps running"
+    );
     target.kill().expect("kill sleep");
     let _ = target.wait();
 }
@@ -57,16 +67,28 @@ fn duration_ends_the_session() {
     if !bpf_available() {
         return;
     }
-    let mut target = Command::new("sleep").arg("60").spawn().expect("sleep starts");
+    let mut target = Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("sleep starts");
     let dir = output_dir("duration");
     let (memscope, stderr) = attach(target.id(), &dir, &["-d", "1s"]);
     let output = memscope.wait_with_output().expect("memscope exits");
     assert!(output.status.success());
     assert!(rest_of(stderr).contains("memscope: duration elapsed; wrote report.json"));
     let report = read_report(&dir);
-    assert!(report.duration_s >= 1.0 && report.duration_s < 30.0, "{}", report.duration_s);
+    assert!(
+        report.duration_s >= 1.0 && report.duration_s < 30.0,
+        "{}",
+        report.duration_s
+    );
     // `sleep` allocates nothing while it sleeps: say so, not silently empty.
-    assert!(report.warnings.iter().any(|w| w.contains("no allocations were seen")));
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("no allocations were seen"))
+    );
     target.kill().expect("kill sleep");
     let _ = target.wait();
 }
@@ -95,5 +117,9 @@ fn ctrl_c_in_run_mode_reaches_the_command_and_writes_the_report() {
     let status = memscope.wait().expect("memscope exits");
     assert!(status.success());
     let report = read_report(&dir);
-    assert_eq!(report.target.exit_code, Some(128 + libc::SIGINT), "sleep got the SIGINT");
+    assert_eq!(
+        report.target.exit_code,
+        Some(128 + libc::SIGINT),
+        "sleep got the SIGINT"
+    );
 }

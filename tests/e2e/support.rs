@@ -97,6 +97,16 @@ pub fn read_report(dir: &Path) -> Report {
 
 /// `memscope run -o DIR -- FIXTURE`; asserts success and returns the report.
 pub fn run_fixture(test: &str, fixture_name: &str, extra_args: &[&str]) -> (Report, Output) {
+    run_command(test, &[fixture(fixture_name).into_os_string()], extra_args)
+}
+
+/// `memscope run -o DIR EXTRA_ARGS -- COMMAND`; asserts success and returns
+/// the report.
+pub fn run_command(
+    test: &str,
+    command: &[std::ffi::OsString],
+    extra_args: &[&str],
+) -> (Report, Output) {
     let dir = output_dir(test);
     let output = Command::new(MEMSCOPE)
         .arg("run")
@@ -104,7 +114,7 @@ pub fn run_fixture(test: &str, fixture_name: &str, extra_args: &[&str]) -> (Repo
         .arg(&dir)
         .args(extra_args)
         .arg("--")
-        .arg(fixture(fixture_name))
+        .args(command)
         .output()
         .expect("memscope runs");
     assert!(

@@ -2,6 +2,9 @@
 //! end (target exit, Ctrl-C, SIGTERM, deadline), then build the report from
 //! whatever was collected.
 
+mod child;
+mod lifecycle;
+
 use std::{
     ffi::OsString,
     os::fd::OwnedFd,
@@ -14,7 +17,7 @@ use aya::{
     Ebpf,
     maps::{MapData, RingBuf},
 };
-use profiler_common::{ProcessEvent, event_kind, map_names};
+use profiler_common::map_names;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -24,10 +27,11 @@ use crate::{
     attach::{self, AttachError, Attached, AttachedProbe},
     bpf::{self, LoadError, MapCapacity},
     collect::{self, CollectError},
+    completeness,
     follow::{self, FollowError},
     preflight::{self, PreflightError},
     process_maps::ProcessMaps,
-    processes::{self, Adjustments, LiveSetError, ProcessRecord},
+    processes::{Adjustments, LiveSetError, ProcessRecord},
     report::{self, Report, ReportContext, TargetInfo},
     symbolize::StackSymbolizer,
     target::{self, TargetError},
@@ -300,7 +304,7 @@ impl Session {
             let root_alive = self.alive.contains(&self.pid);
             tokio::select! {
                 _ = exited.readable(), if root_alive => self.process_exited(self.pid),
-                guard = readable(&mut events) => {
+                guard = lifecycle::readable(&mut events) => {
                     if let Ok(mut guard) = guard {
                         self.drain_events(guard.get_inner_mut());
                         guard.clear_ready();
@@ -331,197 +335,6 @@ impl Session {
             self.finish_child(reason).await;
         }
         Ok(reason)
-    }
-
-    fn process_exited(&mut self, pid: u32) {
-        if self.alive.remove(&pid) {
-            let now = self.started.elapsed().as_secs_f64();
-            if let Some(record) = self.processes.iter_mut().find(|p| p.pid == pid) {
-                record.exited_s = Some(now);
-            }
-        }
-    }
-
-    fn drain_events(&mut self, ring: &mut RingBuf<MapData>) {
-        let mut events = Vec::new();
-        while let Some(item) = ring.next() {
-            if item.len() >= size_of::<ProcessEvent>() {
-                // SAFETY: the kernel wrote a ProcessEvent; read unaligned.
-                events.push(unsafe {
-                    std::ptr::read_unaligned(item.as_ptr().cast::<ProcessEvent>())
-                });
-            }
-        }
-        for event in events {
-            self.handle_event(event);
-        }
-    }
-
-    fn handle_event(&mut self, event: ProcessEvent) {
-        let pid = event.pid;
-        match event.kind {
-            event_kind::FORK => {
-                if let Err(error) = self.follow_child(pid, event.ppid, event.timestamp_ns) {
-                    tracing::warn!("cannot follow child {pid} of {}: {error}", event.ppid);
-                    self.warnings
-                        .push(format!("child process {pid} was not followed: {error}"));
-                }
-                // Stopped in the kernel before its first instruction: let it go.
-                // SAFETY: plain syscall.
-                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-            }
-            event_kind::EXEC => {
-                match processes::release_live_set(&mut self.ebpf, pid, event.timestamp_ns) {
-                    Ok(released) => processes::merge_adjustments(&mut self.adjustments, released),
-                    Err(error) => tracing::warn!("exec of {pid}: {error}"),
-                }
-                let command = target::command_line(pid);
-                if let Some(record) = self.processes.iter_mut().find(|p| p.pid == pid) {
-                    record.command = command;
-                }
-                self.refresh_maps();
-                self.probe_new_image(pid);
-                // Stopped in the kernel at the exec: let it go.
-                // SAFETY: plain syscall.
-                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-            }
-            event_kind::EXIT => {
-                self.process_exited(pid);
-                if pid != self.pid
-                    && let Err(error) = processes::forget_live_set(&mut self.ebpf, pid)
-                {
-                    tracing::warn!("exit of {pid}: {error}");
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// After an exec: a new image with its own malloc (a static binary, a
-    /// preloaded allocator) gets probes of its own. A dynamically linked
-    /// one loads the libc whose probes are already on this process.
-    fn probe_new_image(&mut self, pid: u32) {
-        let Ok(maps) = ProcessMaps::read(pid) else {
-            return;
-        };
-        let exe = crate::allocator::executable(pid);
-        let image = match crate::allocator::locate(&maps, exe.as_deref()) {
-            Ok(image) if image.name != "glibc" => image,
-            _ => return,
-        };
-        if !self.probed_images.insert((pid, image.path.clone())) {
-            return;
-        }
-        match attach::attach_allocator(&mut self.ebpf, pid, &maps) {
-            Ok(attached) => {
-                for warning in attached.warnings {
-                    if !self.warnings.contains(&warning) {
-                        self.warnings.push(warning);
-                    }
-                }
-                self.probes.extend(attached.probes);
-            }
-            Err(error) => self.warnings.push(format!(
-                "pid {pid} executed {}: {error}",
-                image.path.display()
-            )),
-        }
-    }
-
-    /// Puts the allocator probes on a new child and gives it its parent's
-    /// live set.
-    fn follow_child(&mut self, pid: u32, ppid: u32, fork_ns: u64) -> Result<(), SessionError> {
-        let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
-        let attached = attach::attach_allocator(&mut self.ebpf, pid, &maps)?;
-        for warning in attached.warnings {
-            if !self.warnings.contains(&warning) {
-                self.warnings.push(warning);
-            }
-        }
-        let inherited = processes::copy_live_set(&mut self.ebpf, ppid, pid, fork_ns)?;
-        processes::merge_adjustments(&mut self.adjustments, inherited);
-        self.symbolizer.update_maps(maps);
-        self.alive.insert(pid);
-        self.processes.push(ProcessRecord {
-            pid,
-            ppid: Some(ppid),
-            command: target::command_line(pid),
-            started_s: self.started.elapsed().as_secs_f64(),
-            exited_s: None,
-        });
-        Ok(())
-    }
-
-    /// A stop of our child is the `_exit` probe's: read its mappings one
-    /// last time and let it exit. Returns true once it has exited.
-    fn handle_child_event(&mut self, events: &mut Option<AsyncFd<RingBuf<MapData>>>) -> bool {
-        let mut status = 0;
-        // SAFETY: non-blocking wait on our own child.
-        let r = unsafe {
-            libc::waitpid(
-                self.pid as i32,
-                &mut status,
-                libc::WNOHANG | libc::WUNTRACED,
-            )
-        };
-        if r != self.pid as i32 {
-            return false;
-        }
-        if libc::WIFSTOPPED(status) {
-            // An exec stop is the EXEC event's to end, once the new image
-            // is probed: handle pending events before continuing.
-            if let Some(events) = events.as_mut() {
-                self.drain_events(events.get_mut());
-            }
-            self.refresh_maps();
-            // SAFETY: plain syscall on our own child.
-            unsafe { libc::kill(self.pid as i32, libc::SIGCONT) };
-            return false;
-        }
-        self.exit_code = exit_code(status);
-        self.exit_code.is_some()
-    }
-
-    /// After the session, a started command either has exited (reap it) or
-    /// still runs (pass SIGINT/SIGTERM on and give it a moment to exit).
-    async fn finish_child(&mut self, reason: StopReason) {
-        if self.exit_code.is_some() {
-            return;
-        }
-        let signal = match reason {
-            StopReason::Terminated => Some(libc::SIGTERM),
-            StopReason::Interrupted => Some(libc::SIGINT),
-            _ => None,
-        };
-        if let Some(signal) = signal {
-            // SAFETY: plain syscall on our own child.
-            unsafe { libc::kill(self.pid as i32, signal) };
-        }
-        for _ in 0..20 {
-            let mut status = 0;
-            // SAFETY: non-blocking wait on our own child.
-            let r = unsafe {
-                libc::waitpid(
-                    self.pid as i32,
-                    &mut status,
-                    libc::WNOHANG | libc::WUNTRACED,
-                )
-            };
-            if r == self.pid as i32 {
-                if libc::WIFSTOPPED(status) {
-                    self.refresh_maps();
-                    // SAFETY: as above.
-                    unsafe { libc::kill(self.pid as i32, libc::SIGCONT) };
-                    continue;
-                }
-                self.exit_code = exit_code(status);
-                return;
-            }
-            if signal.is_none() && reason == StopReason::DurationElapsed {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     fn refresh_maps(&mut self) {
@@ -560,81 +373,7 @@ impl Session {
         report.warnings = self.warnings.clone();
         report
             .warnings
-            .extend(loss_warnings(&report, self.capacity));
+            .extend(completeness::loss_warnings(&report, self.capacity));
         Ok(report)
     }
-}
-
-/// Waits until the ring buffer has data; never resolves without one.
-async fn readable(
-    events: &mut Option<AsyncFd<RingBuf<MapData>>>,
-) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>> {
-    match events {
-        Some(events) => events.readable_mut().await,
-        None => std::future::pending().await,
-    }
-}
-
-fn exit_code(status: i32) -> Option<i32> {
-    if libc::WIFEXITED(status) {
-        Some(libc::WEXITSTATUS(status))
-    } else if libc::WIFSIGNALED(status) {
-        Some(128 + libc::WTERMSIG(status))
-    } else {
-        None
-    }
-}
-
-/// Says what was lost and which option fixes it.
-pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
-    let c = &report.completeness;
-    let mut warnings = Vec::new();
-    if c.live_map_full > 0 {
-        warnings.push(format!(
-            "{} allocations were not tracked: the live map ({} entries) was full; rerun with --max-live {}",
-            c.live_map_full,
-            capacity.max_live,
-            capacity.max_live.saturating_mul(4)
-        ));
-    }
-    if c.totals_map_full > 0 || c.stack_errors > 0 {
-        warnings.push(format!(
-            "{} stacks could not be recorded ({} totals-map full); their bytes are under [unknown stack]; rerun with --max-stacks {}",
-            c.stack_errors,
-            c.totals_map_full,
-            capacity.max_stacks.saturating_mul(4)
-        ));
-    }
-    if c.in_flight_full > 0 {
-        warnings.push(format!(
-            "{} allocator calls were missed: more threads were inside the allocator at once than memscope tracks",
-            c.in_flight_full
-        ));
-    }
-    if c.lost_children > 0 {
-        warnings.push(format!(
-            "{} forked children could not be followed (more than {} processes)",
-            c.lost_children,
-            profiler_common::MAX_PROCESSES
-        ));
-    }
-    if c.missed_returns > 0 {
-        warnings.push(format!(
-            "{} allocator returns had no matching entry (calls in progress at attach)",
-            c.missed_returns
-        ));
-    }
-    if c.unknown_frees > 0 {
-        warnings.push(format!(
-            "{} frees of memory allocated before memscope attached were ignored",
-            c.unknown_frees
-        ));
-    }
-    if report.totals.alloc_count == 0 {
-        warnings.push(
-            "no allocations were seen: the target may not have allocated, or it bypasses libc's malloc (static binary, jemalloc/tcmalloc/mimalloc)"
-                .to_owned(),
-        );
-    }
-    warnings
 }

@@ -1,0 +1,58 @@
+//! What the kernel side could not record, said in words with the option
+//! that fixes it.
+
+use crate::{bpf::MapCapacity, report::Report};
+
+/// Says what was lost and which option fixes it.
+pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
+    let c = &report.completeness;
+    let mut warnings = Vec::new();
+    if c.live_map_full > 0 {
+        warnings.push(format!(
+            "{} allocations were not tracked: the live map ({} entries) was full; rerun with --max-live {}",
+            c.live_map_full,
+            capacity.max_live,
+            capacity.max_live.saturating_mul(4)
+        ));
+    }
+    if c.totals_map_full > 0 || c.stack_errors > 0 {
+        warnings.push(format!(
+            "{} stacks could not be recorded ({} totals-map full); their bytes are under [unknown stack]; rerun with --max-stacks {}",
+            c.stack_errors,
+            c.totals_map_full,
+            capacity.max_stacks.saturating_mul(4)
+        ));
+    }
+    if c.in_flight_full > 0 {
+        warnings.push(format!(
+            "{} allocator calls were missed: more threads were inside the allocator at once than memscope tracks",
+            c.in_flight_full
+        ));
+    }
+    if c.lost_children > 0 {
+        warnings.push(format!(
+            "{} forked children could not be followed (more than {} processes)",
+            c.lost_children,
+            profiler_common::MAX_PROCESSES
+        ));
+    }
+    if c.missed_returns > 0 {
+        warnings.push(format!(
+            "{} allocator returns had no matching entry (calls in progress at attach)",
+            c.missed_returns
+        ));
+    }
+    if c.unknown_frees > 0 {
+        warnings.push(format!(
+            "{} frees of memory allocated before memscope attached were ignored",
+            c.unknown_frees
+        ));
+    }
+    if report.totals.alloc_count == 0 {
+        warnings.push(
+            "no allocations were seen: the target may not have allocated, or it bypasses libc's malloc (static binary, jemalloc/tcmalloc/mimalloc)"
+                .to_owned(),
+        );
+    }
+    warnings
+}

@@ -1,0 +1,145 @@
+//! The target's processes coming and going: kernel lifecycle events (fork,
+//! exec, exit) and what each does to the probes and the live set.
+
+use aya::maps::{MapData, RingBuf};
+use profiler_common::{ProcessEvent, event_kind};
+use tokio::io::unix::AsyncFd;
+
+use super::{Session, SessionError};
+use crate::{
+    allocator, attach,
+    process_maps::ProcessMaps,
+    processes::{self, ProcessRecord},
+    target::{self, TargetError},
+};
+
+impl Session {
+    pub(super) fn process_exited(&mut self, pid: u32) {
+        if self.alive.remove(&pid) {
+            let now = self.started.elapsed().as_secs_f64();
+            if let Some(record) = self.processes.iter_mut().find(|p| p.pid == pid) {
+                record.exited_s = Some(now);
+            }
+        }
+    }
+
+    pub(super) fn drain_events(&mut self, ring: &mut RingBuf<MapData>) {
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() >= size_of::<ProcessEvent>() {
+                // SAFETY: the kernel wrote a ProcessEvent; read unaligned.
+                events.push(unsafe {
+                    std::ptr::read_unaligned(item.as_ptr().cast::<ProcessEvent>())
+                });
+            }
+        }
+        for event in events {
+            self.handle_event(event);
+        }
+    }
+
+    fn handle_event(&mut self, event: ProcessEvent) {
+        let pid = event.pid;
+        match event.kind {
+            event_kind::FORK => {
+                if let Err(error) = self.follow_child(pid, event.ppid, event.timestamp_ns) {
+                    tracing::warn!("cannot follow child {pid} of {}: {error}", event.ppid);
+                    self.warnings
+                        .push(format!("child process {pid} was not followed: {error}"));
+                }
+                // Stopped in the kernel before its first instruction: let it go.
+                // SAFETY: plain syscall.
+                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            }
+            event_kind::EXEC => {
+                match processes::release_live_set(&mut self.ebpf, pid, event.timestamp_ns) {
+                    Ok(released) => processes::merge_adjustments(&mut self.adjustments, released),
+                    Err(error) => tracing::warn!("exec of {pid}: {error}"),
+                }
+                let command = target::command_line(pid);
+                if let Some(record) = self.processes.iter_mut().find(|p| p.pid == pid) {
+                    record.command = command;
+                }
+                self.refresh_maps();
+                self.probe_new_image(pid);
+                // Stopped in the kernel at the exec: let it go.
+                // SAFETY: plain syscall.
+                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            }
+            event_kind::EXIT => {
+                self.process_exited(pid);
+                if pid != self.pid
+                    && let Err(error) = processes::forget_live_set(&mut self.ebpf, pid)
+                {
+                    tracing::warn!("exit of {pid}: {error}");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// After an exec: a new image with its own malloc (a static binary, a
+    /// preloaded allocator) gets probes of its own. A dynamically linked
+    /// one loads the libc whose probes are already on this process.
+    fn probe_new_image(&mut self, pid: u32) {
+        let Ok(maps) = ProcessMaps::read(pid) else {
+            return;
+        };
+        let exe = allocator::executable(pid);
+        let image = match allocator::locate(&maps, exe.as_deref()) {
+            Ok(image) if image.name != "glibc" => image,
+            _ => return,
+        };
+        if !self.probed_images.insert((pid, image.path.clone())) {
+            return;
+        }
+        match attach::attach_allocator(&mut self.ebpf, pid, &maps) {
+            Ok(attached) => {
+                for warning in attached.warnings {
+                    if !self.warnings.contains(&warning) {
+                        self.warnings.push(warning);
+                    }
+                }
+                self.probes.extend(attached.probes);
+            }
+            Err(error) => self.warnings.push(format!(
+                "pid {pid} executed {}: {error}",
+                image.path.display()
+            )),
+        }
+    }
+
+    /// Puts the allocator probes on a new child and gives it its parent's
+    /// live set.
+    fn follow_child(&mut self, pid: u32, ppid: u32, fork_ns: u64) -> Result<(), SessionError> {
+        let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
+        let attached = attach::attach_allocator(&mut self.ebpf, pid, &maps)?;
+        for warning in attached.warnings {
+            if !self.warnings.contains(&warning) {
+                self.warnings.push(warning);
+            }
+        }
+        let inherited = processes::copy_live_set(&mut self.ebpf, ppid, pid, fork_ns)?;
+        processes::merge_adjustments(&mut self.adjustments, inherited);
+        self.symbolizer.update_maps(maps);
+        self.alive.insert(pid);
+        self.processes.push(ProcessRecord {
+            pid,
+            ppid: Some(ppid),
+            command: target::command_line(pid),
+            started_s: self.started.elapsed().as_secs_f64(),
+            exited_s: None,
+        });
+        Ok(())
+    }
+}
+
+/// Waits until the ring buffer has data; never resolves without one.
+pub(super) async fn readable(
+    events: &mut Option<AsyncFd<RingBuf<MapData>>>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>> {
+    match events {
+        Some(events) => events.readable_mut().await,
+        None => std::future::pending().await,
+    }
+}
