@@ -8,6 +8,7 @@ mod alloc_family;
 mod allocators;
 mod attach;
 mod errors;
+mod example;
 mod leak_basic;
 mod mapped;
 mod processes;
