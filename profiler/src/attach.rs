@@ -11,7 +11,7 @@ use aya::{
     Ebpf,
     programs::{
         UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope},
     },
 };
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
@@ -177,10 +177,31 @@ struct ResolvedSymbol {
 }
 
 /// The probes on one process, and what they cannot see.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Attached {
     pub probes: Vec<AttachedProbe>,
     pub warnings: Vec<String>,
+    /// Detached when dropped: see `detach`.
+    pub links: Vec<UProbeLink>,
+}
+
+/// Detaches uprobe links. Each detach waits for an RCU grace period in the
+/// kernel (about 0.2 s here), so one at a time 20 probes on each of 40
+/// processes take minutes; in parallel the waits overlap.
+pub fn detach(links: Vec<UProbeLink>) {
+    const THREADS: usize = 32;
+    if links.len() <= 1 {
+        drop(links);
+        return;
+    }
+    let per_thread = links.len().div_ceil(THREADS);
+    let mut links = links;
+    std::thread::scope(|scope| {
+        while !links.is_empty() {
+            let rest = links.split_off(links.len().saturating_sub(per_thread));
+            scope.spawn(move || drop(rest));
+        }
+    });
 }
 
 /// Attaches the allocator probes to process `pid`, whose mappings are
@@ -207,6 +228,7 @@ pub fn attach_allocator(
 
     load_programs(ebpf)?;
     let mut attached = Vec::new();
+    let mut links = Vec::new();
     let mut probed_addresses = BTreeSet::new();
     for function in LIBC_ALLOCATOR {
         let Some(symbol) = resolve(&elf, function.symbol) else {
@@ -239,23 +261,23 @@ pub fn attach_allocator(
         // then only misses its return (counted); the other order would leave
         // an entry that no return consumes, blocking the thread's slot.
         if let Some(return_program) = function.return_program {
-            attach_one(
+            links.push(attach_one(
                 ebpf,
                 return_program,
                 function,
                 symbol.file_offset,
                 &host_path,
                 scope,
-            )?;
+            )?);
         }
-        attach_one(
+        links.push(attach_one(
             ebpf,
             function.entry_program,
             function,
             symbol.file_offset + site.offset,
             &host_path,
             scope,
-        )?;
+        )?);
         tracing::debug!(
             function = function.symbol,
             offset = site.offset,
@@ -273,20 +295,25 @@ pub fn attach_allocator(
     Ok(Attached {
         probes: attached,
         warnings,
+        links,
     })
 }
 
 /// Stops `pid` when it calls libc's `_exit`, so that its mappings can be
 /// read after its last allocation and before they are gone. Only for a
 /// command memscope started: the stop is seen by its parent.
-pub fn attach_exit_stop(ebpf: &mut Ebpf, pid: u32, maps: &ProcessMaps) -> Result<(), AttachError> {
+pub fn attach_exit_stop(
+    ebpf: &mut Ebpf,
+    pid: u32,
+    maps: &ProcessMaps,
+) -> Result<Option<UProbeLink>, AttachError> {
     const PROGRAM: &str = "exit_enter";
     const SYMBOL: &str = "_exit";
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::InvalidPid(pid))?);
     // The copy of memscope that will exec the command maps libc; without
     // it there is nothing to stop at.
     let Some(library) = maps.find_library("libc.so") else {
-        return Ok(());
+        return Ok(None);
     };
     let host_path = maps.host_path(library);
     let program = uprobe(ebpf, PROGRAM)?;
@@ -294,14 +321,14 @@ pub fn attach_exit_stop(ebpf: &mut Ebpf, pid: u32, maps: &ProcessMaps) -> Result
         name: PROGRAM,
         source,
     })?;
-    program
+    let link = program
         .attach(UProbeAttachLocation::Symbol(SYMBOL), &host_path, scope)
         .map_err(|source| AttachError::Probe {
             symbol: SYMBOL,
             path: host_path.clone(),
             source,
         })?;
-    Ok(())
+    take_link(program, link).map(Some)
 }
 
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), AttachError> {
@@ -333,32 +360,40 @@ fn attach_one(
     file_offset: u64,
     path: &Path,
     scope: UProbeScope,
-) -> Result<(), AttachError> {
+) -> Result<UProbeLink, AttachError> {
     let point = UProbeAttachPoint {
         location: UProbeAttachLocation::AbsoluteOffset(file_offset),
         cookie: Some(u64::from(function.kind)),
     };
-    uprobe(ebpf, program)?
-        .attach(point, path, scope)
-        .map_err(|source| {
-            // The kernel rejects a second uprobe at one place whose
-            // reference-counter offset differs (dmesg: ref_ctr_offset mismatch).
-            if format!("{source:?}").contains("code: 22")
-                || source.to_string().contains("Invalid argument")
-            {
-                AttachError::ProbeConflict {
-                    symbol: function.symbol,
-                    path: path.to_path_buf(),
-                }
-            } else {
-                AttachError::Probe {
-                    symbol: function.symbol,
-                    path: path.to_path_buf(),
-                    source,
-                }
+    let probe = uprobe(ebpf, program)?;
+    let link = probe.attach(point, path, scope).map_err(|source| {
+        // The kernel rejects a second uprobe at one place whose
+        // reference-counter offset differs (dmesg: ref_ctr_offset mismatch).
+        if format!("{source:?}").contains("code: 22")
+            || source.to_string().contains("Invalid argument")
+        {
+            AttachError::ProbeConflict {
+                symbol: function.symbol,
+                path: path.to_path_buf(),
             }
-        })?;
-    Ok(())
+        } else {
+            AttachError::Probe {
+                symbol: function.symbol,
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })?;
+    take_link(probe, link)
+}
+
+/// Owns a link apart from its program, so the session decides when (and
+/// on which thread) it is detached.
+fn take_link(probe: &mut UProbe, link: UProbeLinkId) -> Result<UProbeLink, AttachError> {
+    probe.take_link(link).map_err(|source| AttachError::Load {
+        name: "uprobe link",
+        source,
+    })
 }
 
 /// Finds an exported function and its file offset.

@@ -30,9 +30,9 @@ impl MapCapacity {
     pub fn reserved_bytes(&self) -> u64 {
         // struct htab_elem header, plus key and value rounded to 8 bytes.
         const HTAB_ELEM: u64 = 48;
-        let live = u64::from(self.max_live) * (HTAB_ELEM + 16 + 24);
+        let live = u64::from(self.max_live) * (HTAB_ELEM + 16 + 32);
         let totals =
-            u64::from(self.max_stacks) * u64::from(STACK_TOTALS_PER_STACK) * (HTAB_ELEM + 8 + 32);
+            u64::from(self.max_stacks) * u64::from(STACK_TOTALS_PER_STACK) * (HTAB_ELEM + 24 + 32);
         // struct stack_map_bucket header plus the frames, one bucket per
         // entry rounded up to a power of two.
         let stacks =
@@ -44,7 +44,7 @@ impl MapCapacity {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("BPF is not permitted: run as root or grant CAP_BPF and CAP_PERFMON ({0})")]
+    #[error("BPF is not permitted: run memscope as root ({0})")]
     NotPermitted(#[source] aya::EbpfError),
     #[error(
         "cannot load memscope's BPF programs: {0}; is BPF enabled in this kernel (CONFIG_BPF_SYSCALL)?"

@@ -36,6 +36,13 @@ pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
             profiler_common::MAX_PROCESSES
         ));
     }
+    if c.heap_map_full > 0 {
+        warnings.push(format!(
+            "the heap top of {} processes was not tracked (more than {} processes)",
+            c.heap_map_full,
+            profiler_common::MAX_PROCESSES
+        ));
+    }
     if c.missed_returns > 0 {
         warnings.push(format!(
             "{} allocator returns had no matching entry (calls in progress at attach)",

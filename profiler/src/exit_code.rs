@@ -41,9 +41,11 @@ fn for_session_error(error: &SessionError) -> u8 {
             | AttachError::ParseLibrary { .. }
             | AttachError::ReadLibrary { .. },
         ) => UNSUPPORTED_TARGET,
-        SessionError::Attach(AttachError::Probe { .. } | AttachError::Load { .. }) => {
-            BPF_UNAVAILABLE
-        }
+        SessionError::Attach(
+            AttachError::Probe { .. }
+            | AttachError::Load { .. }
+            | AttachError::ProbeConflict { .. },
+        ) => BPF_UNAVAILABLE,
         _ => FAILURE,
     }
 }

@@ -8,7 +8,7 @@ use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData},
 };
-use profiler_common::{LiveAllocation, LiveKey, StackKey, StackTotals, map_names};
+use profiler_common::{HeapTop, LiveAllocation, LiveKey, StackKey, StackTotals, map_names};
 
 /// One process of the session, as the report shows it.
 #[derive(Clone, Debug, PartialEq)]
@@ -105,16 +105,28 @@ pub fn release_live_set(
     Ok(released)
 }
 
-/// Drops an exited process's entries from the live map, to free its room
-/// for the processes still running (gunicorn recycles workers). Its totals
-/// stay: the report shows what it held when it exited.
-pub fn forget_live_set(ebpf: &mut Ebpf, pid: u32) -> Result<usize, LiveSetError> {
+/// Drops exited processes' entries from the live map, to free their room
+/// for the processes still running (gunicorn recycles workers). Their
+/// totals stay: the report shows what each held when it exited. One pass
+/// for many processes: a pass reads every key of the map.
+pub fn forget_live_sets(ebpf: &mut Ebpf, pids: &HashSet<u32>) -> Result<usize, LiveSetError> {
     let mut map = live_map(ebpf)?;
-    let blocks = blocks_of(&map, pid, u64::MAX);
-    Ok(blocks
-        .iter()
-        .filter(|(key, _)| map.remove(key).is_ok())
-        .count())
+    let keys: HashSet<LiveKey> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| pids.contains(&k.tgid))
+        .collect();
+    Ok(keys.iter().filter(|key| map.remove(key).is_ok()).count())
+}
+
+/// Forgets `pid`'s heap top, at an exec: the old image's break says
+/// nothing about the new one's.
+pub fn forget_heap_top(ebpf: &mut Ebpf, pid: u32) {
+    if let Some(map) = ebpf.map_mut(map_names::HEAP_TOPS)
+        && let Ok(mut tops) = BpfHashMap::<&mut MapData, u32, HeapTop>::try_from(map)
+    {
+        let _ = tops.remove(&pid);
+    }
 }
 
 /// Adds `more` into `into`.

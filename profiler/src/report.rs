@@ -199,6 +199,9 @@ pub struct Completeness {
     /// Forked children that could not be followed.
     #[serde(default)]
     pub lost_children: u64,
+    /// Processes whose heap top (brk) could not be tracked.
+    #[serde(default)]
+    pub heap_map_full: u64,
 }
 
 impl Completeness {
@@ -345,6 +348,7 @@ pub fn build_report(
         totals_map_full: c.totals_map_full,
         in_flight_full: c.in_flight_full,
         lost_children: c.lost_children,
+        heap_map_full: c.heap_map_full,
     };
     Report {
         schema: SCHEMA.to_owned(),

@@ -12,6 +12,7 @@ mod example;
 mod leak_basic;
 mod mapped;
 mod processes;
+mod python;
 mod rust_fixture;
 mod scale;
 mod stopping;

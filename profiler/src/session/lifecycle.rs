@@ -7,7 +7,8 @@ use tokio::io::unix::AsyncFd;
 
 use super::{Session, SessionError};
 use crate::{
-    allocator, attach,
+    allocator,
+    attach::{self, Attached},
     process_maps::ProcessMaps,
     processes::{self, ProcessRecord},
     target::{self, TargetError},
@@ -60,6 +61,8 @@ impl Session {
                 if let Some(record) = self.processes.iter_mut().find(|p| p.pid == pid) {
                     record.command = command;
                 }
+                // A new program has a new heap: its first brk starts afresh.
+                processes::forget_heap_top(&mut self.ebpf, pid);
                 self.refresh_maps();
                 self.probe_new_image(pid);
                 // Stopped in the kernel at the exec: let it go.
@@ -68,10 +71,10 @@ impl Session {
             }
             event_kind::EXIT => {
                 self.process_exited(pid);
-                if pid != self.pid
-                    && let Err(error) = processes::forget_live_set(&mut self.ebpf, pid)
-                {
-                    tracing::warn!("exit of {pid}: {error}");
+                if pid != self.pid {
+                    self.exited_in_live_map.insert(pid);
+                    // NB: its probes stay until the end: detaching holds kernel
+                    // locks that attaching to new children would wait for.
                 }
             }
             _ => {}
@@ -94,14 +97,7 @@ impl Session {
             return;
         }
         match attach::attach_allocator(&mut self.ebpf, pid, &maps) {
-            Ok(attached) => {
-                for warning in attached.warnings {
-                    if !self.warnings.contains(&warning) {
-                        self.warnings.push(warning);
-                    }
-                }
-                self.probes.extend(attached.probes);
-            }
+            Ok(attached) => self.keep(pid, attached, true),
             Err(error) => self.warnings.push(format!(
                 "pid {pid} executed {}: {error}",
                 image.path.display()
@@ -109,16 +105,39 @@ impl Session {
         }
     }
 
-    /// Puts the allocator probes on a new child and gives it its parent's
-    /// live set.
-    fn follow_child(&mut self, pid: u32, ppid: u32, fork_ns: u64) -> Result<(), SessionError> {
-        let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
-        let attached = attach::attach_allocator(&mut self.ebpf, pid, &maps)?;
+    /// Drops the live-map entries of children that exited since the last
+    /// call (see `processes::forget_live_sets`).
+    pub(super) fn forget_exited(&mut self) {
+        if self.exited_in_live_map.is_empty() {
+            return;
+        }
+        let pids = std::mem::take(&mut self.exited_in_live_map);
+        if let Err(error) = processes::forget_live_sets(&mut self.ebpf, &pids) {
+            tracing::warn!("{error}");
+        }
+    }
+
+    /// Keeps what attaching to `pid` gave: its links, its warnings (once),
+    /// and with `list_probes` its probes for the report.
+    fn keep(&mut self, pid: u32, attached: Attached, list_probes: bool) {
         for warning in attached.warnings {
             if !self.warnings.contains(&warning) {
                 self.warnings.push(warning);
             }
         }
+        if list_probes {
+            self.probes.extend(attached.probes);
+        }
+        self.links.entry(pid).or_default().extend(attached.links);
+    }
+
+    /// Puts the allocator probes on a new child and gives it its parent's
+    /// live set.
+    fn follow_child(&mut self, pid: u32, ppid: u32, fork_ns: u64) -> Result<(), SessionError> {
+        let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
+        let attached = attach::attach_allocator(&mut self.ebpf, pid, &maps)?;
+        // A child's probes are its parent's again: not listed twice.
+        self.keep(pid, attached, false);
         let inherited = processes::copy_live_set(&mut self.ebpf, ppid, pid, fork_ns)?;
         processes::merge_adjustments(&mut self.adjustments, inherited);
         self.symbolizer.update_maps(maps);

@@ -16,6 +16,7 @@ use std::collections::BTreeSet;
 use aya::{
     Ebpf,
     maps::{MapData, RingBuf},
+    programs::uprobe::UProbeLink,
 };
 use profiler_common::map_names;
 use tokio::{
@@ -136,6 +137,27 @@ pub struct Session {
     warnings: Vec<String>,
     /// (process, image) pairs whose malloc family is probed.
     probed_images: std::collections::HashSet<(u32, std::path::PathBuf)>,
+    /// Uprobe links by process; see `attach::detach` for why they are
+    /// detached in parallel, off the event loop.
+    links: std::collections::HashMap<u32, Vec<UProbeLink>>,
+    /// Exited children whose live-map entries are still to drop.
+    exited_in_live_map: std::collections::HashSet<u32>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let links: Vec<UProbeLink> = std::mem::take(&mut self.links)
+            .into_values()
+            .flatten()
+            .collect();
+        if links.len() > 100 {
+            eprintln!(
+                "memscope: detaching {} probes (the kernel takes a while for each)",
+                links.len()
+            );
+        }
+        attach::detach(links);
+    }
 }
 
 impl Session {
@@ -176,8 +198,10 @@ impl Session {
                 let attached = ProcessMaps::read(child.pid)
                     .map_err(|_| SessionError::from(TargetError::NoSuchProcess(child.pid)))
                     .and_then(|maps| {
-                        let attached = attach::attach_allocator(&mut ebpf, child.pid, &maps)?;
-                        attach::attach_exit_stop(&mut ebpf, child.pid, &maps)?;
+                        let mut attached = attach::attach_allocator(&mut ebpf, child.pid, &maps)?;
+                        attached
+                            .links
+                            .extend(attach::attach_exit_stop(&mut ebpf, child.pid, &maps)?);
                         follow::trace(&mut ebpf, child.pid)?;
                         Ok::<_, SessionError>((attached, maps))
                     });
@@ -215,7 +239,12 @@ impl Session {
             pid,
             command,
             is_child,
-            attached: Attached { probes, warnings },
+            attached:
+                Attached {
+                    probes,
+                    warnings,
+                    links,
+                },
             maps,
         } = target;
         let probed_images = probes.iter().map(|p| (pid, p.library.clone())).collect();
@@ -253,6 +282,8 @@ impl Session {
             per_process_sites: options.per_process_sites,
             warnings,
             probed_images,
+            links: std::collections::HashMap::from([(pid, links)]),
+            exited_in_live_map: std::collections::HashSet::new(),
         })
     }
 
@@ -320,6 +351,7 @@ impl Session {
                 }
                 _ = refresh.tick() => {
                     self.refresh_maps();
+                    self.forget_exited();
                     if self.is_child && self.handle_child_event(&mut events) {
                         self.process_exited(self.pid);
                     }
