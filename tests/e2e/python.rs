@@ -21,9 +21,16 @@ fn python_forked_worker_growth_is_reported() {
     if !bpf_available() {
         return;
     }
+    let interpreter = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 on PATH");
+    let interpreter = String::from_utf8_lossy(&interpreter.stdout)
+        .trim()
+        .to_owned();
     let (report, output) = run_command(
         "python",
-        &["python3".into(), "-c".into(), SCRIPT.into()],
+        &[interpreter.into(), "-c".into(), SCRIPT.into()],
         &[],
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("done"));
@@ -38,5 +45,12 @@ fn python_forked_worker_growth_is_reported() {
     // 10 bytearrays of 200000 bytes (plus object headers) never freed.
     assert!(worker.growth_bytes >= 2_000_000, "{worker:#?}");
     assert!(worker.exited_s.is_some());
-    assert_nothing_lost(&report);
+    // CPython is built without frame pointers: some stack walks fail (and
+    // are counted); no allocation is lost.
+    let c = &report.completeness;
+    assert_eq!(
+        (c.map_full, c.missed_returns, c.lost_children),
+        (0, 0, 0),
+        "{c:?}"
+    );
 }

@@ -106,6 +106,23 @@ pub enum SessionError {
     },
 }
 
+/// The signals that end a session (or report on the started child).
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    child_events: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            child_events: signal(SignalKind::child())?,
+        })
+    }
+}
+
 /// The root process once its probes are on.
 struct AttachedTarget {
     pid: u32,
@@ -142,6 +159,8 @@ pub struct Session {
     links: std::collections::HashMap<u32, Vec<UProbeLink>>,
     /// Exited children whose live-map entries are still to drop.
     exited_in_live_map: std::collections::HashSet<u32>,
+    /// Taken by `wait`.
+    signals: Option<Signals>,
 }
 
 impl Drop for Session {
@@ -166,6 +185,10 @@ impl Session {
     pub fn start(spec: &TargetSpec, options: &SessionOptions) -> Result<Self, SessionError> {
         // The profile covers attach time too: probes go on one by one.
         let started = Instant::now();
+        // Before anything can be interrupted: a SIGTERM between attach and
+        // wait() must end the session with a report, not kill memscope.
+        let signals =
+            Signals::install().map_err(|source| SessionError::Watch { pid: 0, source })?;
         if let TargetSpec::Attach(pid) = spec {
             target::check_exists(*pid)?;
         }
@@ -191,7 +214,7 @@ impl Session {
                     attached,
                     maps,
                 };
-                Self::new(ebpf, target, options, started)
+                Self::new(ebpf, target, options, (started, signals))
             }
             TargetSpec::Run(argv) => {
                 let child = target::spawn_suspended(argv)?;
@@ -224,7 +247,7 @@ impl Session {
                     attached,
                     maps,
                 };
-                Self::new(ebpf, target, options, started)
+                Self::new(ebpf, target, options, (started, signals))
             }
         }
     }
@@ -233,7 +256,7 @@ impl Session {
         mut ebpf: Ebpf,
         target: AttachedTarget,
         options: &SessionOptions,
-        started: Instant,
+        (started, signals): (Instant, Signals),
     ) -> Result<Self, SessionError> {
         let AttachedTarget {
             pid,
@@ -284,6 +307,7 @@ impl Session {
             probed_images,
             links: std::collections::HashMap::from([(pid, links)]),
             exited_in_live_map: std::collections::HashSet::new(),
+            signals: Some(signals),
         })
     }
 
@@ -310,9 +334,13 @@ impl Session {
             pid: self.pid,
             source,
         };
-        let mut interrupt = signal(SignalKind::interrupt()).map_err(watch_error)?;
-        let mut terminate = signal(SignalKind::terminate()).map_err(watch_error)?;
-        let mut child_events = signal(SignalKind::child()).map_err(watch_error)?;
+        let Signals {
+            mut interrupt,
+            mut terminate,
+            mut child_events,
+        } = self.signals.take().ok_or_else(|| {
+            watch_error(std::io::Error::other("the session was already waited for"))
+        })?;
         let exit_fd: OwnedFd = target::exit_notifier(self.pid).map_err(watch_error)?;
         // SAFETY: the pidfd is owned by the AsyncFd and closed only when it drops.
         let exited = unsafe { AsyncFd::register(exit_fd) }
