@@ -1,6 +1,6 @@
 //! Targets whose malloc is not libc's.
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 use crate::support::*;
 
@@ -14,19 +14,12 @@ fn static_binary_is_probed_in_its_own_malloc() {
         return;
     }
     let program = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixture-leak_static");
-    let status = Command::new("gcc")
-        .args([
-            "-static",
-            "-O0",
-            "-g",
-            "-fno-omit-frame-pointer",
-            "-fno-builtin-malloc",
-            "-o",
-        ])
-        .arg(&program)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/leak_basic.c"))
-        .status()
-        .expect("gcc runs");
+    let status = compile_c(
+        &workspace_file("tests/fixtures/leak_basic.c"),
+        &program,
+        &["-static"],
+    )
+    .expect("gcc runs");
     assert!(status.success(), "static build (libc6-dev provides libc.a)");
     let (report, _) = run_command("static", &[program.clone().into_os_string()], &[]);
     assert_eq!(

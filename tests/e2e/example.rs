@@ -1,6 +1,6 @@
 //! The README's demo: examples/leaky-server leaks exactly what it says.
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 use crate::support::*;
 
@@ -10,22 +10,12 @@ fn leaky_server_example_leak_is_found_to_the_byte() {
         return;
     }
     let server = Path::new(env!("CARGO_TARGET_TMPDIR")).join("example-leaky-server");
-    let status = Command::new("gcc")
-        .args([
-            "-O0",
-            "-g",
-            "-fno-omit-frame-pointer",
-            "-fno-builtin-malloc",
-            "-pthread",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-o",
-        ])
-        .arg(&server)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/leaky-server/leaky-server.c"))
-        .status()
-        .expect("gcc runs");
+    let status = compile_c(
+        &workspace_file("examples/leaky-server/leaky-server.c"),
+        &server,
+        &[],
+    )
+    .expect("gcc runs");
     assert!(status.success());
     let (report, output) = run_command("example", &[server.into_os_string()], &[]);
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -30,6 +30,31 @@ fn attach(
     (memscope, stderr)
 }
 
+/// A process that only sleeps, killed when the test ends however it ends.
+struct Sleeper(Child);
+
+impl Sleeper {
+    fn start() -> Self {
+        Self(
+            Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .expect("sleep starts"),
+        )
+    }
+
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn rest_of(mut stderr: BufReader<std::process::ChildStderr>) -> String {
     let mut text = String::new();
     let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
@@ -41,10 +66,7 @@ fn sigterm_writes_the_report_and_leaves_the_target_running() {
     if !bpf_available() {
         return;
     }
-    let mut target = Command::new("sleep")
-        .arg("60")
-        .spawn()
-        .expect("sleep starts");
+    let mut target = Sleeper::start();
     let dir = output_dir("sigterm");
     let (memscope, stderr) = attach(target.id(), &dir, &[]);
     // SAFETY: plain syscall.
@@ -55,11 +77,9 @@ fn sigterm_writes_the_report_and_leaves_the_target_running() {
     let report = read_report(&dir);
     assert_eq!(report.target.pid, target.id());
     assert!(
-        target.try_wait().expect("wait").is_none(),
+        target.0.try_wait().expect("wait").is_none(),
         "the target keeps running"
     );
-    target.kill().expect("kill sleep");
-    let _ = target.wait();
 }
 
 #[test]
@@ -67,10 +87,7 @@ fn duration_ends_the_session() {
     if !bpf_available() {
         return;
     }
-    let mut target = Command::new("sleep")
-        .arg("60")
-        .spawn()
-        .expect("sleep starts");
+    let target = Sleeper::start();
     let dir = output_dir("duration");
     let (memscope, stderr) = attach(target.id(), &dir, &["-d", "1s"]);
     let output = memscope.wait_with_output().expect("memscope exits");
@@ -89,8 +106,6 @@ fn duration_ends_the_session() {
             .iter()
             .any(|w| w.contains("no allocations were seen"))
     );
-    target.kill().expect("kill sleep");
-    let _ = target.wait();
 }
 
 #[test]

@@ -36,9 +36,8 @@ pub fn bpf_available() -> bool {
 
 static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
 
-/// Compiles tests/fixtures/NAME.c (or .rs) once per test run and returns the
-/// executable. C fixtures: -O0 and -fno-builtin-malloc so gcc keeps every
-/// allocation, frame pointers so the kernel can walk the stack.
+/// Compiles tests/fixtures/NAME.c (see `compile_c`) or NAME.rs (frame
+/// pointers, no optimization) once per test run and returns the executable.
 pub fn fixture(name: &str) -> PathBuf {
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     let built = built.get_or_insert_with(HashMap::new);
@@ -49,18 +48,7 @@ pub fn fixture(name: &str) -> PathBuf {
     let out = scratch().join(format!("fixture-{name}"));
     let c_source = source_dir.join(format!("{name}.c"));
     let status = if c_source.exists() {
-        Command::new("gcc")
-            .args([
-                "-O0",
-                "-g",
-                "-fno-omit-frame-pointer",
-                "-fno-builtin-malloc",
-                "-pthread",
-            ])
-            .args(["-Wall", "-Wextra", "-Werror", "-o"])
-            .arg(&out)
-            .arg(&c_source)
-            .status()
+        compile_c(&c_source, &out, &[])
     } else {
         Command::new("rustc")
             .args([
@@ -81,6 +69,35 @@ pub fn fixture(name: &str) -> PathBuf {
     );
     built.insert(name.to_owned(), out.clone());
     out
+}
+
+/// Builds a C program the way fixtures are built: -O0 and
+/// -fno-builtin-malloc so gcc keeps every allocation, frame pointers so the
+/// kernel can walk the stack, warnings as errors.
+pub fn compile_c(
+    source: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> std::io::Result<std::process::ExitStatus> {
+    Command::new("gcc")
+        .args([
+            "-O0",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-fno-builtin-malloc",
+            "-pthread",
+        ])
+        .args(["-Wall", "-Wextra", "-Werror"])
+        .args(extra)
+        .arg("-o")
+        .arg(out)
+        .arg(source)
+        .status()
+}
+
+/// A file of the workspace.
+pub fn workspace_file(path: &str) -> PathBuf {
+    workspace().join(path)
 }
 
 /// A fresh output directory for one test.

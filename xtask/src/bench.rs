@@ -621,15 +621,19 @@ fn read_lines(stream: impl Read, mut send: impl FnMut(String) -> bool) {
     }
 }
 
-/// Runs a command whose stdout carries the bench's line (the bench itself,
-/// heaptrack) and returns that line's figure.
-fn run_plain(mut cmd: Command) -> Result<Sample, String> {
-    let mut child = cmd
-        .stdin(Stdio::null())
+/// Starts `cmd` with no stdin and both outputs piped to the harness.
+fn spawn_piped(cmd: &mut Command) -> Result<std::process::Child, String> {
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))
+}
+
+/// Runs a command whose stdout carries the bench's line (the bench itself,
+/// heaptrack) and returns that line's figure.
+fn run_plain(mut cmd: Command) -> Result<Sample, String> {
+    let mut child = spawn_piped(&mut cmd)?;
     let lines = spawn_readers(&mut child);
     let (out, err, status) = collect_until_exit(&mut child, &lines, RUN_TIMEOUT)?;
     let ns_per_op = parse_ns_per_op(&out)
@@ -653,12 +657,7 @@ fn run_memscope(ctx: &Context, workload: &str, ops: &str) -> Result<Sample, Stri
         .arg(&ctx.bench)
         .args([workload, ops]);
     let started = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", ctx.memscope.display()))?;
+    let mut child = spawn_piped(&mut cmd)?;
     let lines = spawn_readers(&mut child);
     let proc_dir = PathBuf::from(format!("/proc/{}", child.id()));
     let mut stats = ProcStats::default();
@@ -752,12 +751,7 @@ fn run_attached(
             Err(_) => return Err("the bench did not get ready".to_owned()),
         };
         let mut cmd = tool_command(pid);
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+        let mut child = spawn_piped(&mut cmd)?;
         let tool_lines = spawn_readers(&mut child);
         tool = Some(child);
         // wait for the attach line; anything else it says is kept for errors
