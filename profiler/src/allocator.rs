@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use object::{Object as _, ObjectSymbol as _};
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use crate::process_maps::ProcessMaps;
 
@@ -51,13 +51,8 @@ pub fn locate(maps: &ProcessMaps, exe: Option<&Path>) -> Result<AllocatorImage, 
     if let Some(image) = preloaded_allocator(maps.pid) {
         return Ok(image);
     }
-    for (prefix, name) in REPLACEMENT_ALLOCATORS {
-        if let Some(path) = maps.find_library(prefix) {
-            return Ok(AllocatorImage {
-                path: path.to_path_buf(),
-                name,
-            });
-        }
+    if let Some(image) = replacement_library(maps) {
+        return Ok(image);
     }
     if let Some(exe) = exe
         && defines_malloc(&maps.host_path(exe))
@@ -82,6 +77,48 @@ pub fn locate(maps: &ProcessMaps, exe: Option<&Path>) -> Result<AllocatorImage, 
     })
 }
 
+/// Directories the dynamic loader searches by default.
+const LIBRARY_DIRS: [&str; 6] = [
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/local/lib",
+    "/lib64",
+    "/usr/lib",
+    "/lib",
+];
+
+/// An allocator library the executable of `pid` links (its DT_NEEDED
+/// names are in .dynstr): at the exec stop it is not mapped yet, but it
+/// will serve malloc. Found in the default library directories only.
+pub fn linked_allocator(maps: &ProcessMaps, exe: &Path) -> Option<AllocatorImage> {
+    let bytes = std::fs::read(maps.host_path(exe)).ok()?;
+    let elf = object::File::parse(&*bytes).ok()?;
+    let dynstr = elf.section_by_name(".dynstr")?.data().ok()?;
+    dynstr.split(|&b| b == 0).find_map(|entry| {
+        let name = std::str::from_utf8(entry).ok()?;
+        let (_, allocator) = REPLACEMENT_ALLOCATORS
+            .iter()
+            .find(|(prefix, _)| name.starts_with(prefix) && name.contains(".so"))?;
+        LIBRARY_DIRS.iter().find_map(|dir| {
+            let path = Path::new(dir).join(name);
+            maps.host_path(&path).exists().then(|| AllocatorImage {
+                path: std::fs::canonicalize(&path).unwrap_or(path),
+                name: allocator,
+            })
+        })
+    })
+}
+
+/// A mapped allocator library that replaces libc's malloc family.
+pub fn replacement_library(maps: &ProcessMaps) -> Option<AllocatorImage> {
+    REPLACEMENT_ALLOCATORS.iter().find_map(|(prefix, name)| {
+        maps.find_library(prefix).map(|path| AllocatorImage {
+            path: path.to_path_buf(),
+            name,
+        })
+    })
+}
+
 /// An allocator library named in the process's LD_PRELOAD: at exec it is
 /// not mapped yet, but it will serve malloc.
 pub fn preloaded_allocator(pid: u32) -> Option<AllocatorImage> {
@@ -97,7 +134,8 @@ pub fn preloaded_allocator(pid: u32) -> Option<AllocatorImage> {
             .iter()
             .find(|(prefix, _)| file.starts_with(prefix))
             .map(|(_, name)| AllocatorImage {
-                path: path.to_path_buf(),
+                // As the mappings will name it, so it is probed once.
+                path: std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
                 name,
             })
     })

@@ -18,7 +18,7 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use profiler_common::alloc_kind;
 
 use crate::{
-    allocator::{self, NoAllocator},
+    allocator::{self, AllocatorImage, NoAllocator},
     probe_site::{ProbeSite, entry_probe_site},
     process_maps::ProcessMaps,
 };
@@ -211,10 +211,22 @@ pub fn attach_allocator(
     pid: u32,
     maps: &ProcessMaps,
 ) -> Result<Attached, AttachError> {
-    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::InvalidPid(pid))?);
     let exe = allocator::executable(pid);
     let image = allocator::locate(maps, exe.as_deref())?;
-    let warnings = allocator::blind_spots(maps, exe.as_deref(), &image);
+    attach_image(ebpf, pid, maps, &image)
+}
+
+/// Attaches the allocator probes to the malloc family of `image` (which
+/// need not be mapped yet: uprobes go on the file).
+pub fn attach_image(
+    ebpf: &mut Ebpf,
+    pid: u32,
+    maps: &ProcessMaps,
+    image: &AllocatorImage,
+) -> Result<Attached, AttachError> {
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::InvalidPid(pid))?);
+    let exe = allocator::executable(pid);
+    let warnings = allocator::blind_spots(maps, exe.as_deref(), image);
     let library = image.path.as_path();
     let host_path = maps.host_path(library);
     let bytes = std::fs::read(&host_path).map_err(|source| AttachError::ReadLibrary {

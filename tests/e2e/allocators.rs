@@ -70,3 +70,51 @@ fn preloaded_jemalloc_is_probed_instead_of_libc() {
     assert_nothing_lost(&report);
     assert_eq!(report.completeness.unknown_frees, 0);
 }
+
+/// A program linked against jemalloc (DT_NEEDED), started through a
+/// wrapper that execs it: at the exec stop jemalloc is not mapped yet, and
+/// is found in the executable's needed libraries and probed before it runs.
+#[test]
+fn linked_jemalloc_is_probed_from_the_first_allocation() {
+    if !bpf_available() {
+        return;
+    }
+    assert!(
+        Path::new(JEMALLOC).exists(),
+        "{JEMALLOC} missing: `cargo xtask setup` installs libjemalloc2"
+    );
+    let program =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixture-leak_jemalloc_linked");
+    let status = compile_c(
+        &workspace_file("tests/fixtures/leak_basic.c"),
+        &program,
+        &["-Wl,--no-as-needed", JEMALLOC],
+    )
+    .expect("gcc runs");
+    assert!(status.success());
+    let script = format!("exec {}", program.display());
+    let (report, _) = run_command(
+        "jemalloc_linked",
+        &["sh".into(), "-c".into(), script.into()],
+        &[],
+    );
+    assert_eq!(
+        figures(site(&report, "leak_site")),
+        (4_096_000, 1000, 4_096_000, 1000)
+    );
+    assert!(
+        report
+            .probes
+            .iter()
+            .any(|p| p.function == "malloc" && p.library == Path::new(JEMALLOC)),
+        "{:?}",
+        report.probes
+    );
+    // `sh` has no frame pointers: a walk of its stack may fail (counted).
+    let c = &report.completeness;
+    assert_eq!(
+        (c.map_full, c.missed_returns, c.unknown_frees),
+        (0, 0, 0),
+        "{c:?}"
+    );
+}

@@ -89,19 +89,51 @@ impl Session {
             return;
         };
         let exe = allocator::executable(pid);
-        let image = match allocator::locate(&maps, exe.as_deref()) {
-            Ok(image) if image.name != "glibc" => image,
-            _ => return,
-        };
+        let linked = exe
+            .as_deref()
+            .and_then(|exe| allocator::linked_allocator(&maps, exe));
+        match allocator::locate(&maps, exe.as_deref()) {
+            Ok(image) if image.name != "glibc" => self.probe_image(pid, &maps, &image, "executed"),
+            _ => {
+                if let Some(image) = linked {
+                    self.probe_image(pid, &maps, &image, "links");
+                }
+            }
+        }
+    }
+
+    /// An allocator library that appeared in a running process (linked by
+    /// a program reached through exec, or dlopen'ed) is probed when seen;
+    /// what it served before that is not counted, and the report says so.
+    pub(super) fn probe_late_allocators(&mut self, seen: Vec<(u32, ProcessMaps)>) {
+        for (pid, maps) in seen {
+            if let Some(image) = allocator::replacement_library(&maps)
+                && !self.probed_images.contains(&(pid, image.path.clone()))
+            {
+                self.warnings.push(format!(
+                    "pid {pid} loaded {} after its start: its allocations before memscope saw it are not counted",
+                    image.path.display()
+                ));
+                self.probe_image(pid, &maps, &image, "loaded");
+            }
+        }
+    }
+
+    fn probe_image(
+        &mut self,
+        pid: u32,
+        maps: &ProcessMaps,
+        image: &allocator::AllocatorImage,
+        how: &str,
+    ) {
         if !self.probed_images.insert((pid, image.path.clone())) {
             return;
         }
-        match attach::attach_allocator(&mut self.ebpf, pid, &maps) {
+        match attach::attach_image(&mut self.ebpf, pid, maps, image) {
             Ok(attached) => self.keep(pid, attached, true),
-            Err(error) => self.warnings.push(format!(
-                "pid {pid} executed {}: {error}",
-                image.path.display()
-            )),
+            Err(error) => self
+                .warnings
+                .push(format!("pid {pid} {how} {}: {error}", image.path.display())),
         }
     }
 

@@ -397,14 +397,19 @@ impl Session {
         Ok(reason)
     }
 
+    /// Re-reads the mappings of every running process: for symbolization
+    /// after they exit, and to notice an allocator library mapped late.
     fn refresh_maps(&mut self) {
+        let mut seen = Vec::new();
         for &pid in &self.alive {
             if let Ok(maps) = ProcessMaps::read(pid)
                 && !maps.mappings.is_empty()
             {
-                self.symbolizer.update_maps(maps);
+                self.symbolizer.update_maps(maps.clone());
+                seen.push((pid, maps));
             }
         }
+        self.probe_late_allocators(seen);
     }
 
     /// Reads the kernel maps and builds the report of everything so far.
