@@ -35,10 +35,24 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("memscope: {error:#}");
+            eprintln!("memscope: {}", one_line(&error));
             ExitCode::from(exit_code::for_error(&error))
         }
     }
+}
+
+/// The error and its causes on one line, each said once: library errors
+/// already name their cause in their own message.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message.push_str(": ");
+            message.push_str(&cause);
+        }
+    }
+    message
 }
 
 fn init_logging(verbose: u8) {
@@ -109,9 +123,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .output
         .clone()
         .unwrap_or_else(|| default_output_dir(session.pid()));
-    output::write_all(&dir, &report)
-        .with_context(|| format!("cannot write the report to {}", dir.display()))?;
+    // The table first: if the files cannot be written, it is all the user gets.
+    let written = output::write_all(&dir, &report);
     print_result(&report, args.json, args.top)?;
+    written.with_context(|| format!("cannot write the report to {}", dir.display()))?;
     eprintln!(
         "memscope: {}; wrote {} ({}, {}) to {}",
         describe(reason),

@@ -70,3 +70,29 @@ fn bad_duration_is_a_usage_error() {
         stderr_of(&output)
     );
 }
+
+#[test]
+fn unwritable_output_still_prints_the_table_and_exits_8() {
+    if !bpf_available() {
+        return;
+    }
+    let output = Command::new(MEMSCOPE)
+        .args(["run", "-o", "/proc/memscope-cannot-write-here", "--"])
+        .arg(fixture("leak_basic"))
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(8));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("leak_site <- main"), "{stdout}");
+    let stderr = stderr_of(&output);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("memscope: cannot write the report to /proc/memscope-cannot-write-here"),
+        "{stderr}"
+    );
+    assert_eq!(
+        last.matches("No such file or directory").count(),
+        1,
+        "the cause is said once: {last}"
+    );
+}
