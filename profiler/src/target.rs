@@ -113,6 +113,10 @@ pub fn spawn_suspended(argv: &[OsString]) -> Result<SuspendedChild, TargetError>
     if pid == 0 {
         // SAFETY: see above; nothing here allocates or takes locks.
         unsafe {
+            // Rust ignores SIGPIPE, and an ignored signal stays ignored
+            // across exec: give the command the default back, as
+            // std::process::Command does.
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             libc::raise(libc::SIGSTOP);
             libc::execv(path_c.as_ptr(), arg_ptrs.as_ptr());
             let errno = *libc::__errno_location();

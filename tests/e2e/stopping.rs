@@ -138,3 +138,32 @@ fn ctrl_c_in_run_mode_reaches_the_command_and_writes_the_report() {
         "sleep got the SIGINT"
     );
 }
+
+/// `memscope run -- CMD | head -1`: the command dies of SIGPIPE as it would
+/// without memscope (Rust's ignored SIGPIPE is not passed on), and memscope
+/// treats its own closed stdout as a normal end, with the report written.
+#[test]
+fn closed_stdout_ends_cleanly_for_both() {
+    if !bpf_available() {
+        return;
+    }
+    let dir = output_dir("closed_stdout");
+    let mut memscope = Command::new(MEMSCOPE)
+        .arg("run")
+        .arg("-o")
+        .arg(&dir)
+        .args(["--", "yes"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("memscope starts");
+    let mut stdout = BufReader::new(memscope.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("a line from yes");
+    assert_eq!(line, "y\n");
+    drop(stdout);
+    let status = memscope.wait().expect("memscope exits");
+    assert!(status.success(), "{status}");
+    let report = read_report(&dir);
+    assert_eq!(report.target.exit_code, Some(128 + libc::SIGPIPE));
+}
