@@ -71,12 +71,9 @@ pub fn record_alloc(ctx: &impl StackIdContext, addr: u64, size: u64, kind: u32, 
             return;
         }
     }
-    add_totals(stack_key(tgid, &block), 1, size, 0, 0);
+    add_totals(block.stack_key(tgid), 1, size, 0, 0);
 }
 
-fn stack_key(tgid: u32, block: &LiveAllocation) -> StackKey {
-    block.stack_key(tgid)
-}
 
 /// A live block of this process, if `addr` starts one.
 pub fn live_block(addr: u64) -> Option<LiveAllocation> {
@@ -116,11 +113,11 @@ pub fn shrink_mapping_front(addr: u64, len: u64) {
     };
     if LIVE.insert(rest_key, rest, 0).is_err() {
         count(Counter::LiveMapFull);
-        add_totals(stack_key(tgid, &block), 0, 0, 1, block.size);
+        add_totals(block.stack_key(tgid), 0, 0, 1, block.size);
         return;
     }
     // Bytes are freed; the mapping (one allocation) lives on.
-    add_totals(stack_key(tgid, &block), 0, 0, 0, len);
+    add_totals(block.stack_key(tgid), 0, 0, 0, len);
 }
 
 /// Records free(addr) in the calling process.
@@ -147,7 +144,7 @@ fn release(key: &LiveKey) -> bool {
     if LIVE.remove(key).is_err() {
         return false;
     }
-    add_totals(stack_key(key.tgid, &block), 0, 0, 1, block.size);
+    add_totals(block.stack_key(key.tgid), 0, 0, 1, block.size);
     true
 }
 

@@ -213,20 +213,21 @@ pub fn attach_allocator(
 ) -> Result<Attached, AttachError> {
     let exe = allocator::executable(pid);
     let image = allocator::locate(maps, exe.as_deref())?;
-    attach_image(ebpf, pid, maps, &image)
+    attach_image(ebpf, pid, maps, exe.as_deref(), &image)
 }
 
 /// Attaches the allocator probes to the malloc family of `image` (which
-/// need not be mapped yet: uprobes go on the file).
+/// need not be mapped yet: uprobes go on the file); `exe` is the process's
+/// executable, checked for allocators the probes cannot see.
 pub fn attach_image(
     ebpf: &mut Ebpf,
     pid: u32,
     maps: &ProcessMaps,
+    exe: Option<&Path>,
     image: &AllocatorImage,
 ) -> Result<Attached, AttachError> {
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::InvalidPid(pid))?);
-    let exe = allocator::executable(pid);
-    let warnings = allocator::blind_spots(maps, exe.as_deref(), image);
+    let warnings = allocator::blind_spots(maps, exe, image);
     let library = image.path.as_path();
     let host_path = maps.host_path(library);
     let bytes = std::fs::read(&host_path).map_err(|source| AttachError::ReadLibrary {

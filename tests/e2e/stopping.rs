@@ -8,17 +8,11 @@ use std::{
 
 use crate::support::*;
 
-fn attach(
-    target: u32,
-    dir: &std::path::Path,
-    extra: &[&str],
-) -> (Child, BufReader<std::process::ChildStderr>) {
+/// Starts memscope with `args`, waits for its banner (probes are on), and
+/// returns it with the rest of its stderr.
+fn start(args: &[&std::ffi::OsStr]) -> (Child, BufReader<std::process::ChildStderr>) {
     let mut memscope = Command::new(MEMSCOPE)
-        .arg("attach")
-        .arg("-o")
-        .arg(dir)
-        .args(extra)
-        .arg(target.to_string())
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -28,6 +22,29 @@ fn attach(
     stderr.read_line(&mut banner).expect("banner");
     assert!(banner.starts_with("memscope: profiling pid"), "{banner}");
     (memscope, stderr)
+}
+
+fn attach(
+    target: u32,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (Child, BufReader<std::process::ChildStderr>) {
+    let target = target.to_string();
+    let mut args: Vec<&std::ffi::OsStr> = vec!["attach".as_ref(), "-o".as_ref(), dir.as_os_str()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    args.push(target.as_ref());
+    start(&args)
+}
+
+fn run(dir: &std::path::Path, command: &[&str]) -> (Child, BufReader<std::process::ChildStderr>) {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "run".as_ref(),
+        "-o".as_ref(),
+        dir.as_os_str(),
+        "--".as_ref(),
+    ];
+    args.extend(command.iter().map(std::ffi::OsStr::new));
+    start(&args)
 }
 
 /// A process that only sleeps, killed when the test ends however it ends.
@@ -114,18 +131,7 @@ fn ctrl_c_in_run_mode_reaches_the_command_and_writes_the_report() {
         return;
     }
     let dir = output_dir("sigint_run");
-    let mut memscope = Command::new(MEMSCOPE)
-        .arg("run")
-        .arg("-o")
-        .arg(&dir)
-        .args(["--", "sleep", "60"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("memscope starts");
-    let mut stderr = BufReader::new(memscope.stderr.take().expect("stderr"));
-    let mut banner = String::new();
-    stderr.read_line(&mut banner).expect("banner");
+    let (mut memscope, _stderr) = run(&dir, &["sleep", "60"]);
     std::thread::sleep(Duration::from_millis(200));
     // SAFETY: plain syscall.
     unsafe { libc::kill(memscope.id() as i32, libc::SIGINT) };
@@ -148,15 +154,7 @@ fn closed_stdout_ends_cleanly_for_both() {
         return;
     }
     let dir = output_dir("closed_stdout");
-    let mut memscope = Command::new(MEMSCOPE)
-        .arg("run")
-        .arg("-o")
-        .arg(&dir)
-        .args(["--", "yes"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("memscope starts");
+    let (mut memscope, _stderr) = run(&dir, &["yes"]);
     let mut stdout = BufReader::new(memscope.stdout.take().expect("stdout"));
     let mut line = String::new();
     stdout.read_line(&mut line).expect("a line from yes");

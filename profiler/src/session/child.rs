@@ -12,23 +12,19 @@ impl Session {
     /// Looks at our child without blocking. A stop is memscope's own (the
     /// `_exit` probe, an exec): first handle pending lifecycle events (an
     /// exec stop is theirs to end once the new image is probed), read the
-    /// mappings, and let it go on. Returns true once it has exited.
-    pub(super) fn handle_child_event(
-        &mut self,
-        events: &mut Option<AsyncFd<RingBuf<MapData>>>,
-    ) -> bool {
+    /// mappings, and let it go on. An exit is recorded.
+    pub(super) fn handle_child_event(&mut self, events: &mut Option<AsyncFd<RingBuf<MapData>>>) {
         match target::poll_child(self.pid) {
-            ChildState::Running => false,
+            ChildState::Running => {}
             ChildState::Stopped => {
                 if let Some(events) = events.as_mut() {
                     self.drain_events(events.get_mut());
                 }
                 self.continue_child();
-                false
             }
             ChildState::Exited(code) => {
                 self.exit_code = code;
-                true
+                self.process_exited(self.pid);
             }
         }
     }

@@ -89,16 +89,16 @@ impl Session {
             return;
         };
         let exe = allocator::executable(pid);
-        let linked = exe
-            .as_deref()
-            .and_then(|exe| allocator::linked_allocator(&maps, exe));
-        match allocator::locate(&maps, exe.as_deref()) {
-            Ok(image) if image.name != "glibc" => self.probe_image(pid, &maps, &image, "executed"),
-            _ => {
-                if let Some(image) = linked {
-                    self.probe_image(pid, &maps, &image, "links");
-                }
-            }
+        let exe = exe.as_deref();
+        let image = match allocator::locate(&maps, exe) {
+            Ok(image) if image.name != "glibc" => Some((image, "executed")),
+            // Its libraries are not mapped yet: look at what it links.
+            _ => exe
+                .and_then(|exe| allocator::linked_allocator(&maps, exe))
+                .map(|image| (image, "links")),
+        };
+        if let Some((image, how)) = image {
+            self.probe_image(pid, &maps, exe, &image, how);
         }
     }
 
@@ -114,7 +114,8 @@ impl Session {
                     "pid {pid} loaded {} after its start: its allocations before memscope saw it are not counted",
                     image.path.display()
                 ));
-                self.probe_image(pid, &maps, &image, "loaded");
+                let exe = allocator::executable(pid);
+                self.probe_image(pid, &maps, exe.as_deref(), &image, "loaded");
             }
         }
     }
@@ -123,13 +124,14 @@ impl Session {
         &mut self,
         pid: u32,
         maps: &ProcessMaps,
+        exe: Option<&std::path::Path>,
         image: &allocator::AllocatorImage,
         how: &str,
     ) {
         if !self.probed_images.insert((pid, image.path.clone())) {
             return;
         }
-        match attach::attach_image(&mut self.ebpf, pid, maps, image) {
+        match attach::attach_image(&mut self.ebpf, pid, maps, exe, image) {
             Ok(attached) => self.keep(pid, attached, true),
             Err(error) => self
                 .warnings

@@ -353,8 +353,8 @@ impl Session {
         let mut events = self.events.take();
         // A stop or exit of our child before the SIGCHLD stream existed was
         // not delivered to it: look once now (and at every refresh tick).
-        if self.is_child && self.handle_child_event(&mut events) {
-            self.process_exited(self.pid);
+        if self.is_child {
+            self.handle_child_event(&mut events);
         }
         let reason = loop {
             if self.alive.is_empty() {
@@ -373,15 +373,13 @@ impl Session {
                 _ = terminate.recv() => break StopReason::Terminated,
                 _ = &mut deadline => break StopReason::DurationElapsed,
                 _ = child_events.recv(), if self.is_child => {
-                    if self.handle_child_event(&mut events) {
-                        self.process_exited(self.pid);
-                    }
+                    self.handle_child_event(&mut events);
                 }
                 _ = refresh.tick() => {
                     self.refresh_maps();
                     self.forget_exited();
-                    if self.is_child && self.handle_child_event(&mut events) {
-                        self.process_exited(self.pid);
+                    if self.is_child {
+                        self.handle_child_event(&mut events);
                     }
                 }
             }
