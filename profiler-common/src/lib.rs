@@ -57,6 +57,9 @@ pub mod event_kind {
     pub const EXEC: u32 = 2;
     /// The last thread of `pid` exited.
     pub const EXIT: u32 = 3;
+    /// `pid`, a command memscope started, called `_exit` and is stopped
+    /// (SIGSTOP) while its mappings are still there to read.
+    pub const EXITING: u32 = 4;
 }
 
 /// A process lifecycle event.

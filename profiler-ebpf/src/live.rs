@@ -74,7 +74,6 @@ pub fn record_alloc(ctx: &impl StackIdContext, addr: u64, size: u64, kind: u32, 
     add_totals(block.stack_key(tgid), 1, size, 0, 0);
 }
 
-
 /// A live block of this process, if `addr` starts one.
 pub fn live_block(addr: u64) -> Option<LiveAllocation> {
     let key = LiveKey {
@@ -90,7 +89,11 @@ pub fn live_block(addr: u64) -> Option<LiveAllocation> {
 /// rest stays live at `addr + len` under the same stack.
 pub fn shrink_mapping_front(addr: u64, len: u64) {
     let tgid = tgid();
-    let key = LiveKey { tgid, _pad: 0, addr };
+    let key = LiveKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
     // SAFETY: the value is copied out before the entry is removed.
     let Some(block) = (unsafe { LIVE.get(key) }).copied() else {
         return;

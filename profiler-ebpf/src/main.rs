@@ -229,12 +229,14 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
 
 /// libc's `_exit`, for a command memscope started: stop the process before
 /// its address space goes, so userspace can read its mappings for
-/// symbolization, then let it finish (see `session`).
+/// symbolization, then let it finish. The event says which stop this is:
+/// every stop memscope causes is ended by the handler of its event, once.
 #[uprobe]
 pub fn exit_enter(_ctx: ProbeContext) -> u32 {
-    const SIGSTOP: u32 = 19;
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: no preconditions; it signals the current process.
-    unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGSTOP) };
+    unsafe { aya_ebpf::helpers::generated::bpf_send_signal(processes::SIGSTOP) };
+    processes::emit(profiler_common::event_kind::EXITING, tgid, 0);
     0
 }
 

@@ -17,7 +17,9 @@ use aya_ebpf::{
 };
 use profiler_common::{Counter, HeapTop, MAX_PROCESSES, alloc_kind};
 
-use crate::{counters::count, enter, in_allocator_call, live, processes::is_traced, take_call_if_any};
+use crate::{
+    counters::count, enter, in_allocator_call, live, processes::is_traced, take_call_if_any,
+};
 
 #[map]
 static HEAP_TOPS: HashMap<u32, HeapTop> = HashMap::with_max_entries(MAX_PROCESSES, 0);
@@ -90,7 +92,13 @@ pub fn mmap_exit(ctx: TracePointContext) -> u32 {
     };
     let addr = arg(&ctx, RET);
     if !failed(addr) {
-        live::record_alloc(&ctx, addr, call.size, alloc_kind::MMAP, user_return_address());
+        live::record_alloc(
+            &ctx,
+            addr,
+            call.size,
+            alloc_kind::MMAP,
+            user_return_address(),
+        );
     }
     0
 }

@@ -25,7 +25,7 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[map]
 static CONFIG: Array<u32> = Array::with_max_entries(config::SLOTS, 0);
 
-const SIGSTOP: u32 = 19;
+pub const SIGSTOP: u32 = 19;
 
 fn config(slot: u32) -> usize {
     CONFIG.get(slot).copied().unwrap_or(0) as usize
@@ -40,7 +40,7 @@ pub fn is_traced(tgid: u32) -> bool {
     unsafe { TRACED.get(tgid) }.is_some()
 }
 
-fn emit(kind: u32, pid: u32, ppid: u32) {
+pub fn emit(kind: u32, pid: u32, ppid: u32) {
     let event = ProcessEvent {
         kind,
         pid,

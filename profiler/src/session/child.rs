@@ -9,10 +9,11 @@ use super::{Session, StopReason};
 use crate::target::{self, ChildState};
 
 impl Session {
-    /// Looks at our child without blocking. A stop is memscope's own (the
-    /// `_exit` probe, an exec): first handle pending lifecycle events (an
-    /// exec stop is theirs to end once the new image is probed), read the
-    /// mappings, and let it go on. An exit is recorded.
+    /// Looks at our child without blocking. Its stops are memscope's own
+    /// (an exec, the `_exit` probe), each with a lifecycle event whose
+    /// handler continues it once the work is done: continuing it from
+    /// here too could end a later stop (the next exec's) too early. So a
+    /// stop only hurries the events along; an exit is recorded.
     pub(super) fn handle_child_event(&mut self, events: &mut Option<AsyncFd<RingBuf<MapData>>>) {
         match target::poll_child(self.pid) {
             ChildState::Running => {}
@@ -20,7 +21,6 @@ impl Session {
                 if let Some(events) = events.as_mut() {
                     self.drain_events(events.get_mut());
                 }
-                self.continue_child();
             }
             ChildState::Exited(code) => {
                 self.exit_code = code;
@@ -32,11 +32,6 @@ impl Session {
     fn signal_child(&self, signal: i32) {
         // SAFETY: plain syscall on our own child.
         unsafe { libc::kill(self.pid as i32, signal) };
-    }
-
-    fn continue_child(&mut self) {
-        self.refresh_maps();
-        self.signal_child(libc::SIGCONT);
     }
 
     /// After the session, a started command either has exited (reap it) or
@@ -64,7 +59,14 @@ impl Session {
                     self.exit_code = code;
                     return;
                 }
-                ChildState::Stopped => self.continue_child(),
+                // A stop's event ends it (see `handle_child_event`).
+                ChildState::Stopped => {
+                    if let Some(mut events) = self.events.take() {
+                        self.drain_events(events.get_mut());
+                        self.events = Some(events);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 ChildState::Running => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }

@@ -69,6 +69,12 @@ impl Session {
                 // SAFETY: plain syscall.
                 unsafe { libc::kill(pid as i32, libc::SIGCONT) };
             }
+            event_kind::EXITING => {
+                // Stopped in `_exit`: its mappings are read one last time.
+                self.refresh_maps();
+                // SAFETY: plain syscall.
+                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            }
             event_kind::EXIT => {
                 self.process_exited(pid);
                 if pid != self.pid {
