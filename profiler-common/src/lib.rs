@@ -29,6 +29,11 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     /// Heap top per process: `tgid -> HeapTop`.
     pub const HEAP_TOPS: &str = "HEAP_TOPS";
+    /// Processes the kernel side stopped (SIGSTOP) and nobody has continued
+    /// yet: `tgid -> monotonic ns of the stop`. Userspace continues them
+    /// once their probes are on; the watchdog continues any held too long
+    /// and every one left when memscope ends, however it ends.
+    pub const HELD: &str = "HELD";
 }
 
 /// Slots of the `CONFIG` array.
@@ -39,7 +44,10 @@ pub mod config {
     /// Byte offset of `group_dead` in the sched_process_exit record;
     /// `u32::MAX` where the kernel's record has no such field.
     pub const EXIT_GROUP_DEAD_OFFSET: u32 = 1;
-    pub const SLOTS: u32 = 2;
+    /// Non-zero once teardown has begun: the kernel side stops no process
+    /// any more, so the set of held processes can only shrink.
+    pub const STOPS_DISABLED: u32 = 2;
+    pub const SLOTS: u32 = 3;
 }
 
 /// Processes followed at once (the target and its descendants).
@@ -69,7 +77,9 @@ pub struct ProcessEvent {
     pub kind: u32,
     pub pid: u32,
     pub ppid: u32,
-    pub _pad: u32,
+    /// Non-zero when `pid` is stopped for this event and waits for
+    /// userspace to continue it (see `map_names::HELD`).
+    pub held: u32,
     pub timestamp_ns: u64,
 }
 
@@ -107,6 +117,8 @@ pub mod alloc_kind {
     pub const MMAP: u32 = 10;
     /// An mremap in flight (recorded as `MMAP`).
     pub const MREMAP: u32 = 11;
+    /// free(ptr): the attach cookie of free's entry probe.
+    pub const FREE: u32 = 12;
 }
 
 /// What kind of memory a site holds: `StackKey::class`.
@@ -137,7 +149,8 @@ pub enum Counter {
     MissedReturns = 4,
     /// The in-flight map was full: an allocator call's arguments were lost.
     InFlightFull = 5,
-    /// A forked child could not be followed (process map or event ring full).
+    /// A forked child could not be followed (process map, held map or event
+    /// ring full): it was not stopped and runs unprobed.
     LostChildren = 6,
     /// The per-process heap (brk) map was full.
     HeapMapFull = 7,

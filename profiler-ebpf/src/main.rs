@@ -106,80 +106,63 @@ pub(crate) fn in_allocator_call() -> bool {
     }
 }
 
-/// malloc(size), valloc(size), pvalloc(size).
+/// Entry of every allocator function: one program for all of them, told
+/// apart by the attach cookie, so a process's whole family goes on with one
+/// multi-uprobe link (one registration instead of one per function; see
+/// userspace `multi_uprobe`).
 #[uprobe]
-pub fn size_arg0_enter(ctx: ProbeContext) -> u32 {
-    let size: u64 = ctx.arg(0).unwrap_or(0);
-    enter(size, 0, cookie(&ctx));
-    0
-}
-
-/// aligned_alloc(alignment, size), memalign(alignment, size).
-#[uprobe]
-pub fn size_arg1_enter(ctx: ProbeContext) -> u32 {
-    let size: u64 = ctx.arg(1).unwrap_or(0);
-    enter(size, 0, cookie(&ctx));
-    0
-}
-
-/// calloc(nmemb, size).
-#[uprobe]
-pub fn calloc_enter(ctx: ProbeContext) -> u32 {
-    let nmemb: u64 = ctx.arg(0).unwrap_or(0);
-    let size: u64 = ctx.arg(1).unwrap_or(0);
-    // An overflowing product makes calloc fail: it returns NULL and nothing
-    // is recorded, so any value will do.
-    enter(nmemb.wrapping_mul(size), 0, alloc_kind::CALLOC);
-    0
-}
-
-/// realloc(ptr, size), reallocarray(ptr, nmemb, size) via the cookie.
-#[uprobe]
-pub fn realloc_enter(ctx: ProbeContext) -> u32 {
-    let ptr: u64 = ctx.arg(0).unwrap_or(0);
+pub fn alloc_enter(ctx: ProbeContext) -> u32 {
     let kind = cookie(&ctx);
-    let size: u64 = if kind == alloc_kind::REALLOCARRAY {
-        let nmemb: u64 = ctx.arg(1).unwrap_or(0);
-        nmemb.wrapping_mul(ctx.arg(2).unwrap_or(0))
-    } else {
-        ctx.arg(1).unwrap_or(0)
-    };
-    // glibc's reallocarray calls realloc: the realloc nested in it is left
-    // to the outer call, as in `enter`.
-    enter(size, ptr, kind);
-    0
-}
-
-/// posix_memalign(memptr, alignment, size): the pointer comes back through
-/// `*memptr`, read at return.
-#[uprobe]
-pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
-    let memptr: u64 = ctx.arg(0).unwrap_or(0);
-    let size: u64 = ctx.arg(2).unwrap_or(0);
-    enter(size, memptr, alloc_kind::POSIX_MEMALIGN);
-    0
-}
-
-/// Return of every function that returns the new block.
-#[uretprobe]
-pub fn alloc_return(ctx: RetProbeContext) -> u32 {
-    let kind = cookie(&ctx);
-    let Some(call) = take_call(kind) else {
-        return 0;
-    };
-    let addr: u64 = ctx.ret();
-    if addr != 0 {
-        live::record_alloc(&ctx, addr, call.size, kind, 0);
+    let arg = |n: usize| -> u64 { ctx.arg(n).unwrap_or(0) };
+    match kind {
+        alloc_kind::FREE => {
+            // Attached past the prologue's first instructions where the
+            // kernel can emulate them (userspace `probe_site`); `rdi` is
+            // still the argument there.
+            let ptr = arg(0);
+            if ptr != 0 && !in_allocator_call() {
+                live::record_free(ptr);
+            }
+        }
+        // aligned_alloc(alignment, size), memalign(alignment, size).
+        alloc_kind::ALIGNED_ALLOC | alloc_kind::MEMALIGN => enter(arg(1), 0, kind),
+        // An overflowing product makes calloc fail: it returns NULL and
+        // nothing is recorded, so any value will do.
+        alloc_kind::CALLOC => enter(arg(0).wrapping_mul(arg(1)), 0, kind),
+        // glibc's realloc(NULL, n) and reallocarray call malloc and
+        // realloc: the outer call owns the thread's slot (see `enter`).
+        alloc_kind::REALLOC => enter(arg(1), arg(0), kind),
+        alloc_kind::REALLOCARRAY => enter(arg(1).wrapping_mul(arg(2)), arg(0), kind),
+        // posix_memalign(memptr, alignment, size): the pointer comes back
+        // through `*memptr`, read at return.
+        alloc_kind::POSIX_MEMALIGN => enter(arg(2), arg(0), kind),
+        // malloc(size), valloc(size), pvalloc(size).
+        _ => enter(arg(0), 0, kind),
     }
     0
 }
 
+/// Return of every allocator function with a return probe, by cookie.
 #[uretprobe]
-pub fn realloc_return(ctx: RetProbeContext) -> u32 {
+pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let kind = cookie(&ctx);
     let Some(call) = take_call(kind) else {
         return 0;
     };
+    match kind {
+        alloc_kind::REALLOC | alloc_kind::REALLOCARRAY => realloc_return(&ctx, call, kind),
+        alloc_kind::POSIX_MEMALIGN => posix_memalign_return(&ctx, call),
+        _ => {
+            let addr: u64 = ctx.ret();
+            if addr != 0 {
+                live::record_alloc(&ctx, addr, call.size, kind, 0);
+            }
+        }
+    }
+    0
+}
+
+fn realloc_return(ctx: &RetProbeContext, call: InFlightCall, kind: u32) {
     let addr: u64 = ctx.ret();
     if addr == 0 {
         // glibc's realloc(p, 0) frees p and returns NULL; any other NULL is a
@@ -187,44 +170,25 @@ pub fn realloc_return(ctx: RetProbeContext) -> u32 {
         if call.size == 0 && call.ptr != 0 {
             live::record_free(call.ptr);
         }
-        return 0;
+        return;
     }
     if call.ptr != 0 {
         live::record_free(call.ptr);
     }
-    live::record_alloc(&ctx, addr, call.size, kind, 0);
-    0
+    live::record_alloc(ctx, addr, call.size, kind, 0);
 }
 
-#[uretprobe]
-pub fn posix_memalign_return(ctx: RetProbeContext) -> u32 {
-    let Some(call) = take_call(alloc_kind::POSIX_MEMALIGN) else {
-        return 0;
-    };
+fn posix_memalign_return(ctx: &RetProbeContext, call: InFlightCall) {
     let status: i32 = ctx.ret();
     if status != 0 || call.ptr == 0 {
-        return 0;
+        return;
     }
     // SAFETY: bpf_probe_read_user checks the address; a fault is an error.
     if let Ok(addr) = unsafe { bpf_probe_read_user(call.ptr as *const u64) }
         && addr != 0
     {
-        live::record_alloc(&ctx, addr, call.size, alloc_kind::POSIX_MEMALIGN, 0);
+        live::record_alloc(ctx, addr, call.size, alloc_kind::POSIX_MEMALIGN, 0);
     }
-    0
-}
-
-/// free(ptr). Attached past the prologue's first instructions where the
-/// kernel can emulate them (see userspace `attach::probe_offset`); `rdi` is
-/// still the argument there.
-#[uprobe]
-pub fn free_enter(ctx: ProbeContext) -> u32 {
-    let ptr: u64 = ctx.arg(0).unwrap_or(0);
-    if ptr == 0 || in_allocator_call() {
-        return 0;
-    }
-    live::record_free(ptr);
-    0
 }
 
 /// libc's `_exit`, for a command memscope started: stop the process before
@@ -234,9 +198,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn exit_enter(_ctx: ProbeContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: no preconditions; it signals the current process.
-    unsafe { aya_ebpf::helpers::generated::bpf_send_signal(processes::SIGSTOP) };
-    processes::emit(profiler_common::event_kind::EXITING, tgid, 0);
+    processes::hold(profiler_common::event_kind::EXITING, tgid, 0);
     0
 }
 

@@ -25,6 +25,9 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[map]
 static CONFIG: Array<u32> = Array::with_max_entries(config::SLOTS, 0);
 
+#[map]
+static HELD: HashMap<u32, u64> = HashMap::with_max_entries(MAX_PROCESSES, 0);
+
 pub const SIGSTOP: u32 = 19;
 
 fn config(slot: u32) -> usize {
@@ -40,18 +43,50 @@ pub fn is_traced(tgid: u32) -> bool {
     unsafe { TRACED.get(tgid) }.is_some()
 }
 
-pub fn emit(kind: u32, pid: u32, ppid: u32) {
-    let event = ProcessEvent {
+fn event(kind: u32, pid: u32, ppid: u32) -> ProcessEvent {
+    ProcessEvent {
         kind,
         pid,
         ppid,
-        _pad: 0,
+        held: 0,
         // SAFETY: no preconditions.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
-    };
-    if EVENTS.output::<ProcessEvent>(&event, 0).is_err() {
+    }
+}
+
+pub fn emit(kind: u32, pid: u32, ppid: u32) {
+    if EVENTS.output::<ProcessEvent>(&event(kind, pid, ppid), 0).is_err() {
         count(Counter::LostChildren);
     }
+}
+
+/// Stops the current process (SIGSTOP, delivered before it next runs user
+/// code) and reports it, so userspace can do its work and continue it.
+/// NB: the event is reserved and the stop recorded in HELD before the
+/// signal goes: a process whose event could be lost is never stopped, and
+/// every stop is in HELD for the watchdog. Returns whether it was stopped.
+pub fn hold(kind: u32, pid: u32, ppid: u32) -> bool {
+    if config(config::STOPS_DISABLED) != 0 {
+        return false;
+    }
+    let Some(mut entry) = EVENTS.reserve::<ProcessEvent>(0) else {
+        count(Counter::LostChildren);
+        return false;
+    };
+    let event = ProcessEvent {
+        held: 1,
+        ..event(kind, pid, ppid)
+    };
+    if HELD.insert(pid, event.timestamp_ns, 0).is_err() {
+        entry.discard(0);
+        count(Counter::LostChildren);
+        return false;
+    }
+    // SAFETY: signals the current process.
+    unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGSTOP) };
+    entry.write(event);
+    entry.submit(0);
+    true
 }
 
 /// Runs in the parent. The record's parent_pid is the forking thread, so
@@ -88,12 +123,15 @@ pub fn syscall_exit(_ctx: TracePointContext) -> u32 {
     if tid != tgid {
         return 0; // a new thread: the process's probes already cover it
     }
-    // SAFETY: signals the current process, which is the new child.
-    unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGSTOP) };
+    // Traced first, so forks it makes while held are followed too; an
+    // untraced child is never stopped.
     if TRACED.insert(tgid, 1, BPF_NOEXIST as u64).is_err() && !is_traced(tgid) {
         count(Counter::LostChildren);
+        return 0;
     }
-    emit(event_kind::FORK, tgid, parent);
+    if !hold(event_kind::FORK, tgid, parent) {
+        let _ = TRACED.remove(tgid);
+    }
     0
 }
 
@@ -103,9 +141,8 @@ pub fn syscall_exit(_ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn process_exec(_ctx: TracePointContext) -> u32 {
     let tgid = current_tgid();
-    if is_traced(tgid) {
-        // SAFETY: signals the current process, the one executing.
-        unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGSTOP) };
+    // Unheld, the exec is still reported: the old image's blocks go.
+    if is_traced(tgid) && !hold(event_kind::EXEC, tgid, 0) {
         emit(event_kind::EXEC, tgid, 0);
     }
     0

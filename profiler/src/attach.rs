@@ -1,5 +1,6 @@
 //! Puts memscope's programs on the target's allocator: libc's malloc family,
-//! one pid-scoped uprobe (and uretprobe) per function.
+//! one pid-scoped multi-uprobe link for its entries and one for its returns
+//! (perf-event uprobes, one per function, on kernels without them).
 
 use std::{
     collections::BTreeSet,
@@ -19,32 +20,28 @@ use profiler_common::alloc_kind;
 
 use crate::{
     allocator::{self, AllocatorImage, NoAllocator},
+    multi_uprobe::{
+        ENTRY_PROGRAM, MultiLink, MultiPrograms, MultiUprobeError, ProbePoint, RETURN_PROGRAM,
+    },
     probe_site::{ProbeSite, entry_probe_site},
     process_maps::ProcessMaps,
 };
 
-/// One allocator function and the programs that trace it.
+/// One allocator function: its symbol, and the attach cookie (one of
+/// `alloc_kind`) by which the shared programs tell it apart.
 struct AllocatorFunction {
     symbol: &'static str,
-    /// Attach cookie: one of `alloc_kind`, read by shared programs.
     kind: u32,
-    entry_program: &'static str,
-    /// Return probe; functions without one (free) get their entry probe
-    /// moved to a cheap site.
-    return_program: Option<&'static str>,
+    /// Functions without one (free) get their entry probe moved to a cheap
+    /// site.
+    return_probe: bool,
 }
 
-const fn function(
-    symbol: &'static str,
-    kind: u32,
-    entry_program: &'static str,
-    return_program: Option<&'static str>,
-) -> AllocatorFunction {
+const fn function(symbol: &'static str, kind: u32, return_probe: bool) -> AllocatorFunction {
     AllocatorFunction {
         symbol,
         kind,
-        entry_program,
-        return_program,
+        return_probe,
     }
 }
 
@@ -52,62 +49,16 @@ const fn function(
 /// NB: free comes first: a block allocated while the family is being
 /// attached must not have its free missed (it would look leaked).
 const LIBC_ALLOCATOR: &[AllocatorFunction] = &[
-    function("free", 0, "free_enter", None),
-    function(
-        "malloc",
-        alloc_kind::MALLOC,
-        "size_arg0_enter",
-        Some("alloc_return"),
-    ),
-    function(
-        "calloc",
-        alloc_kind::CALLOC,
-        "calloc_enter",
-        Some("alloc_return"),
-    ),
-    function(
-        "realloc",
-        alloc_kind::REALLOC,
-        "realloc_enter",
-        Some("realloc_return"),
-    ),
-    function(
-        "reallocarray",
-        alloc_kind::REALLOCARRAY,
-        "realloc_enter",
-        Some("realloc_return"),
-    ),
-    function(
-        "posix_memalign",
-        alloc_kind::POSIX_MEMALIGN,
-        "posix_memalign_enter",
-        Some("posix_memalign_return"),
-    ),
-    function(
-        "aligned_alloc",
-        alloc_kind::ALIGNED_ALLOC,
-        "size_arg1_enter",
-        Some("alloc_return"),
-    ),
-    function(
-        "memalign",
-        alloc_kind::MEMALIGN,
-        "size_arg1_enter",
-        Some("alloc_return"),
-    ),
-    function(
-        "valloc",
-        alloc_kind::VALLOC,
-        "size_arg0_enter",
-        Some("alloc_return"),
-    ),
-    function(
-        "pvalloc",
-        alloc_kind::PVALLOC,
-        "size_arg0_enter",
-        Some("alloc_return"),
-    ),
-    function("free", 0, "free_enter", None),
+    function("free", alloc_kind::FREE, false),
+    function("malloc", alloc_kind::MALLOC, true),
+    function("calloc", alloc_kind::CALLOC, true),
+    function("realloc", alloc_kind::REALLOC, true),
+    function("reallocarray", alloc_kind::REALLOCARRAY, true),
+    function("posix_memalign", alloc_kind::POSIX_MEMALIGN, true),
+    function("aligned_alloc", alloc_kind::ALIGNED_ALLOC, true),
+    function("memalign", alloc_kind::MEMALIGN, true),
+    function("valloc", alloc_kind::VALLOC, true),
+    function("pvalloc", alloc_kind::PVALLOC, true),
 ];
 
 /// Functions without which nothing useful can be measured.
@@ -165,6 +116,8 @@ pub enum AttachError {
     },
     #[error("pid {0} is not a valid process id")]
     InvalidPid(u32),
+    #[error(transparent)]
+    Multi(#[from] MultiUprobeError),
 }
 
 /// A function of the library, located in the file.
@@ -176,20 +129,74 @@ struct ResolvedSymbol {
     prologue: Vec<u8>,
 }
 
+/// Probes on one process; detached when dropped (see `detach`).
+#[derive(Debug)]
+pub enum ProbeLink {
+    /// A multi-uprobe link: a whole family at once.
+    Multi(MultiLink),
+    /// One perf-event uprobe (kernels before 6.6, and `_exit`'s stop).
+    Perf(UProbeLink),
+}
+
 /// The probes on one process, and what they cannot see.
 #[derive(Debug, Default)]
 pub struct Attached {
     pub probes: Vec<AttachedProbe>,
     pub warnings: Vec<String>,
     /// Detached when dropped: see `detach`.
-    pub links: Vec<UProbeLink>,
+    pub links: Vec<ProbeLink>,
 }
 
-/// Detaches uprobe links. Each detach waits for an RCU grace period in the
-/// kernel (about 0.2 s here), so one at a time 20 probes on each of 40
-/// processes take minutes; in parallel the waits overlap.
-pub fn detach(links: Vec<UProbeLink>) {
-    const THREADS: usize = 32;
+/// The loaded kernel programs probes are made of.
+pub struct Programs<'a> {
+    pub ebpf: &'a mut Ebpf,
+    /// None on kernels without multi-uprobe links: perf-event uprobes, one
+    /// per function, then.
+    pub multi: Option<&'a MultiPrograms>,
+    pub sites: &'a mut SiteCache,
+}
+
+/// Probe sites by library file (device, inode): reading and parsing libc
+/// costs milliseconds, and every forked child needs the same sites.
+#[derive(Debug, Default)]
+pub struct SiteCache(std::collections::HashMap<(u64, u64), FamilySites>);
+
+impl SiteCache {
+    fn sites(&mut self, host_path: &Path, library: &Path) -> Result<FamilySites, AttachError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let read_error = |source| AttachError::ReadLibrary {
+            path: host_path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(host_path).map_err(read_error)?;
+        let key = (meta.dev(), meta.ino());
+        if let Some(sites) = self.0.get(&key) {
+            return Ok(sites.clone());
+        }
+        let bytes = std::fs::read(host_path).map_err(read_error)?;
+        let elf = object::File::parse(&*bytes).map_err(|source| AttachError::ParseLibrary {
+            path: host_path.to_path_buf(),
+            source,
+        })?;
+        let sites = family_sites(&elf, library)?;
+        for probe in &sites.probes {
+            tracing::debug!(
+                function = probe.function,
+                offset = probe.entry_offset,
+                emulated = probe.emulated,
+                "probe site"
+            );
+        }
+        self.0.insert(key, sites.clone());
+        Ok(sites)
+    }
+}
+
+/// Detaches probe links. Each detach waits for RCU grace periods in the
+/// kernel (a multi link ~50 ms, a perf-event uprobe ~200 ms here); in
+/// parallel the waits overlap.
+pub fn detach(links: Vec<ProbeLink>) {
+    const THREADS: usize = 64;
     if links.len() <= 1 {
         drop(links);
         return;
@@ -204,50 +211,101 @@ pub fn detach(links: Vec<UProbeLink>) {
     });
 }
 
+/// Detaches links on a thread of its own, so the probes of processes that
+/// exit go as they exit (every uprobe left registered on libc is one more
+/// filter the kernel runs at each mmap of libc on the host) without
+/// holding up the event loop. Dropping it waits for what was sent.
+pub struct Detacher {
+    queue: Option<std::sync::mpsc::Sender<Vec<ProbeLink>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Default for Detacher {
+    fn default() -> Self {
+        let (queue, pending) = std::sync::mpsc::channel::<Vec<ProbeLink>>();
+        let thread = std::thread::Builder::new()
+            .name("detach".into())
+            .spawn(move || {
+                while let Ok(mut links) = pending.recv() {
+                    // Whatever else is queued goes in the same parallel pass.
+                    links.extend(pending.try_iter().flatten());
+                    detach(links);
+                }
+            })
+            .ok();
+        Self {
+            queue: Some(queue),
+            thread,
+        }
+    }
+}
+
+impl Detacher {
+    pub fn detach(&self, links: Vec<ProbeLink>) {
+        if links.is_empty() {
+            return;
+        }
+        match (&self.queue, &self.thread) {
+            (Some(queue), Some(_)) => {
+                if let Err(unsent) = queue.send(links) {
+                    detach(unsent.0);
+                }
+            }
+            _ => detach(links),
+        }
+    }
+
+    /// Waits until everything sent is detached.
+    pub fn finish(&mut self) {
+        self.queue = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Detacher {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 /// Attaches the allocator probes to process `pid`, whose mappings are
 /// `maps`. Probes are scoped to that pid (every thread of it).
 pub fn attach_allocator(
-    ebpf: &mut Ebpf,
+    programs: &mut Programs<'_>,
     pid: u32,
     maps: &ProcessMaps,
-) -> Result<Attached, AttachError> {
+) -> Result<(AllocatorImage, Attached), AttachError> {
     let exe = allocator::executable(pid);
     let image = allocator::locate(maps, exe.as_deref())?;
-    attach_image(ebpf, pid, maps, exe.as_deref(), &image)
+    let attached = attach_image(programs, pid, maps, exe.as_deref(), &image)?;
+    Ok((image, attached))
 }
 
-/// Attaches the allocator probes to the malloc family of `image` (which
-/// need not be mapped yet: uprobes go on the file); `exe` is the process's
-/// executable, checked for allocators the probes cannot see.
-pub fn attach_image(
-    ebpf: &mut Ebpf,
-    pid: u32,
-    maps: &ProcessMaps,
-    exe: Option<&Path>,
-    image: &AllocatorImage,
-) -> Result<Attached, AttachError> {
-    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::InvalidPid(pid))?);
-    let warnings = allocator::blind_spots(maps, exe, image);
-    let library = image.path.as_path();
-    let host_path = maps.host_path(library);
-    let bytes = std::fs::read(&host_path).map_err(|source| AttachError::ReadLibrary {
-        path: host_path.clone(),
-        source,
-    })?;
-    let elf = object::File::parse(&*bytes).map_err(|source| AttachError::ParseLibrary {
-        path: host_path.clone(),
-        source,
-    })?;
+/// Where each function of the family is probed in one library.
+#[derive(Clone, Debug)]
+pub struct FamilySites {
+    probes: Vec<AttachedProbe>,
+    entries: Vec<ProbePoint>,
+    returns: Vec<ProbePoint>,
+    /// (function, entry point, return point) for perf-event uprobes.
+    functions: Vec<(&'static str, ProbePoint, Option<ProbePoint>)>,
+}
 
-    load_programs(ebpf)?;
-    let mut attached = Vec::new();
-    let mut links = Vec::new();
+fn family_sites(elf: &object::File<'_>, library: &Path) -> Result<FamilySites, AttachError> {
+    let mut sites = FamilySites {
+        probes: Vec::new(),
+        entries: Vec::new(),
+        returns: Vec::new(),
+        functions: Vec::new(),
+    };
     let mut probed_addresses = BTreeSet::new();
     for function in LIBC_ALLOCATOR {
-        let Some(symbol) = resolve(&elf, function.symbol) else {
+        let Some(symbol) = resolve(elf, function.symbol) else {
             if REQUIRED.contains(&function.symbol) {
                 return Err(AttachError::MissingSymbol {
-                    path: host_path,
+                    path: library.to_path_buf(),
                     symbol: function.symbol,
                 });
             }
@@ -258,56 +316,125 @@ pub fn attach_image(
         if !probed_addresses.insert(symbol.address) {
             continue;
         }
-        let site = match function.return_program {
+        let site = if function.return_probe {
             // A return probe needs a trap at the entry anyway; the entry
             // program shares it.
-            Some(_) => {
-                let first = entry_probe_site(&symbol.prologue);
-                ProbeSite {
-                    offset: 0,
-                    emulated: first.emulated && first.offset == 0,
-                }
+            let first = entry_probe_site(&symbol.prologue);
+            ProbeSite {
+                offset: 0,
+                emulated: first.emulated && first.offset == 0,
             }
-            None => entry_probe_site(&symbol.prologue),
+        } else {
+            entry_probe_site(&symbol.prologue)
         };
-        // NB: return probe before entry probe. A call caught between the two
-        // then only misses its return (counted); the other order would leave
-        // an entry that no return consumes, blocking the thread's slot.
-        if let Some(return_program) = function.return_program {
-            links.push(attach_one(
-                ebpf,
-                return_program,
-                function,
-                symbol.file_offset,
-                &host_path,
-                scope,
-            )?);
-        }
-        links.push(attach_one(
-            ebpf,
-            function.entry_program,
-            function,
-            symbol.file_offset + site.offset,
-            &host_path,
-            scope,
-        )?);
-        tracing::debug!(
-            function = function.symbol,
-            offset = site.offset,
-            emulated = site.emulated,
-            "probe attached"
-        );
-        attached.push(AttachedProbe {
+        let cookie = u64::from(function.kind);
+        let entry = ProbePoint {
+            file_offset: symbol.file_offset + site.offset,
+            cookie,
+        };
+        let ret = function.return_probe.then_some(ProbePoint {
+            file_offset: symbol.file_offset,
+            cookie,
+        });
+        sites.entries.push(entry);
+        sites.returns.extend(ret);
+        sites.functions.push((function.symbol, entry, ret));
+        sites.probes.push(AttachedProbe {
             function: function.symbol.to_owned(),
             library: library.to_path_buf(),
             entry_offset: site.offset,
             emulated: site.emulated,
-            return_probe: function.return_program.is_some(),
+            return_probe: function.return_probe,
         });
     }
+    Ok(sites)
+}
+
+/// Attaches the allocator probes to the malloc family of `image` (which
+/// need not be mapped yet: uprobes go on the file); `exe` is the process's
+/// executable, checked for allocators the probes cannot see.
+pub fn attach_image(
+    programs: &mut Programs<'_>,
+    pid: u32,
+    maps: &ProcessMaps,
+    exe: Option<&Path>,
+    image: &AllocatorImage,
+) -> Result<Attached, AttachError> {
+    let warnings = allocator::blind_spots(maps, exe, image);
+    let attached = attach_family(programs, pid, maps, &image.path)?;
     Ok(Attached {
-        probes: attached,
         warnings,
+        ..attached
+    })
+}
+
+/// Attaches the allocator probes to the malloc family of `library` in
+/// process `pid`: all of it, with no look at what else the process maps
+/// (for a forked child, whose images are its parent's).
+pub fn attach_family(
+    programs: &mut Programs<'_>,
+    pid: u32,
+    maps: &ProcessMaps,
+    library: &Path,
+) -> Result<Attached, AttachError> {
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::InvalidPid(pid))?);
+    let host_path = maps.host_path(library);
+    let mut sites = programs.sites.sites(&host_path, library)?;
+    let mut links = Vec::new();
+    // NB: return probes before entry probes. A call caught between the two
+    // then only misses its return (counted); the other order would leave
+    // an entry that no return consumes, blocking the thread's slot.
+    if let Some(multi) = programs.multi {
+        let link_error = |source| match source {
+            MultiUprobeError::Link { ref source, .. }
+                if source.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                AttachError::ProbeConflict {
+                    symbol: "malloc",
+                    path: host_path.clone(),
+                }
+            }
+            source => AttachError::Multi(source),
+        };
+        let t0 = std::time::Instant::now();
+        links.push(ProbeLink::Multi(
+            multi
+                .attach_return(&host_path, &sites.returns, pid)
+                .map_err(link_error)?,
+        ));
+        let t1 = std::time::Instant::now();
+        links.push(ProbeLink::Multi(
+            multi
+                .attach_entry(&host_path, &sites.entries, pid)
+                .map_err(link_error)?,
+        ));
+        tracing::debug!(pid, ret = ?(t1 - t0), entry = ?t1.elapsed(), "links created");
+    } else {
+        load_programs(programs.ebpf)?;
+        for (symbol, entry, ret) in std::mem::take(&mut sites.functions) {
+            if let Some(ret) = ret {
+                links.push(attach_one(
+                    programs.ebpf,
+                    RETURN_PROGRAM,
+                    symbol,
+                    ret,
+                    &host_path,
+                    scope,
+                )?);
+            }
+            links.push(attach_one(
+                programs.ebpf,
+                ENTRY_PROGRAM,
+                symbol,
+                entry,
+                &host_path,
+                scope,
+            )?);
+        }
+    }
+    Ok(Attached {
+        probes: sites.probes,
+        warnings: Vec::new(),
         links,
     })
 }
@@ -319,7 +446,7 @@ pub fn attach_exit_stop(
     ebpf: &mut Ebpf,
     pid: u32,
     maps: &ProcessMaps,
-) -> Result<Option<UProbeLink>, AttachError> {
+) -> Result<Option<ProbeLink>, AttachError> {
     const PROGRAM: &str = "exit_enter";
     const SYMBOL: &str = "_exit";
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::InvalidPid(pid))?);
@@ -341,15 +468,11 @@ pub fn attach_exit_stop(
             path: host_path.clone(),
             source,
         })?;
-    take_link(program, link).map(Some)
+    take_link(program, link).map(|link| Some(ProbeLink::Perf(link)))
 }
 
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), AttachError> {
-    let names: BTreeSet<&'static str> = LIBC_ALLOCATOR
-        .iter()
-        .flat_map(|f| std::iter::once(f.entry_program).chain(f.return_program))
-        .collect();
-    for name in names {
+    for name in [ENTRY_PROGRAM, RETURN_PROGRAM] {
         let program = uprobe(ebpf, name)?;
         if program.fd().is_err() {
             program
@@ -369,14 +492,14 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, 
 fn attach_one(
     ebpf: &mut Ebpf,
     program: &'static str,
-    function: &AllocatorFunction,
-    file_offset: u64,
+    symbol: &'static str,
+    point: ProbePoint,
     path: &Path,
     scope: UProbeScope,
-) -> Result<UProbeLink, AttachError> {
+) -> Result<ProbeLink, AttachError> {
     let point = UProbeAttachPoint {
-        location: UProbeAttachLocation::AbsoluteOffset(file_offset),
-        cookie: Some(u64::from(function.kind)),
+        location: UProbeAttachLocation::AbsoluteOffset(point.file_offset),
+        cookie: Some(point.cookie),
     };
     let probe = uprobe(ebpf, program)?;
     let link = probe.attach(point, path, scope).map_err(|source| {
@@ -386,18 +509,18 @@ fn attach_one(
             || source.to_string().contains("Invalid argument")
         {
             AttachError::ProbeConflict {
-                symbol: function.symbol,
+                symbol,
                 path: path.to_path_buf(),
             }
         } else {
             AttachError::Probe {
-                symbol: function.symbol,
+                symbol,
                 path: path.to_path_buf(),
                 source,
             }
         }
     })?;
-    take_link(probe, link)
+    take_link(probe, link).map(ProbeLink::Perf)
 }
 
 /// Owns a link apart from its program, so the session decides when (and

@@ -6,6 +6,11 @@ use profiler_common::{MAX_IN_FLIGHT, MAX_STACK_DEPTH, STACK_TOTALS_PER_STACK, ma
 /// The BPF object built by build.rs from profiler-ebpf.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memscope"));
 
+/// memscope's BPF object, for loaders other than aya's (`multi_uprobe`).
+pub fn object() -> &'static [u8] {
+    BPF_OBJECT
+}
+
 /// Capacities of the kernel maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapCapacity {

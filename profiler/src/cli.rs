@@ -41,6 +41,13 @@ pub enum Command {
         /// Process id of the target.
         pid: u32,
     },
+    /// Internal: the watchdog memscope starts (see `memscope::watchdog`).
+    #[command(name = "__watchdog", hide = true)]
+    Watchdog {
+        map_id: u32,
+        memscope_pid: u32,
+        budget_ns: u64,
+    },
     /// Show a saved report.json again (no root needed); with -o, also
     /// render its flamegraph and folded stacks into DIR.
     Report {

@@ -11,6 +11,9 @@ use aya::{
 };
 use profiler_common::{config, map_names};
 
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 #[derive(Debug, thiserror::Error)]
@@ -119,16 +122,49 @@ pub fn attach_lifecycle(ebpf: &mut Ebpf, follow_children: bool) -> Result<(), Fo
 
 /// Marks `pid` as traced: its forks, exec and exit are reported.
 pub fn trace(ebpf: &mut Ebpf, pid: u32) -> Result<(), FollowError> {
+    traced_map(ebpf)?
+        .insert(pid, 1, 0)
+        .map_err(|source| FollowError::Map {
+            name: map_names::TRACED,
+            source,
+        })
+}
+
+/// Marks `pid` as traced unless it is already (the kernel side traced it
+/// at its fork): returns whether this call did.
+pub fn trace_new(ebpf: &mut Ebpf, pid: u32) -> Result<bool, FollowError> {
     let map_error = |source| FollowError::Map {
         name: map_names::TRACED,
         source,
     };
-    let mut traced: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
+    let mut traced = traced_map(ebpf)?;
+    match traced.insert(pid, 1, BPF_NOEXIST) {
+        Ok(()) => Ok(true),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+        {
+            Ok(false)
+        }
+        Err(source) => Err(map_error(source)),
+    }
+}
+
+/// Stops following `pid`: its forks, exec and exit are not reported.
+pub fn untrace(ebpf: &mut Ebpf, pid: u32) {
+    if let Ok(mut traced) = traced_map(ebpf) {
+        let _ = traced.remove(&pid);
+    }
+}
+
+fn traced_map(ebpf: &mut Ebpf) -> Result<BpfHashMap<&mut MapData, u32, u32>, FollowError> {
+    BpfHashMap::try_from(
         ebpf.map_mut(map_names::TRACED)
             .ok_or(FollowError::Missing(map_names::TRACED))?,
     )
-    .map_err(map_error)?;
-    traced.insert(pid, 1, 0).map_err(map_error)
+    .map_err(|source| FollowError::Map {
+        name: map_names::TRACED,
+        source,
+    })
 }
 
 fn ensure_tracefs() -> Result<(), FollowError> {

@@ -22,6 +22,20 @@ use crate::cli::{Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    if let Command::Watchdog {
+        map_id,
+        memscope_pid,
+        budget_ns,
+    } = cli.command
+    {
+        return match memscope::watchdog::run(map_id, memscope_pid, budget_ns) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("memscope watchdog: {error}");
+                ExitCode::from(exit_code::FAILURE)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -80,6 +94,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             top,
         } => return show_saved_report(&path, output.as_deref(), json, top),
+        Command::Watchdog { .. } => return Ok(()),
     };
     let options = SessionOptions {
         capacity: args.capacity(),
@@ -143,6 +158,7 @@ fn describe(reason: StopReason) -> &'static str {
         StopReason::TargetExited => "target exited",
         StopReason::Interrupted => "interrupted",
         StopReason::Terminated => "terminated",
+        StopReason::HungUp => "hung up",
         StopReason::DurationElapsed => "duration elapsed",
     }
 }

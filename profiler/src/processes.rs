@@ -20,6 +20,27 @@ pub struct ProcessRecord {
     /// Seconds since the session started.
     pub started_s: f64,
     pub exited_s: Option<f64>,
+    pub following: Following,
+    /// Why a process is not (or only partly) followed.
+    pub note: Option<String>,
+}
+
+/// How memscope came to follow a process, or why it did not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Following {
+    /// memscope started it: everything it did is seen.
+    Started,
+    /// It was running when memscope attached: seen from its probes on.
+    #[default]
+    Attached,
+    /// Forked by a followed process, probed before its first instruction.
+    Forked,
+    /// Forked by a followed process, but continued before its probes were
+    /// on (held past the budget): its first allocations may be missed.
+    Late,
+    /// Continued without probes: nothing of it is counted.
+    Unfollowed,
 }
 
 /// Live-set changes made in userspace, per (process, stack), added to the

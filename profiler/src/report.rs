@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     attach::AttachedProbe,
     collect::KernelSnapshot,
-    processes::{Adjustments, ProcessRecord},
+    processes::{Adjustments, Following, ProcessRecord},
 };
 
 pub const SCHEMA: &str = "memscope.report/1";
@@ -71,6 +71,11 @@ pub struct ProcessReport {
     /// This process's sites (with `--per-process`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<Site>,
+    #[serde(default)]
+    pub following: Following,
+    /// Why it is not, or only partly, followed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,13 +207,26 @@ pub struct Completeness {
     /// Processes whose heap top (brk) could not be tracked.
     #[serde(default)]
     pub heap_map_full: u64,
+    /// Processes of the tree that run without probes (see `processes[]`
+    /// for each one's reason).
+    #[serde(default)]
+    pub unfollowed_processes: u64,
+    /// Forked processes continued before their probes were on.
+    #[serde(default)]
+    pub late_processes: u64,
 }
 
 impl Completeness {
     /// Whether anything was lost (unknown frees are not a loss: they are
     /// memory memscope never saw allocated).
     pub fn lost_anything(&self) -> bool {
-        self.map_full + self.stack_errors + self.missed_returns + self.lost_children > 0
+        self.map_full
+            + self.stack_errors
+            + self.missed_returns
+            + self.lost_children
+            + self.unfollowed_processes
+            + self.late_processes
+            > 0
     }
 }
 
@@ -334,9 +352,18 @@ pub fn build_report(
                 } else {
                     Vec::new()
                 },
+                following: p.following,
+                note: p.note.clone(),
             }
         })
         .collect();
+    let following_count = |state| {
+        context
+            .processes
+            .iter()
+            .filter(|p| p.following == state)
+            .count() as u64
+    };
 
     let c = snapshot.counters;
     let completeness = Completeness {
@@ -349,6 +376,8 @@ pub fn build_report(
         in_flight_full: c.in_flight_full,
         lost_children: c.lost_children,
         heap_map_full: c.heap_map_full,
+        unfollowed_processes: following_count(Following::Unfollowed),
+        late_processes: following_count(Following::Late),
     };
     Report {
         schema: SCHEMA.to_owned(),
@@ -620,6 +649,8 @@ mod tests {
                     ppid: None,
                     command: "x".into(),
                     started_s: 0.0,
+                    following: Following::Started,
+                    note: None,
                     exited_s: None,
                 });
                 c

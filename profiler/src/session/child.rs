@@ -43,6 +43,7 @@ impl Session {
         }
         match reason {
             StopReason::Terminated => self.signal_child(libc::SIGTERM),
+            StopReason::HungUp => self.signal_child(libc::SIGHUP),
             StopReason::Interrupted => self.signal_child(libc::SIGINT),
             // The exit event can come before the process is a zombie.
             StopReason::TargetExited => {}

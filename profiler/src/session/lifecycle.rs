@@ -5,12 +5,16 @@ use aya::maps::{MapData, RingBuf};
 use profiler_common::{ProcessEvent, event_kind};
 use tokio::io::unix::AsyncFd;
 
+use std::{path::PathBuf, time::Instant};
+
 use super::{Session, SessionError};
 use crate::{
     allocator,
     attach::{self, Attached},
+    follow,
+    holds::{HOLD_BUDGET_NS, monotonic_ns},
     process_maps::ProcessMaps,
-    processes::{self, ProcessRecord},
+    processes::{self, Following, ProcessRecord},
     target::{self, TargetError},
 };
 
@@ -42,16 +46,7 @@ impl Session {
     fn handle_event(&mut self, event: ProcessEvent) {
         let pid = event.pid;
         match event.kind {
-            event_kind::FORK => {
-                if let Err(error) = self.follow_child(pid, event.ppid, event.timestamp_ns) {
-                    tracing::warn!("cannot follow child {pid} of {}: {error}", event.ppid);
-                    self.warnings
-                        .push(format!("child process {pid} was not followed: {error}"));
-                }
-                // Stopped in the kernel before its first instruction: let it go.
-                // SAFETY: plain syscall.
-                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-            }
+            event_kind::FORK => self.forked(event),
             event_kind::EXEC => {
                 match processes::release_live_set(&mut self.ebpf, pid, event.timestamp_ns) {
                     Ok(released) => processes::merge_adjustments(&mut self.adjustments, released),
@@ -63,27 +58,102 @@ impl Session {
                 }
                 // A new program has a new heap: its first brk starts afresh.
                 processes::forget_heap_top(&mut self.ebpf, pid);
-                self.refresh_maps();
-                self.probe_new_image(pid);
-                // Stopped in the kernel at the exec: let it go.
-                // SAFETY: plain syscall.
-                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+                if !self.tearing_down {
+                    self.refresh_maps();
+                    self.probe_new_image(pid);
+                }
+                if event.held != 0 {
+                    self.holds.release(pid);
+                }
             }
             event_kind::EXITING => {
                 // Stopped in `_exit`: its mappings are read one last time.
                 self.refresh_maps();
-                // SAFETY: plain syscall.
-                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+                if event.held != 0 {
+                    self.holds.release(pid);
+                }
             }
             event_kind::EXIT => {
                 self.process_exited(pid);
                 if pid != self.pid {
                     self.exited_in_live_map.insert(pid);
-                    // NB: its probes stay until the end: detaching holds kernel
-                    // locks that attaching to new children would wait for.
+                }
+                if let Some(links) = self.links.remove(&pid) {
+                    self.detacher.detach(links);
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A followed process forked `event.pid`, which the kernel holds
+    /// stopped before its first instruction: probe it and let it go, or
+    /// let it go unprobed when that cannot be done within the budget.
+    fn forked(&mut self, event: ProcessEvent) {
+        let (pid, ppid) = (event.pid, event.ppid);
+        if self.tearing_down || self.links.contains_key(&pid) {
+            // Ending, or found already by the scan of the tree at attach.
+            self.holds.release(pid);
+            return;
+        }
+        let waited_ns = monotonic_ns().saturating_sub(event.timestamp_ns);
+        if waited_ns > HOLD_BUDGET_NS {
+            let note = format!(
+                "held {} ms before memscope could probe it (budget {} ms): forks come faster than probes go on",
+                waited_ns / 1_000_000,
+                HOLD_BUDGET_NS / 1_000_000
+            );
+            self.holds.release(pid);
+            self.unfollow(pid, ppid, note);
+            return;
+        }
+        let started = Instant::now();
+        let followed = self.follow_child(pid, ppid, event.timestamp_ns);
+        if !self.holds.release(pid)
+            && let Some(record) = self.processes.iter_mut().find(|p| p.pid == pid)
+        {
+            // The watchdog let it go first: it ran before its probes were on.
+            record.following = Following::Late;
+            record.note = Some(format!(
+                "continued by the watchdog after {} ms, before its probes were on: its first allocations may be missed",
+                HOLD_BUDGET_NS / 1_000_000
+            ));
+        }
+        match followed {
+            Ok(()) => {
+                tracing::debug!(pid, cost = ?started.elapsed(), waited_ns, "child followed");
+                self.attach_costs.push(started.elapsed());
+            }
+            Err(error) => {
+                tracing::warn!("cannot follow child {pid} of {ppid}: {error}");
+                self.unfollow(pid, ppid, format!("not followed: {error}"));
+            }
+        }
+    }
+
+    /// Records a process that runs without probes, and stops following
+    /// its forks.
+    pub(super) fn unfollow(&mut self, pid: u32, ppid: u32, note: String) {
+        follow::untrace(&mut self.ebpf, pid);
+        if let Some(links) = self.links.remove(&pid) {
+            self.detacher.detach(links);
+        }
+        self.alive.remove(&pid);
+        let now = self.started.elapsed().as_secs_f64();
+        match self.processes.iter_mut().find(|p| p.pid == pid) {
+            Some(record) => {
+                record.following = Following::Unfollowed;
+                record.note = Some(note);
+            }
+            None => self.processes.push(ProcessRecord {
+                pid,
+                ppid: Some(ppid),
+                command: target::command_line(pid),
+                started_s: now,
+                exited_s: None,
+                following: Following::Unfollowed,
+                note: Some(note),
+            }),
         }
     }
 
@@ -137,7 +207,7 @@ impl Session {
         if !self.probed_images.insert((pid, image.path.clone())) {
             return;
         }
-        match attach::attach_image(&mut self.ebpf, pid, maps, exe, image) {
+        match attach::attach_image(&mut self.programs(), pid, maps, exe, image) {
             Ok(attached) => self.keep(pid, attached, true),
             Err(error) => self
                 .warnings
@@ -159,7 +229,7 @@ impl Session {
 
     /// Keeps what attaching to `pid` gave: its links, its warnings (once),
     /// and with `list_probes` its probes for the report.
-    fn keep(&mut self, pid: u32, attached: Attached, list_probes: bool) {
+    pub(super) fn keep(&mut self, pid: u32, attached: Attached, list_probes: bool) {
         for warning in attached.warnings {
             if !self.warnings.contains(&warning) {
                 self.warnings.push(warning);
@@ -175,10 +245,31 @@ impl Session {
     /// live set.
     fn follow_child(&mut self, pid: u32, ppid: u32, fork_ns: u64) -> Result<(), SessionError> {
         let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
-        let attached = attach::attach_allocator(&mut self.ebpf, pid, &maps)?;
-        // A child's probes are its parent's again: not listed twice.
-        self.keep(pid, attached, false);
+        // A fork copies the address space: the child calls the allocators
+        // its parent did, all probed already, so nothing is looked up again.
+        let mut images: Vec<PathBuf> = self
+            .probed_images
+            .iter()
+            .filter(|(owner, _)| *owner == ppid)
+            .map(|(_, image)| image.clone())
+            .collect();
+        if images.is_empty() {
+            let (image, attached) = attach::attach_allocator(&mut self.programs(), pid, &maps)?;
+            self.keep(pid, attached, false);
+            images.push(image.path);
+        } else {
+            for image in &images {
+                let attached = attach::attach_family(&mut self.programs(), pid, &maps, image)?;
+                // A child's probes are its parent's again: not listed twice.
+                self.keep(pid, attached, false);
+            }
+        }
+        // Probed: a maps refresh must not probe them again.
+        self.probed_images
+            .extend(images.into_iter().map(|image| (pid, image)));
+        let copy_started = Instant::now();
         let inherited = processes::copy_live_set(&mut self.ebpf, ppid, pid, fork_ns)?;
+        tracing::debug!(pid, cost = ?copy_started.elapsed(), "live set copied");
         processes::merge_adjustments(&mut self.adjustments, inherited);
         self.symbolizer.update_maps(maps);
         self.alive.insert(pid);
@@ -188,6 +279,8 @@ impl Session {
             command: target::command_line(pid),
             started_s: self.started.elapsed().as_secs_f64(),
             exited_s: None,
+            following: Following::Forked,
+            note: None,
         });
         Ok(())
     }

@@ -4,6 +4,8 @@
 
 mod child;
 mod lifecycle;
+mod teardown;
+mod tree;
 
 use std::{
     ffi::OsString,
@@ -16,7 +18,6 @@ use std::collections::BTreeSet;
 use aya::{
     Ebpf,
     maps::{MapData, RingBuf},
-    programs::uprobe::UProbeLink,
 };
 use profiler_common::map_names;
 use tokio::{
@@ -25,17 +26,20 @@ use tokio::{
 };
 
 use crate::{
-    attach::{self, AttachError, Attached, AttachedProbe},
+    attach::{self, AttachError, Attached, AttachedProbe, ProbeLink, Programs, SiteCache},
     bpf::{self, LoadError, MapCapacity},
     collect::{self, CollectError},
     completeness,
     follow::{self, FollowError},
+    holds::{HOLD_BUDGET_NS, Holds},
+    multi_uprobe::{self, MultiPrograms, MultiUprobeError},
     preflight::{self, PreflightError},
     process_maps::ProcessMaps,
-    processes::{Adjustments, LiveSetError, ProcessRecord},
+    processes::{Adjustments, Following, LiveSetError, ProcessRecord},
     report::{self, Report, ReportContext, TargetInfo},
     symbolize::StackSymbolizer,
     target::{self, TargetError},
+    watchdog::{Watchdog, WatchdogError},
 };
 
 /// How often the target's mappings are re-read while it runs, so that code
@@ -79,6 +83,8 @@ pub enum StopReason {
     TargetExited,
     Interrupted,
     Terminated,
+    /// SIGHUP: the terminal or ssh session went away.
+    HungUp,
     DurationElapsed,
 }
 
@@ -98,6 +104,10 @@ pub enum SessionError {
     Follow(#[from] FollowError),
     #[error(transparent)]
     LiveSet(#[from] LiveSetError),
+    #[error(transparent)]
+    MultiUprobe(#[from] MultiUprobeError),
+    #[error(transparent)]
+    Watchdog(#[from] WatchdogError),
     #[error("cannot watch pid {pid}: {source}")]
     Watch {
         pid: u32,
@@ -110,6 +120,7 @@ pub enum SessionError {
 struct Signals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
     child_events: tokio::signal::unix::Signal,
 }
 
@@ -118,6 +129,7 @@ impl Signals {
         Ok(Self {
             interrupt: signal(SignalKind::interrupt())?,
             terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
             child_events: signal(SignalKind::child())?,
         })
     }
@@ -132,9 +144,72 @@ struct AttachedTarget {
     maps: ProcessMaps,
 }
 
+/// The kernel side before a target is attached: programs loaded, the
+/// watchdog watching the held processes.
+struct Kernel {
+    ebpf: Ebpf,
+    multi: Option<MultiPrograms>,
+    sites: SiteCache,
+    holds: Holds,
+    watchdog: Watchdog,
+}
+
+impl Kernel {
+    fn load(options: &SessionOptions) -> Result<Self, SessionError> {
+        let mut ebpf = bpf::load(options.capacity)?;
+        // Before any map is taken out of `ebpf`: the programs are relocated
+        // against all of them.
+        let multi = if multi_uprobe::supported() {
+            Some(MultiPrograms::load(&ebpf, bpf::object())?)
+        } else {
+            tracing::info!("no multi-uprobe links (Linux < 6.6): one uprobe per function");
+            None
+        };
+        let missing = || FollowError::Missing(map_names::HELD);
+        let Some(aya::maps::Map::HashMap(held)) = ebpf.take_map(map_names::HELD) else {
+            return Err(missing().into());
+        };
+        let map_error = |source| FollowError::Map {
+            name: map_names::HELD,
+            source,
+        };
+        let held_id = held.info().map_err(map_error)?.id();
+        // Before anything can be stopped: from here on nothing memscope
+        // stops outlives memscope, however it ends.
+        let exe = std::env::current_exe().map_err(|source| WatchdogError::Spawn {
+            exe: "/proc/self/exe".into(),
+            source,
+        })?;
+        let watchdog = Watchdog::spawn(&exe, held_id, HOLD_BUDGET_NS)?;
+        let holds = Holds::new(held).map_err(map_error)?;
+        follow::attach_lifecycle(&mut ebpf, options.follow_children)?;
+        Ok(Self {
+            ebpf,
+            multi,
+            sites: SiteCache::default(),
+            holds,
+            watchdog,
+        })
+    }
+
+    fn programs(&mut self) -> Programs<'_> {
+        Programs {
+            ebpf: &mut self.ebpf,
+            multi: self.multi.as_ref(),
+            sites: &mut self.sites,
+        }
+    }
+}
+
 /// A target with memscope's probes on it.
 pub struct Session {
     ebpf: Ebpf,
+    multi: Option<MultiPrograms>,
+    sites: SiteCache,
+    /// Processes the kernel side stopped; continued by `lifecycle`.
+    holds: Holds,
+    /// It continues whatever memscope leaves held, once memscope is gone.
+    _watchdog: Watchdog,
     pid: u32,
     command: String,
     /// Whether memscope started the target (and so is its parent).
@@ -154,29 +229,19 @@ pub struct Session {
     warnings: Vec<String>,
     /// (process, image) pairs whose malloc family is probed.
     probed_images: std::collections::HashSet<(u32, std::path::PathBuf)>,
-    /// Uprobe links by process; see `attach::detach` for why they are
+    /// Probe links by process; see `attach::detach` for why they are
     /// detached in parallel, off the event loop.
-    links: std::collections::HashMap<u32, Vec<UProbeLink>>,
+    links: std::collections::HashMap<u32, Vec<ProbeLink>>,
+    /// Takes the links of processes that exited.
+    detacher: attach::Detacher,
+    /// How long putting each process's probes on took.
+    attach_costs: Vec<Duration>,
     /// Exited children whose live-map entries are still to drop.
     exited_in_live_map: std::collections::HashSet<u32>,
     /// Taken by `wait`.
     signals: Option<Signals>,
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        let links: Vec<UProbeLink> = std::mem::take(&mut self.links)
-            .into_values()
-            .flatten()
-            .collect();
-        if links.len() > 100 {
-            eprintln!(
-                "memscope: detaching {} probes (the kernel takes a while for each)",
-                links.len()
-            );
-        }
-        attach::detach(links);
-    }
+    /// Set once the session ends: new processes are let go, not probed.
+    tearing_down: bool,
 }
 
 impl Session {
@@ -199,14 +264,17 @@ impl Session {
         }
         preflight::check_privileges()?;
         preflight::check_uprobes()?;
-        let mut ebpf = bpf::load(options.capacity)?;
-        follow::attach_lifecycle(&mut ebpf, options.follow_children)?;
+        let mut kernel = Kernel::load(options)?;
         match spec {
             TargetSpec::Attach(pid) => {
                 let pid = *pid;
                 let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
-                let attached = attach::attach_allocator(&mut ebpf, pid, &maps)?;
-                follow::trace(&mut ebpf, pid)?;
+                // Traced first: what it forks while its probes go on is
+                // followed too.
+                follow::trace(&mut kernel.ebpf, pid)?;
+                let attach_started = Instant::now();
+                let (image, attached) =
+                    attach::attach_allocator(&mut kernel.programs(), pid, &maps)?;
                 let target = AttachedTarget {
                     pid,
                     command: target::command_line(pid),
@@ -214,21 +282,30 @@ impl Session {
                     attached,
                     maps,
                 };
-                Self::new(ebpf, target, options, (started, signals))
+                let mut session = Self::new(kernel, target, options, (started, signals))?;
+                session.attach_costs.push(attach_started.elapsed());
+                session.probed_images.insert((pid, image.path));
+                if options.follow_children {
+                    session.attach_descendants();
+                }
+                Ok(session)
             }
             TargetSpec::Run(argv) => {
                 let child = target::spawn_suspended(argv)?;
                 let attached = ProcessMaps::read(child.pid)
                     .map_err(|_| SessionError::from(TargetError::NoSuchProcess(child.pid)))
                     .and_then(|maps| {
-                        let mut attached = attach::attach_allocator(&mut ebpf, child.pid, &maps)?;
-                        attached
-                            .links
-                            .extend(attach::attach_exit_stop(&mut ebpf, child.pid, &maps)?);
-                        follow::trace(&mut ebpf, child.pid)?;
-                        Ok::<_, SessionError>((attached, maps))
+                        let (image, mut attached) =
+                            attach::attach_allocator(&mut kernel.programs(), child.pid, &maps)?;
+                        attached.links.extend(attach::attach_exit_stop(
+                            &mut kernel.ebpf,
+                            child.pid,
+                            &maps,
+                        )?);
+                        follow::trace(&mut kernel.ebpf, child.pid)?;
+                        Ok::<_, SessionError>((image, attached, maps))
                     });
-                let (attached, maps) = match attached {
+                let (image, attached, maps) = match attached {
                     Ok(attached) => attached,
                     Err(error) => {
                         // Never leave a stopped child behind.
@@ -247,17 +324,29 @@ impl Session {
                     attached,
                     maps,
                 };
-                Self::new(ebpf, target, options, (started, signals))
+                let mut session = Self::new(kernel, target, options, (started, signals))?;
+                session.probed_images.insert((pid, image.path));
+                if let Some(record) = session.processes.first_mut() {
+                    record.following = Following::Started;
+                }
+                Ok(session)
             }
         }
     }
 
     fn new(
-        mut ebpf: Ebpf,
+        kernel: Kernel,
         target: AttachedTarget,
         options: &SessionOptions,
         (started, signals): (Instant, Signals),
     ) -> Result<Self, SessionError> {
+        let Kernel {
+            mut ebpf,
+            multi,
+            sites,
+            holds,
+            watchdog,
+        } = kernel;
         let AttachedTarget {
             pid,
             command,
@@ -270,7 +359,6 @@ impl Session {
                 },
             maps,
         } = target;
-        let probed_images = probes.iter().map(|p| (pid, p.library.clone())).collect();
         let mut symbolizer = StackSymbolizer::new(pid);
         symbolizer.update_maps(maps);
         let events = ebpf
@@ -284,6 +372,10 @@ impl Session {
         })?;
         Ok(Self {
             ebpf,
+            multi,
+            sites,
+            holds,
+            _watchdog: watchdog,
             pid,
             command: command.clone(),
             is_child,
@@ -299,16 +391,29 @@ impl Session {
                 command,
                 started_s: 0.0,
                 exited_s: None,
+                following: Following::Attached,
+                note: None,
             }],
             alive: BTreeSet::from([pid]),
             adjustments: Adjustments::new(),
             per_process_sites: options.per_process_sites,
             warnings,
-            probed_images,
+            probed_images: std::collections::HashSet::new(),
             links: std::collections::HashMap::from([(pid, links)]),
+            detacher: attach::Detacher::default(),
+            attach_costs: Vec::new(),
             exited_in_live_map: std::collections::HashSet::new(),
             signals: Some(signals),
+            tearing_down: false,
         })
+    }
+
+    fn programs(&mut self) -> Programs<'_> {
+        Programs {
+            ebpf: &mut self.ebpf,
+            multi: self.multi.as_ref(),
+            sites: &mut self.sites,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -337,6 +442,7 @@ impl Session {
         let Signals {
             mut interrupt,
             mut terminate,
+            mut hangup,
             mut child_events,
         } = self.signals.take().ok_or_else(|| {
             watch_error(std::io::Error::other("the session was already waited for"))
@@ -371,6 +477,7 @@ impl Session {
                 }
                 _ = interrupt.recv() => break StopReason::Interrupted,
                 _ = terminate.recv() => break StopReason::Terminated,
+                _ = hangup.recv() => break StopReason::HungUp,
                 _ = &mut deadline => break StopReason::DurationElapsed,
                 _ = child_events.recv(), if self.is_child => {
                     self.handle_child_event(&mut events);
@@ -384,14 +491,14 @@ impl Session {
                 }
             }
         };
-        if let Some(events) = events.as_mut() {
-            // Forks that raced with the end still need their SIGCONT.
-            self.drain_events(events.get_mut());
-        }
         self.events = events;
         if self.is_child {
             self.finish_child(reason).await;
         }
+        self.stop_holding();
+        // A second Ctrl-C (or SIGTERM) from here on ends memscope at once:
+        // nothing is held any more, and the watchdog sees to late stops.
+        teardown::restore_default_signals();
         Ok(reason)
     }
 
@@ -399,12 +506,21 @@ impl Session {
     /// after they exit, and to notice an allocator library mapped late.
     fn refresh_maps(&mut self) {
         let mut seen = Vec::new();
+        let mut gone = Vec::new();
         for &pid in &self.alive {
-            if let Ok(maps) = ProcessMaps::read(pid)
-                && !maps.mappings.is_empty()
-            {
-                self.symbolizer.update_maps(maps.clone());
-                seen.push((pid, maps));
+            match ProcessMaps::read(pid) {
+                Ok(maps) if !maps.mappings.is_empty() => {
+                    self.symbolizer.update_maps(maps.clone());
+                    seen.push((pid, maps));
+                }
+                // Exited (a zombie has no mappings): its exit event may
+                // have been lost, and must not keep the session alive.
+                _ => gone.push(pid),
+            }
+        }
+        for pid in gone {
+            if pid != self.pid || !self.is_child {
+                self.process_exited(pid);
             }
         }
         self.probe_late_allocators(seen);
