@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context as _;
 use clap::Parser as _;
 use memscope::{
-    output,
+    output::{self, escape::escape_control},
     session::{Session, SessionOptions, StopReason, TargetSpec},
     units::format_bytes,
 };
@@ -103,15 +103,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         per_process_sites: args.per_process,
     };
     let mut session = Session::start(&spec, &options)?;
+    // The command line and library path are the target's to choose; escaped,
+    // they cannot send escape sequences to the terminal of root running this.
     eprintln!(
         "memscope: profiling pid {} ({}); {} probes on {}; kernel maps reserve {}; Ctrl-C to stop",
         session.pid(),
-        session.command(),
+        escape_control(session.command()),
         session.probes().len(),
         session
             .probes()
             .first()
-            .map(|p| p.library.display().to_string())
+            .map(|p| escape_control(&p.library.display().to_string()).into_owned())
             .unwrap_or_default(),
         format_bytes(session.reserved_bytes()),
     );

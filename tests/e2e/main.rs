@@ -11,6 +11,7 @@ mod errors;
 mod example;
 mod leak_basic;
 mod mapped;
+mod output;
 mod processes;
 mod python;
 mod rust_fixture;

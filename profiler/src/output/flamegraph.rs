@@ -5,16 +5,19 @@ use inferno::flamegraph::{
     color::{BasicPalette, Palette},
 };
 
-use super::{OutputError, folded};
+use super::{OutputError, escape::escape_control, folded};
 use crate::report::Report;
 
 /// Renders inuse.svg. Deterministic: the same report gives the same bytes.
 pub fn render_inuse(report: &Report) -> Result<Vec<u8>, OutputError> {
     let folded = folded::render(report);
     let mut options = Options::default();
+    // NB: XML 1.0 forbids most control characters even as entities, so a
+    // raw one in the target's command would make the SVG unreadable.
     options.title = format!(
         "memscope: live memory of pid {} ({})",
-        report.target.pid, report.target.command
+        report.target.pid,
+        escape_control(&report.target.command)
     );
     options.subtitle = Some(format!(
         "{} live bytes in {} allocations after {:.1}s",
@@ -71,5 +74,14 @@ mod tests {
         let svg = String::from_utf8(render_inuse(&report).expect("render")).expect("utf-8");
         assert!(svg.starts_with("<?xml") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("no live memory"));
+    }
+
+    #[test]
+    fn control_characters_in_the_command_stay_out_of_the_svg() {
+        let mut report = sample_report();
+        report.target.command = "./server\x1b[31m\x01".into();
+        let svg = String::from_utf8(render_inuse(&report).expect("render")).expect("utf-8");
+        assert!(!svg.contains(['\x1b', '\x01']));
+        assert!(svg.contains("(./server\\x1b[31m\\x01)"), "title escaped");
     }
 }

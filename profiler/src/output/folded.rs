@@ -1,5 +1,6 @@
 //! Folded stacks (`root;...;leaf bytes`), the input of flamegraph tools.
 
+use super::escape::escape_control;
 use crate::report::{Frame, Report};
 
 /// One line per site holding live memory, root first, sorted so the output
@@ -28,10 +29,15 @@ fn stack_text(frames: &[Frame]) -> String {
         .join(";")
 }
 
-/// A frame's name in a folded line: `;` separates frames and the last space
-/// separates the count, so neither may appear inside a name.
+/// A frame's name in a folded line. The name comes from the target's
+/// binaries, so it may hold anything: control characters become `\xNN`
+/// (a newline would end the line, an escape sequence would reach whoever
+/// cats the file); `;` separates frames, so it becomes `:`; the last space
+/// separates the count, so spaces become no-break spaces.
 fn frame_name(frame: &Frame) -> String {
-    frame.function.replace(';', ":").replace(' ', "\u{a0}")
+    escape_control(&frame.function)
+        .replace(';', ":")
+        .replace(' ', "\u{a0}")
 }
 
 #[cfg(test)]
@@ -51,5 +57,23 @@ mod tests {
             "operator\u{a0}new(unsigned\u{a0}long)"
         );
         assert_eq!(frame_name(&Frame::named("a;b")), "a:b");
+    }
+
+    #[test]
+    fn names_cannot_break_lines_or_reach_the_terminal() {
+        assert_eq!(
+            frame_name(&Frame::named("\x1b[31mred\nfake;frame 99")),
+            "\\x1b[31mred\\x0afake:frame\u{a0}99"
+        );
+    }
+
+    #[test]
+    fn a_hostile_name_stays_one_line_of_one_site() {
+        let mut report = sample_report();
+        report.sites.truncate(1);
+        report.sites[0].frames = vec![Frame::named("evil\nmain;x 1"), Frame::named("main")];
+        let text = render(&report);
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert_eq!(text, "main;evil\\x0amain:x\u{a0}1 4096000\n");
     }
 }

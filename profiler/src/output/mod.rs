@@ -1,19 +1,36 @@
 //! Renderings of a report: the terminal table, folded stacks, the in-use
-//! flamegraph and report.json, and writing them atomically.
+//! flamegraph and report.json, and writing them atomically, as root, into
+//! a directory others may be able to write to.
 
+pub mod directory;
+pub mod escape;
 pub mod flamegraph;
 pub mod folded;
 pub mod table;
 
-use std::{
-    io::Write as _,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
+pub use self::directory::{OutputDir, Owner};
 use crate::report::Report;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
+    #[error("cannot create directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open directory {path}: {source}")]
+    OpenDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Following it as root would let whoever planted it pick what root
+    /// overwrites.
+    #[error("{path} is a symbolic link: memscope does not follow it, give it a directory")]
+    Symlink { path: PathBuf },
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -30,21 +47,21 @@ pub const INUSE_SVG: &str = "inuse.svg";
 pub const STACKS_FOLDED: &str = "stacks.folded";
 
 /// Writes report.json, stacks.folded and inuse.svg into `dir` (created if
-/// needed). Each file appears whole or not at all.
+/// needed, never through a symlink; see [`OutputDir`]). Each file appears
+/// whole or not at all. Under sudo, the files (and the directory, if
+/// created here) belong to the user who ran sudo.
 pub fn write_all(dir: &Path, report: &Report) -> Result<(), OutputError> {
-    std::fs::create_dir_all(dir).map_err(|source| OutputError::Write {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    write_atomically(&dir.join(REPORT_JSON), report_json(report)?.as_bytes())?;
+    let out = OutputDir::create(dir, Owner::from_sudo())?;
+    out.write_atomically(REPORT_JSON, report_json(report)?.as_bytes())?;
     let folded = folded::render(report);
-    write_atomically(&dir.join(STACKS_FOLDED), folded.as_bytes())?;
+    out.write_atomically(STACKS_FOLDED, folded.as_bytes())?;
     let svg = flamegraph::render_inuse(report)?;
-    write_atomically(&dir.join(INUSE_SVG), &svg)?;
-    Ok(())
+    out.write_atomically(INUSE_SVG, &svg)?;
+    out.sync()
 }
 
-/// report.json's text, pretty-printed with a trailing newline.
+/// report.json's text, pretty-printed with a trailing newline. Strings stay
+/// as the target gave them: JSON escapes control characters itself.
 pub fn report_json(report: &Report) -> Result<String, OutputError> {
     let mut text = serde_json::to_string_pretty(report).map_err(|e| OutputError::Render {
         what: REPORT_JSON,
@@ -52,30 +69,6 @@ pub fn report_json(report: &Report) -> Result<String, OutputError> {
     })?;
     text.push('\n');
     Ok(text)
-}
-
-/// Writes to a temporary file beside `path`, then renames it over `path`:
-/// an interrupted write never leaves a truncated file.
-pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), OutputError> {
-    let error = |source| OutputError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result.map_err(error)
 }
 
 /// Compares `actual` with `tests/golden/NAME`; `MEMSCOPE_BLESS=1` rewrites
@@ -99,30 +92,24 @@ pub(crate) fn assert_golden(name: &str, actual: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::tests_support::sample_report;
 
+    /// Check that write_all leaves exactly the three files, and no temporary.
     #[test]
-    fn atomic_write_replaces_whole_file_and_leaves_no_temp() {
-        let dir = std::env::temp_dir().join(format!("memscope-out-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("x.txt");
-        write_atomically(&path, b"first version, long").expect("write");
-        write_atomically(&path, b"second").expect("rewrite");
-        assert_eq!(std::fs::read(&path).expect("read"), b"second");
-        let names: Vec<_> = std::fs::read_dir(&dir)
+    fn write_all_leaves_exactly_the_three_files() {
+        let dir = std::env::temp_dir().join(format!("memscope-write-all-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        write_all(&dir, &sample_report()).expect("write");
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
             .expect("list")
-            .map(|e| e.expect("entry").file_name())
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names, ["x.txt"]);
-        std::fs::remove_dir_all(&dir).expect("cleanup");
-    }
-
-    #[test]
-    fn atomic_write_reports_the_path_on_failure() {
-        let err = write_atomically(Path::new("/nonexistent-dir/x"), b"x").expect_err("must fail");
-        assert!(
-            err.to_string()
-                .starts_with("cannot write /nonexistent-dir/x"),
-            "{err}"
+        names.sort();
+        assert_eq!(names, [INUSE_SVG, REPORT_JSON, STACKS_FOLDED]);
+        assert_eq!(
+            std::fs::read(dir.join(STACKS_FOLDED)).expect("read"),
+            folded::render(&sample_report()).as_bytes()
         );
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -2,18 +2,23 @@
 
 use std::io::{self, Write};
 
+use super::escape::escape_control;
 use crate::{report::Report, units::format_bytes};
 
 /// Frames of a site shown in the table's chain.
 const CHAIN_FRAMES: usize = 4;
 
-/// Writes a summary and the top `limit` sites by live bytes.
+/// Writes a summary and the top `limit` sites by live bytes. Every string
+/// the target chose (command lines, function names, the paths in warnings)
+/// goes through `escape_control`: this lands on root's terminal.
 pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result<()> {
     let t = &report.totals;
     writeln!(
         out,
         "memscope: pid {} ({}) over {:.1}s",
-        report.target.pid, report.target.command, report.duration_s
+        report.target.pid,
+        escape_control(&report.target.command),
+        report.duration_s
     )?;
     writeln!(
         out,
@@ -49,7 +54,7 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
             .frames
             .iter()
             .take(CHAIN_FRAMES)
-            .map(|f| f.function.as_str())
+            .map(|f| escape_control(&f.function))
             .collect::<Vec<_>>()
             .join(" <- ");
         let kind = if site.kind == "malloc" { "" } else { "[mmap] " };
@@ -75,7 +80,7 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
         render_processes(report, out)?;
     }
     for warning in &report.warnings {
-        writeln!(out, "warning: {warning}")?;
+        writeln!(out, "warning: {}", escape_control(warning))?;
     }
     Ok(())
 }
@@ -104,7 +109,7 @@ fn render_processes(report: &Report, out: &mut impl Write) -> io::Result<()> {
             p.growth_bytes,
             p.totals.alloc_bytes,
             state,
-            p.command
+            escape_control(&p.command)
         )?;
     }
     Ok(())
@@ -130,5 +135,26 @@ mod tests {
         assert!(text.contains("leak_site <- handle_request <- main"));
         assert!(!text.contains("parse_body"));
         assert!(text.contains("... 2 more sites in report.json"));
+    }
+
+    #[test]
+    fn target_strings_reach_the_terminal_escaped() {
+        let mut report = sample_report();
+        report.target.command = "./server \x1b[2J\x1b]0;owned\x07".into();
+        report.sites[0].frames[0].function = "leak\x1b[31m_site\n".into();
+        report.warnings = vec!["/lib/\x1b[8mlibc.so".into()];
+        let mut out = Vec::new();
+        render(&report, 1, &mut out).expect("render");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(!text.contains('\x1b'), "{text}");
+        assert!(
+            text.starts_with("memscope: pid 4242 (./server \\x1b[2J\\x1b]0;owned\\x07) over "),
+            "{text}"
+        );
+        assert!(
+            text.contains("  leak\\x1b[31m_site\\x0a <- handle_request <- main\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("warning: /lib/\\x1b[8mlibc.so\n"), "{text}");
     }
 }
