@@ -47,7 +47,11 @@ pub mod config {
     /// Non-zero once teardown has begun: the kernel side stops no process
     /// any more, so the set of held processes can only shrink.
     pub const STOPS_DISABLED: u32 = 2;
-    pub const SLOTS: u32 = 3;
+    /// Non-zero with `--follow image`: the allocator probes are on for
+    /// every process mapping the allocator's file, and the programs count
+    /// only the traced ones.
+    pub const FILTER_TRACED: u32 = 3;
+    pub const SLOTS: u32 = 4;
 }
 
 /// Processes followed at once (the target and its descendants).

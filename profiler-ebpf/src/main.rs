@@ -22,6 +22,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
     maps::HashMap,
+    EbpfContext as _,
     programs::{ProbeContext, RetProbeContext},
 };
 use profiler_common::{Counter, InFlightCall, MAX_IN_FLIGHT, STALE_CALL_NS, alloc_kind};
@@ -112,7 +113,51 @@ pub(crate) fn in_allocator_call() -> bool {
 /// userspace `multi_uprobe`).
 #[uprobe]
 pub fn alloc_enter(ctx: ProbeContext) -> u32 {
-    let kind = cookie(&ctx);
+    on_entry(&ctx);
+    0
+}
+
+/// Return of every allocator function with a return probe, by cookie.
+#[uretprobe]
+pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx);
+    0
+}
+
+/// Entry and return in one program, for a session link (Linux 6.13+):
+/// one link per process instead of two, so half the registrations to
+/// make and, at the end, to undo.
+///
+/// NB: written without `#[uprobe]`, whose wrapper always returns 0: the
+/// entry's return value is what tells the kernel to skip the return.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "uprobe/alloc_session")]
+pub fn alloc_session(ctx: *mut core::ffi::c_void) -> u32 {
+    let ctx = ProbeContext::new(ctx);
+    // SAFETY: the context is the kernel's; both reads are of its registers.
+    let (ip, probed) = unsafe {
+        (
+            (*ctx.regs).rip,
+            aya_ebpf::helpers::generated::bpf_get_func_ip(ctx.as_ptr()),
+        )
+    };
+    // NB: at the entry the saved ip is the probed address, or one past it
+    // (the int3); at the return it is the caller's return address, which
+    // cannot be within the callee's first instruction.
+    if ip.wrapping_sub(probed) <= 1 {
+        // Non-zero skips the return: free has none.
+        return u32::from(!on_entry(&ctx));
+    }
+    on_return(&RetProbeContext::new(ctx.as_ptr()));
+    0
+}
+
+/// Returns whether the function has a return to probe.
+fn on_entry(ctx: &ProbeContext) -> bool {
+    if !processes::counts_current() {
+        return false;
+    }
+    let kind = cookie(ctx);
     let arg = |n: usize| -> u64 { ctx.arg(n).unwrap_or(0) };
     match kind {
         alloc_kind::FREE => {
@@ -123,6 +168,7 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
             if ptr != 0 && !in_allocator_call() {
                 live::record_free(ptr);
             }
+            return false;
         }
         // aligned_alloc(alignment, size), memalign(alignment, size).
         alloc_kind::ALIGNED_ALLOC | alloc_kind::MEMALIGN => enter(arg(1), 0, kind),
@@ -139,27 +185,27 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
         // malloc(size), valloc(size), pvalloc(size).
         _ => enter(arg(0), 0, kind),
     }
-    0
+    true
 }
 
-/// Return of every allocator function with a return probe, by cookie.
-#[uretprobe]
-pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
-    let kind = cookie(&ctx);
+fn on_return(ctx: &RetProbeContext) {
+    if !processes::counts_current() {
+        return;
+    }
+    let kind = cookie(ctx);
     let Some(call) = take_call(kind) else {
-        return 0;
+        return;
     };
     match kind {
-        alloc_kind::REALLOC | alloc_kind::REALLOCARRAY => realloc_return(&ctx, call, kind),
-        alloc_kind::POSIX_MEMALIGN => posix_memalign_return(&ctx, call),
+        alloc_kind::REALLOC | alloc_kind::REALLOCARRAY => realloc_return(ctx, call, kind),
+        alloc_kind::POSIX_MEMALIGN => posix_memalign_return(ctx, call),
         _ => {
             let addr: u64 = ctx.ret();
             if addr != 0 {
-                live::record_alloc(&ctx, addr, call.size, kind, 0);
+                live::record_alloc(ctx, addr, call.size, kind, 0);
             }
         }
     }
-    0
 }
 
 fn realloc_return(ctx: &RetProbeContext, call: InFlightCall, kind: u32) {

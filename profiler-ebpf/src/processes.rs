@@ -38,6 +38,12 @@ fn current_tgid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
+/// Whether the allocator probes should count the current process: with
+/// `--follow image` they fire for every process that maps the allocator.
+pub fn counts_current() -> bool {
+    config(config::FILTER_TRACED) == 0 || is_traced(current_tgid())
+}
+
 pub fn is_traced(tgid: u32) -> bool {
     // SAFETY: read-only look-up.
     unsafe { TRACED.get(tgid) }.is_some()

@@ -136,6 +136,8 @@ pub enum ProbeLink {
     Multi(MultiLink),
     /// One perf-event uprobe (kernels before 6.6, and `_exit`'s stop).
     Perf(UProbeLink),
+    /// A lifecycle or mapped-memory tracepoint.
+    Tracepoint(aya::programs::trace_point::TracePointLink),
 }
 
 /// The probes on one process, and what they cannot see.
@@ -154,6 +156,9 @@ pub struct Programs<'a> {
     /// per function, then.
     pub multi: Option<&'a MultiPrograms>,
     pub sites: &'a mut SiteCache,
+    /// `--follow image`: probes on the file for every process that maps
+    /// it (the programs count only traced ones), instead of one process.
+    pub every_process: bool,
 }
 
 /// Probe sites by library file (device, inode): reading and parsing libc
@@ -377,7 +382,12 @@ pub fn attach_family(
     maps: &ProcessMaps,
     library: &Path,
 ) -> Result<Attached, AttachError> {
-    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::InvalidPid(pid))?);
+    let (scope, link_pid) = if programs.every_process {
+        (UProbeScope::AllProcesses, 0)
+    } else {
+        let pid = NonZeroU32::new(pid).ok_or(AttachError::InvalidPid(pid))?;
+        (UProbeScope::OneProcess(pid), pid.get())
+    };
     let host_path = maps.host_path(library);
     let mut sites = programs.sites.sites(&host_path, library)?;
     let mut links = Vec::new();
@@ -396,19 +406,15 @@ pub fn attach_family(
             }
             source => AttachError::Multi(source),
         };
-        let t0 = std::time::Instant::now();
-        links.push(ProbeLink::Multi(
+        let created = std::time::Instant::now();
+        links.extend(
             multi
-                .attach_return(&host_path, &sites.returns, pid)
-                .map_err(link_error)?,
-        ));
-        let t1 = std::time::Instant::now();
-        links.push(ProbeLink::Multi(
-            multi
-                .attach_entry(&host_path, &sites.entries, pid)
-                .map_err(link_error)?,
-        ));
-        tracing::debug!(pid, ret = ?(t1 - t0), entry = ?t1.elapsed(), "links created");
+                .attach(&host_path, &sites.entries, &sites.returns, link_pid)
+                .map_err(link_error)?
+                .into_iter()
+                .map(ProbeLink::Multi),
+        );
+        tracing::debug!(link_pid, cost = ?created.elapsed(), "links created");
     } else {
         load_programs(programs.ebpf)?;
         for (symbol, entry, ret) in std::mem::take(&mut sites.functions) {

@@ -3,7 +3,7 @@
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use memscope::{bpf::MapCapacity, units::parse_duration};
+use memscope::{bpf::MapCapacity, session::FollowMode, units::parse_duration};
 use profiler_common::{DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS};
 
 #[derive(Debug, Parser)]
@@ -89,12 +89,33 @@ pub struct ProfileArgs {
     /// Give each process (master, workers) its own site list in report.json.
     #[arg(long)]
     pub per_process: bool,
+    /// Where the allocator probes go. `process`: on each followed process
+    /// (nothing else traps; each fork costs a ~3 ms hold while its probes go
+    /// on). `image`: once on the allocator's file for every process that
+    /// maps it, counted only for the followed ones (forks cost no attach,
+    /// but every process on the host using that allocator traps on each
+    /// call: for dedicated hosts, CI and containers).
+    #[arg(long, value_enum, default_value_t = Follow::Process, value_name = "MODE")]
+    pub follow: Follow,
     /// Distinct call stacks recorded (kernel memory: about 1 KiB each).
     #[arg(long, default_value_t = DEFAULT_MAX_STACKS, value_name = "N")]
     pub max_stacks: u32,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Follow {
+    Process,
+    Image,
+}
+
 impl ProfileArgs {
+    pub fn follow_mode(&self) -> FollowMode {
+        match self.follow {
+            Follow::Process => FollowMode::Process,
+            Follow::Image => FollowMode::Image,
+        }
+    }
+
     pub fn capacity(&self) -> MapCapacity {
         MapCapacity {
             max_live: self.max_live,

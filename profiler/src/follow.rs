@@ -7,7 +7,7 @@ use std::path::Path;
 use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData},
-    programs::TracePoint,
+    programs::{TracePoint, trace_point::TracePointLink},
 };
 use profiler_common::{config, map_names};
 
@@ -74,7 +74,11 @@ const MAPPED_MEMORY: [(&str, &str, &str); 6] = [
 /// Writes the tracepoint field offsets and attaches the lifecycle and
 /// mapped-memory tracepoints; with `follow_children`, forks of traced
 /// processes too. All of them act only for traced processes.
-pub fn attach_lifecycle(ebpf: &mut Ebpf, follow_children: bool) -> Result<(), FollowError> {
+pub fn attach_lifecycle(
+    ebpf: &mut Ebpf,
+    follow_children: bool,
+    filter_traced: bool,
+) -> Result<Vec<TracePointLink>, FollowError> {
     ensure_tracefs()?;
     let fork_child = field_offset("sched", "sched_process_fork", "child_pid")?;
     // Older kernels lack group_dead: the program then takes the exit of the
@@ -92,6 +96,7 @@ pub fn attach_lifecycle(ebpf: &mut Ebpf, follow_children: bool) -> Result<(), Fo
     for (slot, value) in [
         (config::FORK_CHILD_PID_OFFSET, fork_child),
         (config::EXIT_GROUP_DEAD_OFFSET, exit_group_dead),
+        (config::FILTER_TRACED, u32::from(filter_traced)),
     ] {
         config_map
             .set(slot, value, 0)
@@ -105,6 +110,7 @@ pub fn attach_lifecycle(ebpf: &mut Ebpf, follow_children: bool) -> Result<(), Fo
     } else {
         &[]
     };
+    let mut links = Vec::new();
     for (program, category, name) in LIFECYCLE.iter().chain(forks).chain(&MAPPED_MEMORY) {
         let tracepoint: &mut TracePoint = ebpf
             .program_mut(program)
@@ -115,9 +121,12 @@ pub fn attach_lifecycle(ebpf: &mut Ebpf, follow_children: bool) -> Result<(), Fo
             source,
         };
         tracepoint.load().map_err(attach_error)?;
-        tracepoint.attach(category, name).map_err(attach_error)?;
+        let link = tracepoint.attach(category, name).map_err(attach_error)?;
+        // Owned apart from the program, so teardown detaches them all at
+        // once (each detach waits ~70 ms for the kernel here).
+        links.push(tracepoint.take_link(link).map_err(attach_error)?);
     }
-    Ok(())
+    Ok(links)
 }
 
 /// Marks `pid` as traced: its forks, exec and exit are reported.

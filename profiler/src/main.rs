@@ -101,6 +101,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         duration: args.duration,
         follow_children: !args.no_children,
         per_process_sites: args.per_process,
+        follow_mode: args.follow_mode(),
     };
     let mut session = Session::start(&spec, &options)?;
     // The command line and library path are the target's to choose; escaped,
@@ -135,7 +136,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     let reason = session.wait(options.duration).await?;
+    let ended = std::time::Instant::now();
     let report = session.report()?;
+    tracing::info!("report built in {:?}", ended.elapsed());
     let dir = args
         .output
         .clone()

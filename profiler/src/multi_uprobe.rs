@@ -28,14 +28,20 @@ use aya::{Ebpf, maps::Map};
 /// The programs, by name in memscope's object.
 pub const ENTRY_PROGRAM: &str = "alloc_enter";
 pub const RETURN_PROGRAM: &str = "alloc_exit";
+/// Entry and return in one program, for session links.
+pub const SESSION_PROGRAM: &str = "alloc_session";
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
 const BPF_TRACE_UPROBE_MULTI: u32 = 48;
+/// A multi-uprobe link whose program runs at entry and, unless it returned
+/// non-zero there, at return too.
+const BPF_TRACE_UPROBE_SESSION: u32 = 57;
 const BPF_F_UPROBE_MULTI_RETURN: u32 = 1;
-/// The first kernel with multi-uprobe links.
+/// The first kernels with multi-uprobe links, and with session links.
 const FIRST_KERNEL: (u32, u32) = (6, 6);
+const FIRST_SESSION_KERNEL: (u32, u32) = (6, 13);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MultiUprobeError {
@@ -99,9 +105,11 @@ struct UprobeMultiLinkAttr {
 
 /// The allocator programs, loaded for multi-uprobe links.
 #[derive(Debug)]
-pub struct MultiPrograms {
-    entry: OwnedFd,
-    exit: OwnedFd,
+pub enum MultiPrograms {
+    /// One session link per process and file (Linux 6.13+).
+    Session(OwnedFd),
+    /// An entry link and a return link.
+    Pair { entry: OwnedFd, exit: OwnedFd },
 }
 
 /// One probe point of a link: a file offset and the cookie its program
@@ -118,17 +126,21 @@ pub struct MultiLink(#[expect(dead_code, reason = "held for its Drop")] OwnedFd)
 
 /// Whether the running kernel has multi-uprobe links.
 pub fn supported() -> bool {
+    kernel_version().is_some_and(|version| version >= FIRST_KERNEL)
+}
+
+fn kernel_version() -> Option<(u32, u32)> {
     let mut uts: libc::utsname = unsafe {
         // SAFETY: utsname is plain bytes; all-zero is valid.
         std::mem::zeroed()
     };
     // SAFETY: uname fills the struct it is given.
     if unsafe { libc::uname(&mut uts) } != 0 {
-        return false;
+        return None;
     }
     // SAFETY: uname NUL-terminates release.
     let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
-    parse_release(&release.to_string_lossy()).is_some_and(|version| version >= FIRST_KERNEL)
+    parse_release(&release.to_string_lossy())
 }
 
 fn parse_release(release: &str) -> Option<(u32, u32)> {
@@ -165,7 +177,7 @@ impl MultiPrograms {
         obj.relocate_calls(&text_sections)
             .map_err(relocate_error(ENTRY_PROGRAM))?;
         obj.sanitize_functions(aya::features());
-        let load = |name: &'static str| -> Result<OwnedFd, MultiUprobeError> {
+        let load = |name: &'static str, attach_type| -> Result<OwnedFd, MultiUprobeError> {
             let program = obj
                 .programs
                 .get(name)
@@ -177,32 +189,54 @@ impl MultiPrograms {
                         program: name,
                         message: "no code".into(),
                     })?;
-            load_program(name, &function.instructions)
+            load_program(name, &function.instructions, attach_type)
         };
-        Ok(Self {
-            entry: load(ENTRY_PROGRAM)?,
-            exit: load(RETURN_PROGRAM)?,
+        if kernel_version().is_some_and(|version| version >= FIRST_SESSION_KERNEL) {
+            return Ok(Self::Session(load(
+                SESSION_PROGRAM,
+                BPF_TRACE_UPROBE_SESSION,
+            )?));
+        }
+        Ok(Self::Pair {
+            entry: load(ENTRY_PROGRAM, BPF_TRACE_UPROBE_MULTI)?,
+            exit: load(RETURN_PROGRAM, BPF_TRACE_UPROBE_MULTI)?,
         })
     }
 
-    /// Puts the entry program on `points` of `path`, for process `pid`.
-    pub fn attach_entry(
+    /// Puts the programs on `entries` (and `returns`, a subset of their
+    /// offsets) of `path`, for process `pid` (0: every process).
+    /// NB: a pair links its returns first. A call caught between the two
+    /// then only misses its return (counted); the other order would leave
+    /// an entry that no return consumes, blocking the thread's slot.
+    pub fn attach(
         &self,
         path: &Path,
-        points: &[ProbePoint],
+        entries: &[ProbePoint],
+        returns: &[ProbePoint],
         pid: u32,
-    ) -> Result<MultiLink, MultiUprobeError> {
-        link(&self.entry, path, points, pid, 0)
-    }
-
-    /// Puts the return program on `points` of `path`, for process `pid`.
-    pub fn attach_return(
-        &self,
-        path: &Path,
-        points: &[ProbePoint],
-        pid: u32,
-    ) -> Result<MultiLink, MultiUprobeError> {
-        link(&self.exit, path, points, pid, BPF_F_UPROBE_MULTI_RETURN)
+    ) -> Result<Vec<MultiLink>, MultiUprobeError> {
+        match self {
+            // The session program asks for the returns it needs.
+            Self::Session(program) => Ok(vec![link(
+                program,
+                BPF_TRACE_UPROBE_SESSION,
+                path,
+                entries,
+                pid,
+                0,
+            )?]),
+            Self::Pair { entry, exit } => Ok(vec![
+                link(
+                    exit,
+                    BPF_TRACE_UPROBE_MULTI,
+                    path,
+                    returns,
+                    pid,
+                    BPF_F_UPROBE_MULTI_RETURN,
+                )?,
+                link(entry, BPF_TRACE_UPROBE_MULTI, path, entries, pid, 0)?,
+            ]),
+        }
     }
 }
 
@@ -220,6 +254,7 @@ fn bpf(command: libc::c_long, attr: *const u8, size: usize) -> std::io::Result<O
 fn load_program(
     name: &'static str,
     instructions: &[aya_obj::generated::bpf_insn],
+    attach_type: u32,
 ) -> Result<OwnedFd, MultiUprobeError> {
     const LICENSE: &std::ffi::CStr = c"GPL";
     let mut prog_name = [0u8; 16];
@@ -243,7 +278,7 @@ fn load_program(
             prog_flags: 0,
             prog_name,
             prog_ifindex: 0,
-            expected_attach_type: BPF_TRACE_UPROBE_MULTI,
+            expected_attach_type: attach_type,
         };
         bpf(
             BPF_PROG_LOAD,
@@ -276,6 +311,7 @@ fn load_program(
 
 fn link(
     program: &OwnedFd,
+    attach_type: u32,
     path: &Path,
     points: &[ProbePoint],
     pid: u32,
@@ -292,7 +328,7 @@ fn link(
     let attr = UprobeMultiLinkAttr {
         prog_fd: program.as_fd().as_raw_fd() as u32,
         target_fd: 0,
-        attach_type: BPF_TRACE_UPROBE_MULTI,
+        attach_type,
         flags: 0,
         path: c_path.as_ptr() as u64,
         offsets: offsets.as_ptr() as u64,

@@ -12,6 +12,7 @@ mod example;
 mod leak_basic;
 mod mapped;
 mod output;
+mod process_trees;
 mod processes;
 mod python;
 mod rust_fixture;

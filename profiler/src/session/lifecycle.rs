@@ -15,6 +15,7 @@ use crate::{
     holds::{HOLD_BUDGET_NS, monotonic_ns},
     process_maps::ProcessMaps,
     processes::{self, Following, ProcessRecord},
+    session::FollowMode,
     target::{self, TargetError},
 };
 
@@ -91,7 +92,7 @@ impl Session {
     /// let it go unprobed when that cannot be done within the budget.
     fn forked(&mut self, event: ProcessEvent) {
         let (pid, ppid) = (event.pid, event.ppid);
-        if self.tearing_down || self.links.contains_key(&pid) {
+        if self.tearing_down || self.alive.contains(&pid) {
             // Ending, or found already by the scan of the tree at attach.
             self.holds.release(pid);
             return;
@@ -184,7 +185,9 @@ impl Session {
     pub(super) fn probe_late_allocators(&mut self, seen: Vec<(u32, ProcessMaps)>) {
         for (pid, maps) in seen {
             if let Some(image) = allocator::replacement_library(&maps)
-                && !self.probed_images.contains(&(pid, image.path.clone()))
+                && !self
+                    .probed_images
+                    .contains(&(self.probe_owner(pid), image.path.clone()))
             {
                 self.warnings.push(format!(
                     "pid {pid} loaded {} after its start: its allocations before memscope saw it are not counted",
@@ -204,11 +207,12 @@ impl Session {
         image: &allocator::AllocatorImage,
         how: &str,
     ) {
-        if !self.probed_images.insert((pid, image.path.clone())) {
+        let owner = self.probe_owner(pid);
+        if !self.probed_images.insert((owner, image.path.clone())) {
             return;
         }
         match attach::attach_image(&mut self.programs(), pid, maps, exe, image) {
-            Ok(attached) => self.keep(pid, attached, true),
+            Ok(attached) => self.keep(owner, attached, true),
             Err(error) => self
                 .warnings
                 .push(format!("pid {pid} {how} {}: {error}", image.path.display())),
@@ -241,12 +245,15 @@ impl Session {
         self.links.entry(pid).or_default().extend(attached.links);
     }
 
-    /// Puts the allocator probes on a new child and gives it its parent's
-    /// live set.
-    fn follow_child(&mut self, pid: u32, ppid: u32, fork_ns: u64) -> Result<(), SessionError> {
-        let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
-        // A fork copies the address space: the child calls the allocators
-        // its parent did, all probed already, so nothing is looked up again.
+    /// Puts on a forked child the probes its parent has. A fork copies the
+    /// address space: the child calls the allocators its parent did, all
+    /// probed already, so nothing is looked up again.
+    fn probe_like_parent(
+        &mut self,
+        pid: u32,
+        ppid: u32,
+        maps: &ProcessMaps,
+    ) -> Result<(), SessionError> {
         let mut images: Vec<PathBuf> = self
             .probed_images
             .iter()
@@ -254,12 +261,12 @@ impl Session {
             .map(|(_, image)| image.clone())
             .collect();
         if images.is_empty() {
-            let (image, attached) = attach::attach_allocator(&mut self.programs(), pid, &maps)?;
+            let (image, attached) = attach::attach_allocator(&mut self.programs(), pid, maps)?;
             self.keep(pid, attached, false);
             images.push(image.path);
         } else {
             for image in &images {
-                let attached = attach::attach_family(&mut self.programs(), pid, &maps, image)?;
+                let attached = attach::attach_family(&mut self.programs(), pid, maps, image)?;
                 // A child's probes are its parent's again: not listed twice.
                 self.keep(pid, attached, false);
             }
@@ -267,9 +274,17 @@ impl Session {
         // Probed: a maps refresh must not probe them again.
         self.probed_images
             .extend(images.into_iter().map(|image| (pid, image)));
-        let copy_started = Instant::now();
+        Ok(())
+    }
+
+    /// Puts the allocator probes on a new child (unless they are on every
+    /// process, `--follow image`) and gives it its parent's live set.
+    fn follow_child(&mut self, pid: u32, ppid: u32, fork_ns: u64) -> Result<(), SessionError> {
+        let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
+        if self.follow_mode == FollowMode::Process {
+            self.probe_like_parent(pid, ppid, &maps)?;
+        }
         let inherited = processes::copy_live_set(&mut self.ebpf, ppid, pid, fork_ns)?;
-        tracing::debug!(pid, cost = ?copy_started.elapsed(), "live set copied");
         processes::merge_adjustments(&mut self.adjustments, inherited);
         self.symbolizer.update_maps(maps);
         self.alive.insert(pid);

@@ -42,6 +42,16 @@ use crate::{
     watchdog::{Watchdog, WatchdogError},
 };
 
+/// Resolves when the root's pidfd is readable (it exited); never without one.
+async fn root_exit(exited: &Option<AsyncFd<OwnedFd>>) {
+    match exited {
+        Some(fd) => {
+            let _ = fd.readable().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// How often the target's mappings are re-read while it runs, so that code
 /// it maps later (dlopen) can be symbolized after it exits.
 const MAPS_REFRESH: Duration = Duration::from_millis(500);
@@ -55,6 +65,19 @@ pub enum TargetSpec {
     Attach(u32),
 }
 
+/// Where the allocator probes go (`--follow`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FollowMode {
+    /// On each followed process: nothing else on the host traps, but each
+    /// fork costs an attach (and a detach at its exit).
+    #[default]
+    Process,
+    /// On the allocator's file, for every process that maps it, counted
+    /// only for the followed ones: a fork costs no attach, but every
+    /// process on the host using that allocator traps on each call.
+    Image,
+}
+
 #[derive(Clone, Debug)]
 pub struct SessionOptions {
     pub capacity: MapCapacity,
@@ -64,6 +87,7 @@ pub struct SessionOptions {
     pub follow_children: bool,
     /// Give each process its own site list in the report.
     pub per_process_sites: bool,
+    pub follow_mode: FollowMode,
 }
 
 impl Default for SessionOptions {
@@ -73,6 +97,7 @@ impl Default for SessionOptions {
             duration: None,
             follow_children: true,
             per_process_sites: false,
+            follow_mode: FollowMode::Process,
         }
     }
 }
@@ -150,6 +175,8 @@ struct Kernel {
     ebpf: Ebpf,
     multi: Option<MultiPrograms>,
     sites: SiteCache,
+    follow_mode: FollowMode,
+    tracepoints: Vec<ProbeLink>,
     holds: Holds,
     watchdog: Watchdog,
 }
@@ -182,11 +209,20 @@ impl Kernel {
         })?;
         let watchdog = Watchdog::spawn(&exe, held_id, HOLD_BUDGET_NS)?;
         let holds = Holds::new(held).map_err(map_error)?;
-        follow::attach_lifecycle(&mut ebpf, options.follow_children)?;
+        let tracepoints = follow::attach_lifecycle(
+            &mut ebpf,
+            options.follow_children,
+            options.follow_mode == FollowMode::Image,
+        )?
+        .into_iter()
+        .map(ProbeLink::Tracepoint)
+        .collect();
         Ok(Self {
             ebpf,
             multi,
             sites: SiteCache::default(),
+            follow_mode: options.follow_mode,
+            tracepoints,
             holds,
             watchdog,
         })
@@ -197,6 +233,7 @@ impl Kernel {
             ebpf: &mut self.ebpf,
             multi: self.multi.as_ref(),
             sites: &mut self.sites,
+            every_process: self.follow_mode == FollowMode::Image,
         }
     }
 }
@@ -206,6 +243,9 @@ pub struct Session {
     ebpf: Ebpf,
     multi: Option<MultiPrograms>,
     sites: SiteCache,
+    follow_mode: FollowMode,
+    /// Detached with the probes at the end.
+    tracepoints: Vec<ProbeLink>,
     /// Processes the kernel side stopped; continued by `lifecycle`.
     holds: Holds,
     /// It continues whatever memscope leaves held, once memscope is gone.
@@ -284,7 +324,9 @@ impl Session {
                 };
                 let mut session = Self::new(kernel, target, options, (started, signals))?;
                 session.attach_costs.push(attach_started.elapsed());
-                session.probed_images.insert((pid, image.path));
+                session
+                    .probed_images
+                    .insert((session.probe_owner(pid), image.path));
                 if options.follow_children {
                     session.attach_descendants();
                 }
@@ -325,7 +367,9 @@ impl Session {
                     maps,
                 };
                 let mut session = Self::new(kernel, target, options, (started, signals))?;
-                session.probed_images.insert((pid, image.path));
+                session
+                    .probed_images
+                    .insert((session.probe_owner(pid), image.path));
                 if let Some(record) = session.processes.first_mut() {
                     record.following = Following::Started;
                 }
@@ -344,6 +388,8 @@ impl Session {
             mut ebpf,
             multi,
             sites,
+            follow_mode,
+            tracepoints,
             holds,
             watchdog,
         } = kernel;
@@ -374,6 +420,8 @@ impl Session {
             ebpf,
             multi,
             sites,
+            follow_mode,
+            tracepoints,
             holds,
             _watchdog: watchdog,
             pid,
@@ -399,7 +447,14 @@ impl Session {
             per_process_sites: options.per_process_sites,
             warnings,
             probed_images: std::collections::HashSet::new(),
-            links: std::collections::HashMap::from([(pid, links)]),
+            links: std::collections::HashMap::from([(
+                if follow_mode == FollowMode::Image {
+                    0
+                } else {
+                    pid
+                },
+                links,
+            )]),
             detacher: attach::Detacher::default(),
             attach_costs: Vec::new(),
             exited_in_live_map: std::collections::HashSet::new(),
@@ -413,6 +468,16 @@ impl Session {
             ebpf: &mut self.ebpf,
             multi: self.multi.as_ref(),
             sites: &mut self.sites,
+            every_process: self.follow_mode == FollowMode::Image,
+        }
+    }
+
+    /// Whose probes serve `pid`: its own, or with `--follow image` the
+    /// probes on every process (owner 0).
+    fn probe_owner(&self, pid: u32) -> u32 {
+        match self.follow_mode {
+            FollowMode::Process => pid,
+            FollowMode::Image => 0,
         }
     }
 
@@ -447,10 +512,22 @@ impl Session {
         } = self.signals.take().ok_or_else(|| {
             watch_error(std::io::Error::other("the session was already waited for"))
         })?;
-        let exit_fd: OwnedFd = target::exit_notifier(self.pid).map_err(watch_error)?;
-        // SAFETY: the pidfd is owned by the AsyncFd and closed only when it drops.
-        let exited = unsafe { AsyncFd::register(exit_fd) }
-            .map_err(|e| watch_error(std::io::Error::other(e.to_string())))?;
+        // A root that is gone already (exited and reaped by its parent)
+        // has no pidfd: it simply exited.
+        let exited = match target::exit_notifier(self.pid) {
+            Ok(exit_fd) => {
+                // SAFETY: the pidfd is owned by the AsyncFd and closed only when it drops.
+                Some(
+                    unsafe { AsyncFd::register(exit_fd) }
+                        .map_err(|e| watch_error(std::io::Error::other(e.to_string())))?,
+                )
+            }
+            Err(error) if error.raw_os_error() == Some(libc::ESRCH) && !self.is_child => {
+                self.process_exited(self.pid);
+                None
+            }
+            Err(error) => return Err(watch_error(error)),
+        };
         let deadline =
             tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::from(u32::MAX))));
         tokio::pin!(deadline);
@@ -468,7 +545,7 @@ impl Session {
             }
             let root_alive = self.alive.contains(&self.pid);
             tokio::select! {
-                _ = exited.readable(), if root_alive => self.process_exited(self.pid),
+                _ = root_exit(&exited), if root_alive => self.process_exited(self.pid),
                 guard = lifecycle::readable(&mut events) => {
                     if let Ok(mut guard) = guard {
                         self.drain_events(guard.get_inner_mut());

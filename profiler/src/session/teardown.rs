@@ -46,6 +46,7 @@ impl Drop for Session {
         let links: Vec<ProbeLink> = std::mem::take(&mut self.links)
             .into_values()
             .flatten()
+            .chain(std::mem::take(&mut self.tracepoints))
             .collect();
         if links.len() > 100 {
             eprintln!(

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use super::Session;
+use super::{FollowMode, Session};
 use crate::{
     attach, follow,
     process_maps::ProcessMaps,
@@ -50,17 +50,25 @@ impl Session {
     /// Puts the probes on a process that is already running.
     fn attach_running(&mut self, pid: u32, ppid: u32) {
         let started = Instant::now();
+        let image_mode = self.follow_mode == FollowMode::Image;
         let attached = ProcessMaps::read(pid)
             .map_err(|_| target::TargetError::NoSuchProcess(pid).into())
             .and_then(|maps| {
-                let (image, attached) = attach::attach_allocator(&mut self.programs(), pid, &maps)?;
-                Ok::<_, super::SessionError>((image, attached, maps))
+                // With --follow image, being traced is all it takes.
+                let attached = if image_mode {
+                    None
+                } else {
+                    Some(attach::attach_allocator(&mut self.programs(), pid, &maps)?)
+                };
+                Ok::<_, super::SessionError>((attached, maps))
             });
         match attached {
-            Ok((image, attached, maps)) => {
+            Ok((attached, maps)) => {
                 self.attach_costs.push(started.elapsed());
-                self.probed_images.insert((pid, image.path));
-                self.keep(pid, attached, false);
+                if let Some((image, attached)) = attached {
+                    self.probed_images.insert((pid, image.path));
+                    self.keep(pid, attached, false);
+                }
                 self.symbolizer.update_maps(maps);
                 self.alive.insert(pid);
                 self.processes.push(ProcessRecord {

@@ -1,0 +1,356 @@
+//! Process trees on a live system: workers that exist before attach, a
+//! fork storm, many processes at once, and nothing left stopped however
+//! memscope ends.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::process::CommandExt as _,
+    process::{Child, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use memscope::processes::Following;
+
+use crate::support::*;
+
+/// `memscope attach PID` (with `extra` arguments); returns once the probes
+/// are on (its banner is printed after every process of the tree has them).
+fn attach(
+    test: &str,
+    pid: u32,
+    extra: &[&str],
+    nofile: Option<u64>,
+) -> (Child, std::path::PathBuf) {
+    let dir = output_dir(test);
+    let mut command = Command::new(MEMSCOPE);
+    command
+        .arg("attach")
+        .arg("-o")
+        .arg(&dir)
+        .args(extra)
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(limit) = nofile {
+        // SAFETY: setrlimit is async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                let rlimit = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+    }
+    let mut memscope = command.spawn().expect("memscope starts");
+    let mut stderr = BufReader::new(memscope.stderr.take().expect("stderr"));
+    let mut banner = String::new();
+    stderr.read_line(&mut banner).expect("memscope banner");
+    assert!(banner.starts_with("memscope: profiling pid"), "{banner}");
+    // Keep draining stderr so memscope never blocks on it.
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            eprintln!("[memscope] {line}");
+        }
+    });
+    (memscope, dir)
+}
+
+/// The pre-fork fixture with `workers` workers, and its "ready" line's pids.
+fn prefork(workers: usize) -> (Child, Vec<u32>) {
+    let mut server = Command::new(fixture("prefork_attach"))
+        .arg(workers.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("fixture starts");
+    let mut out = BufReader::new(server.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("handshake");
+    let pids: Vec<u32> = line
+        .strip_prefix("ready ")
+        .expect("ready line")
+        .split_whitespace()
+        .map(|p| p.parse().expect("pid"))
+        .collect();
+    assert_eq!(pids.len(), workers + 1, "{line}");
+    (server, pids)
+}
+
+fn release(server: &mut Child) {
+    server
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("release the workers");
+}
+
+/// Bytes worker `i` of the pre-fork fixture leaks.
+fn worker_leak(i: usize) -> u64 {
+    (i as u64 % 3 + 1) * 10 * 4096
+}
+
+/// Processes in state T (stopped) among `pid` and its descendants.
+fn stopped_in_tree(pid: u32) -> Vec<u32> {
+    let tree: Vec<_> = memscope::proc_tree::descendants(pid)
+        .into_iter()
+        .map(|node| node.pid)
+        .chain([pid])
+        .collect();
+    tree.into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let after = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+                    Some(after == 'T')
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Check that attaching to a pre-fork master profiles the workers it
+/// forked before memscope came, each exactly.
+#[test]
+fn attach_profiles_workers_forked_before_it() {
+    if !bpf_available() {
+        return;
+    }
+    let (mut server, pids) = prefork(3);
+    let (mut memscope, dir) = attach("prefork-attach", pids[0], &[], None);
+    release(&mut server);
+    assert!(server.wait().expect("fixture exits").success());
+    assert!(memscope.wait().expect("memscope exits").success());
+
+    let report = read_report(&dir);
+    for (i, &worker) in pids[1..].iter().enumerate() {
+        let process = report
+            .processes
+            .iter()
+            .find(|p| p.pid == worker)
+            .unwrap_or_else(|| panic!("worker {worker} missing: {:?}", report.processes));
+        assert_eq!(process.ppid, Some(pids[0]));
+        assert_eq!(process.following, Following::Attached);
+        assert_eq!(process.totals.live_bytes, worker_leak(i), "worker {i}");
+    }
+    let total: u64 = (0..3).map(worker_leak).sum();
+    assert_eq!(
+        figures(site(&report, "worker_leak_site")),
+        (total, 60, total, 60)
+    );
+    assert_eq!(report.completeness.unfollowed_processes, 0);
+    assert_nothing_lost(&report);
+}
+
+/// The fork-storm fixture and its output, with its fork rate per second.
+struct Storm {
+    child: Child,
+    out: BufReader<ChildStdout>,
+}
+
+impl Storm {
+    fn start() -> Self {
+        let mut child = Command::new(fixture("fork_storm"))
+            .arg("10000")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("fixture starts");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("pid line");
+        Self { child, out }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Forks per second over the next `seconds` of its reports.
+    fn rate(&mut self, seconds: usize) -> f64 {
+        let mut forks = Vec::new();
+        let mut line = String::new();
+        while forks.len() <= seconds {
+            line.clear();
+            self.out.read_line(&mut line).expect("forks line");
+            if let Some(n) = line.strip_prefix("forks ") {
+                forks.push(n.trim().parse::<f64>().expect("count"));
+            }
+        }
+        (forks[seconds] - forks[0]) / seconds as f64
+    }
+}
+
+impl Drop for Storm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Attaches to the fork storm, ends memscope with `signal`, and checks
+/// that no process of the tree is stopped a second later.
+fn storm_survives(test: &str, signal: i32, extra: &[&str]) -> Option<memscope::report::Report> {
+    let mut storm = Storm::start();
+    let untraced = storm.rate(2);
+    let (memscope, dir) = attach(test, storm.pid(), extra, None);
+    let traced = storm.rate(3);
+    eprintln!(
+        "fork rate: {untraced:.0}/s untraced, {traced:.0}/s under memscope {extra:?} ({:.0}%)",
+        100.0 * traced / untraced
+    );
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(memscope.id() as i32, signal) };
+    let mut memscope = memscope;
+    let status = memscope.wait().expect("memscope exits");
+    std::thread::sleep(Duration::from_secs(1));
+    let stopped = stopped_in_tree(storm.pid());
+    assert!(stopped.is_empty(), "stopped after memscope: {stopped:?}");
+    assert!(storm.rate(1) > 0.0, "the target stopped forking");
+    (signal != libc::SIGKILL).then(|| {
+        assert!(status.success(), "memscope: {status}");
+        read_report(&dir)
+    })
+}
+
+/// Every child the storm forked under the probes made one malloc(256).
+fn assert_storm_children_exact(report: &memscope::report::Report) {
+    let count = |state, exited: bool| {
+        report
+            .processes
+            .iter()
+            .filter(|p| p.following == state && (!exited || p.exited_s.is_some()))
+            .count() as u64
+    };
+    let (forked, late) = (
+        count(Following::Forked, false),
+        count(Following::Late, false),
+    );
+    // A child that exited under its probes made its call; one still
+    // running at the end may not have yet.
+    let exited = count(Following::Forked, true);
+    assert!(exited > 0, "no child followed: {:?}", report.completeness);
+    let child = site(report, "child");
+    assert!(
+        (exited..=forked + late).contains(&child.alloc_count),
+        "{} allocations from {forked} followed ({exited} exited) and {late} late children",
+        child.alloc_count
+    );
+    assert_eq!(child.alloc_bytes, 256 * child.alloc_count);
+    eprintln!(
+        "followed {forked} children, {late} late, {} unfollowed",
+        report.completeness.unfollowed_processes
+    );
+}
+
+#[test]
+fn fork_storm_is_left_running_after_ctrl_c() {
+    if !bpf_available() {
+        return;
+    }
+    let report = storm_survives("storm-int", libc::SIGINT, &[]).expect("report");
+    assert_storm_children_exact(&report);
+}
+
+#[test]
+fn fork_storm_is_left_running_after_sigterm() {
+    if !bpf_available() {
+        return;
+    }
+    let report = storm_survives("storm-term", libc::SIGTERM, &[]).expect("report");
+    assert_storm_children_exact(&report);
+}
+
+#[test]
+fn fork_storm_is_left_running_after_sigkill() {
+    if !bpf_available() {
+        return;
+    }
+    storm_survives("storm-kill", libc::SIGKILL, &[]);
+}
+
+/// Check that with the probes on the allocator's file (`--follow image`)
+/// a fork costs no attach, every child is counted, and nothing is left
+/// stopped.
+#[test]
+fn fork_storm_is_followed_with_probes_on_the_image() {
+    if !bpf_available() {
+        return;
+    }
+    let report =
+        storm_survives("storm-image", libc::SIGINT, &["--follow", "image"]).expect("report");
+    assert_storm_children_exact(&report);
+    storm_survives("storm-image-kill", libc::SIGKILL, &["--follow", "image"]);
+}
+
+/// Check that `--follow image` profiles running workers exactly too.
+#[test]
+fn attach_with_probes_on_the_image_profiles_workers_exactly() {
+    if !bpf_available() {
+        return;
+    }
+    let (mut server, pids) = prefork(3);
+    let (mut memscope, dir) = attach("prefork-image", pids[0], &["--follow", "image"], None);
+    release(&mut server);
+    assert!(server.wait().expect("fixture exits").success());
+    assert!(memscope.wait().expect("memscope exits").success());
+    let report = read_report(&dir);
+    for (i, &worker) in pids[1..].iter().enumerate() {
+        let process = report
+            .processes
+            .iter()
+            .find(|p| p.pid == worker)
+            .expect("worker");
+        assert_eq!(process.totals.live_bytes, worker_leak(i), "worker {i}");
+    }
+    assert_nothing_lost(&report);
+}
+
+/// Check that 200 running workers are all followed under a 1024-descriptor
+/// limit, exactly, and that memscope lets go of them quickly.
+#[test]
+fn two_hundred_workers_are_followed_exactly_and_torn_down_quickly() {
+    if !bpf_available() {
+        return;
+    }
+    const WORKERS: usize = 200;
+    let (mut server, pids) = prefork(WORKERS);
+    let (mut memscope, dir) = attach("tree-200", pids[0], &[], Some(1024));
+    // Teardown with all of them alive and probed.
+    let interrupted = Instant::now();
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(memscope.id() as i32, libc::SIGINT) };
+    assert!(memscope.wait().expect("memscope exits").success());
+    let teardown = interrupted.elapsed();
+    eprintln!(
+        "teardown of {} followed processes: {teardown:?}",
+        WORKERS + 1
+    );
+    assert!(
+        teardown < Duration::from_secs(2),
+        "teardown took {teardown:?}"
+    );
+    let report = read_report(&dir);
+    let attached = report
+        .processes
+        .iter()
+        .filter(|p| p.following == Following::Attached)
+        .count();
+    assert_eq!(attached, WORKERS + 1, "{:?}", report.completeness);
+
+    // And again, through the workers' leaks.
+    let (mut memscope, dir) = attach("tree-200-leaks", pids[0], &[], Some(1024));
+    release(&mut server);
+    assert!(server.wait().expect("fixture exits").success());
+    assert!(memscope.wait().expect("memscope exits").success());
+    let report = read_report(&dir);
+    let total: u64 = (0..WORKERS).map(worker_leak).sum();
+    assert_eq!(site(&report, "worker_leak_site").live_bytes, total);
+    assert_eq!(report.completeness.unfollowed_processes, 0);
+    assert_nothing_lost(&report);
+}
