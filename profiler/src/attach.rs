@@ -282,7 +282,10 @@ pub fn attach_allocator(
     pid: u32,
     maps: &ProcessMaps,
 ) -> Result<(AllocatorImage, Attached), AttachError> {
-    let exe = allocator::executable(pid);
+    // A command memscope started is memscope itself until its exec (whose
+    // image is checked again): not a program to look into.
+    let exe =
+        allocator::executable(pid).filter(|exe| std::env::current_exe().ok().as_ref() != Some(exe));
     let image = allocator::locate(maps, exe.as_deref())?;
     let attached = attach_image(programs, pid, maps, exe.as_deref(), &image)?;
     Ok((image, attached))
@@ -291,6 +294,8 @@ pub fn attach_allocator(
 /// Where each function of the family is probed in one library.
 #[derive(Clone, Debug)]
 pub struct FamilySites {
+    /// `_exit`, where a started command is stopped before its mappings go.
+    exit: Option<ProbePoint>,
     probes: Vec<AttachedProbe>,
     entries: Vec<ProbePoint>,
     returns: Vec<ProbePoint>,
@@ -300,6 +305,10 @@ pub struct FamilySites {
 
 fn family_sites(elf: &object::File<'_>, library: &Path) -> Result<FamilySites, AttachError> {
     let mut sites = FamilySites {
+        exit: resolve(elf, "_exit").map(|symbol| ProbePoint {
+            file_offset: symbol.file_offset,
+            cookie: 0,
+        }),
         probes: Vec::new(),
         entries: Vec::new(),
         returns: Vec::new(),
@@ -449,7 +458,7 @@ pub fn attach_family(
 /// read after its last allocation and before they are gone. Only for a
 /// command memscope started: the stop is seen by its parent.
 pub fn attach_exit_stop(
-    ebpf: &mut Ebpf,
+    programs: &mut Programs<'_>,
     pid: u32,
     maps: &ProcessMaps,
 ) -> Result<Option<ProbeLink>, AttachError> {
@@ -462,7 +471,15 @@ pub fn attach_exit_stop(
         return Ok(None);
     };
     let host_path = maps.host_path(library);
-    let program = uprobe(ebpf, PROGRAM)?;
+    if let Some(multi) = programs.multi {
+        let Some(point) = programs.sites.sites(&host_path, library)?.exit else {
+            return Ok(None);
+        };
+        return Ok(Some(ProbeLink::Multi(
+            multi.attach_exit_stop(&host_path, point, pid)?,
+        )));
+    }
+    let program = uprobe(programs.ebpf, PROGRAM)?;
     program.load().map_err(|source| AttachError::Load {
         name: PROGRAM,
         source,

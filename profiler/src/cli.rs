@@ -11,9 +11,10 @@ use profiler_common::{DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS};
     name = "memscope",
     version,
     about = "eBPF allocation profiler and leak detector: which call stacks hold memory, with no restart and no code change",
-    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 not permitted (run as root), 4 no such process, \
-                  5 BPF or uprobes unavailable, 6 command not found or not executable, 7 unsupported target, \
-                  8 cannot write output"
+    after_help = "Exit codes: 0 ok, 1 failure, 2 usage (or --max-live/--max-stacks too large for the \
+                  memory available), 3 not permitted (run as root), 4 no such process (or a zombie), \
+                  5 BPF or uprobes unavailable, 6 command not found or not executable, 7 unsupported \
+                  target (a kernel thread, pid 1 with its children, memscope itself), 8 cannot write output"
 )]
 pub struct Cli {
     /// More logging on stderr (-v: probe sites, -vv: debug).

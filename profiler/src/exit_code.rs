@@ -2,10 +2,12 @@
 
 use memscope::{
     attach::AttachError, bpf::LoadError, output::OutputError, preflight::PreflightError,
-    session::SessionError, target::TargetError,
+    resources::ResourceError, session::SessionError, target::TargetError,
 };
 
 pub const FAILURE: u8 = 1;
+/// Also clap's own code for a malformed command line.
+pub const USAGE: u8 = 2;
 pub const NOT_PERMITTED: u8 = 3;
 pub const NO_SUCH_PROCESS: u8 = 4;
 pub const BPF_UNAVAILABLE: u8 = 5;
@@ -14,6 +16,16 @@ pub const UNSUPPORTED_TARGET: u8 = 7;
 pub const OUTPUT_FAILED: u8 = 8;
 
 pub fn for_error(error: &anyhow::Error) -> u8 {
+    // First, wherever it sits in the chain: the session may carry it as a
+    // source under an error of its own.
+    if error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<ResourceError>(),
+            Some(ResourceError::KernelMemory { .. })
+        )
+    }) {
+        return USAGE;
+    }
     for cause in error.chain() {
         if let Some(e) = cause.downcast_ref::<SessionError>() {
             return for_session_error(e);
@@ -31,7 +43,14 @@ fn for_session_error(error: &SessionError) -> u8 {
         | SessionError::Load(LoadError::NotPermitted(_)) => NOT_PERMITTED,
         SessionError::Preflight(PreflightError::NoUprobes(_))
         | SessionError::Load(LoadError::Unavailable(_)) => BPF_UNAVAILABLE,
-        SessionError::Target(TargetError::NoSuchProcess(_)) => NO_SUCH_PROCESS,
+        SessionError::Target(TargetError::NoSuchProcess(_) | TargetError::Zombie(_)) => {
+            NO_SUCH_PROCESS
+        }
+        SessionError::Target(
+            TargetError::KernelThread { .. }
+            | TargetError::InitWithChildren
+            | TargetError::MemscopeItself(_),
+        ) => UNSUPPORTED_TARGET,
         SessionError::Target(
             TargetError::CommandNotFound(_) | TargetError::Exec { .. } | TargetError::EmptyCommand,
         ) => COMMAND_NOT_FOUND,

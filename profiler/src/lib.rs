@@ -2,7 +2,9 @@
 //!
 //! The pipeline, one module per stage:
 //! - [`preflight`]: privileges and kernel features, checked before anything loads;
-//! - [`target`]: the process to profile (started suspended, or a running pid);
+//! - [`target`]: the process to profile (started suspended, or a running pid),
+//!   and [`proc_tree`]: the processes descended from it;
+//! - [`resources`]: descriptors and kernel memory the session will need;
 //! - [`bpf`] and [`attach`]: load the kernel programs and put them on the
 //!   target's allocator (found by [`allocator`]), at probe sites chosen by
 //!   [`probe_site`];
@@ -33,6 +35,7 @@ pub mod proc_tree;
 pub mod process_maps;
 pub mod processes;
 pub mod report;
+pub mod resources;
 pub mod session;
 pub mod symbolize;
 pub mod target;

@@ -30,6 +30,8 @@ pub const ENTRY_PROGRAM: &str = "alloc_enter";
 pub const RETURN_PROGRAM: &str = "alloc_exit";
 /// Entry and return in one program, for session links.
 pub const SESSION_PROGRAM: &str = "alloc_session";
+/// Stops a started command in `_exit`.
+pub const EXIT_STOP_PROGRAM: &str = "exit_enter";
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -103,9 +105,16 @@ struct UprobeMultiLinkAttr {
     _pad: u32,
 }
 
-/// The allocator programs, loaded for multi-uprobe links.
+/// memscope's uprobe programs, loaded for multi-uprobe links.
 #[derive(Debug)]
-pub enum MultiPrograms {
+pub struct MultiPrograms {
+    allocator: AllocatorPrograms,
+    /// The `_exit` stop of a command memscope started.
+    exit_stop: OwnedFd,
+}
+
+#[derive(Debug)]
+enum AllocatorPrograms {
     /// One session link per process and file (Linux 6.13+).
     Session(OwnedFd),
     /// An entry link and a return link.
@@ -191,16 +200,35 @@ impl MultiPrograms {
                     })?;
             load_program(name, &function.instructions, attach_type)
         };
-        if kernel_version().is_some_and(|version| version >= FIRST_SESSION_KERNEL) {
-            return Ok(Self::Session(load(
-                SESSION_PROGRAM,
-                BPF_TRACE_UPROBE_SESSION,
-            )?));
-        }
-        Ok(Self::Pair {
-            entry: load(ENTRY_PROGRAM, BPF_TRACE_UPROBE_MULTI)?,
-            exit: load(RETURN_PROGRAM, BPF_TRACE_UPROBE_MULTI)?,
+        let allocator = if kernel_version().is_some_and(|version| version >= FIRST_SESSION_KERNEL) {
+            AllocatorPrograms::Session(load(SESSION_PROGRAM, BPF_TRACE_UPROBE_SESSION)?)
+        } else {
+            AllocatorPrograms::Pair {
+                entry: load(ENTRY_PROGRAM, BPF_TRACE_UPROBE_MULTI)?,
+                exit: load(RETURN_PROGRAM, BPF_TRACE_UPROBE_MULTI)?,
+            }
+        };
+        Ok(Self {
+            allocator,
+            exit_stop: load(EXIT_STOP_PROGRAM, BPF_TRACE_UPROBE_MULTI)?,
         })
+    }
+
+    /// Puts the `_exit` stop on `point` of `path`, for process `pid`.
+    pub fn attach_exit_stop(
+        &self,
+        path: &Path,
+        point: ProbePoint,
+        pid: u32,
+    ) -> Result<MultiLink, MultiUprobeError> {
+        link(
+            &self.exit_stop,
+            BPF_TRACE_UPROBE_MULTI,
+            path,
+            &[point],
+            pid,
+            0,
+        )
     }
 
     /// Puts the programs on `entries` (and `returns`, a subset of their
@@ -215,9 +243,9 @@ impl MultiPrograms {
         returns: &[ProbePoint],
         pid: u32,
     ) -> Result<Vec<MultiLink>, MultiUprobeError> {
-        match self {
+        match &self.allocator {
             // The session program asks for the returns it needs.
-            Self::Session(program) => Ok(vec![link(
+            AllocatorPrograms::Session(program) => Ok(vec![link(
                 program,
                 BPF_TRACE_UPROBE_SESSION,
                 path,
@@ -225,7 +253,7 @@ impl MultiPrograms {
                 pid,
                 0,
             )?]),
-            Self::Pair { entry, exit } => Ok(vec![
+            AllocatorPrograms::Pair { entry, exit } => Ok(vec![
                 link(
                     exit,
                     BPF_TRACE_UPROBE_MULTI,

@@ -9,6 +9,7 @@ mod allocators;
 mod attach;
 mod errors;
 mod example;
+mod exec_failure;
 mod leak_basic;
 mod mapped;
 mod output;

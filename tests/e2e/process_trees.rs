@@ -354,3 +354,41 @@ fn two_hundred_workers_are_followed_exactly_and_torn_down_quickly() {
     assert_eq!(report.completeness.unfollowed_processes, 0);
     assert_nothing_lost(&report);
 }
+
+/// Check that a thread id given to `attach` resolves to its process, and
+/// memscope says so.
+#[test]
+fn attach_to_a_thread_id_profiles_its_process() {
+    if !bpf_available() {
+        return;
+    }
+    let mut target = Command::new(fixture("thread_holder"))
+        .stdout(Stdio::piped())
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("fixture starts");
+    let mut out = BufReader::new(target.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("handshake");
+    let tid: u32 = line
+        .strip_prefix("thread ")
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(|| panic!("thread line: {line}"));
+    assert_ne!(tid, target.id());
+    let dir = output_dir("attach-tid");
+    let output = Command::new(MEMSCOPE)
+        .args(["attach", "-d", "500ms", "-o"])
+        .arg(&dir)
+        .arg(tid.to_string())
+        .output()
+        .expect("memscope runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pid {tid} is a thread of process {}", target.id())),
+        "{stderr}"
+    );
+    assert_eq!(read_report(&dir).target.pid, target.id());
+    drop(target.stdin.take());
+    let _ = target.wait();
+}

@@ -37,6 +37,7 @@ use crate::{
     process_maps::ProcessMaps,
     processes::{Adjustments, Following, LiveSetError, ProcessRecord},
     report::{self, Report, ReportContext, TargetInfo},
+    resources::{self, ResourceError},
     symbolize::StackSymbolizer,
     target::{self, TargetError},
     watchdog::{Watchdog, WatchdogError},
@@ -131,6 +132,8 @@ pub enum SessionError {
     LiveSet(#[from] LiveSetError),
     #[error(transparent)]
     MultiUprobe(#[from] MultiUprobeError),
+    #[error("{0}")]
+    Resource(#[from] ResourceError),
     #[error(transparent)]
     Watchdog(#[from] WatchdogError),
     #[error("cannot watch pid {pid}: {source}")]
@@ -294,9 +297,18 @@ impl Session {
         // wait() must end the session with a report, not kill memscope.
         let signals =
             Signals::install().map_err(|source| SessionError::Watch { pid: 0, source })?;
-        if let TargetSpec::Attach(pid) = spec {
-            target::check_exists(*pid)?;
-        }
+        // A thread id resolves to its process; what cannot be profiled is
+        // refused before anything loads.
+        let spec = &match spec {
+            TargetSpec::Attach(pid) => {
+                let resolved = target::resolve_target(*pid, options.follow_children)?;
+                if let Some(note) = &resolved.note {
+                    eprintln!("memscope: {note}");
+                }
+                TargetSpec::Attach(resolved.pid)
+            }
+            TargetSpec::Run(argv) => TargetSpec::Run(argv.clone()),
+        };
         if let TargetSpec::Run(argv) = spec {
             // Before privileges: a typo deserves its own message.
             let program = argv.first().ok_or(TargetError::EmptyCommand)?;
@@ -304,6 +316,11 @@ impl Session {
         }
         preflight::check_privileges()?;
         preflight::check_uprobes()?;
+        resources::check_kernel_memory(options.capacity.reserved_bytes())?;
+        // Every followed process holds a link descriptor; sudo's soft
+        // limit is 1024.
+        let (before, now) = resources::raise_nofile_limit();
+        tracing::debug!("descriptor limit {before} -> {now}");
         let mut kernel = Kernel::load(options)?;
         match spec {
             TargetSpec::Attach(pid) => {
@@ -340,7 +357,7 @@ impl Session {
                         let (image, mut attached) =
                             attach::attach_allocator(&mut kernel.programs(), child.pid, &maps)?;
                         attached.links.extend(attach::attach_exit_stop(
-                            &mut kernel.ebpf,
+                            &mut kernel.programs(),
                             child.pid,
                             &maps,
                         )?);
