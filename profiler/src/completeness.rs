@@ -1,7 +1,7 @@
 //! What the kernel side could not record, said in words with the option
 //! that fixes it.
 
-use crate::{bpf::MapCapacity, report::Report};
+use crate::{bpf::MapCapacity, processes::Following, report::Report};
 
 /// Says what was lost and which option fixes it.
 pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
@@ -34,6 +34,24 @@ pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
             "{} forked children could not be followed (more than {} processes)",
             c.lost_children,
             profiler_common::MAX_PROCESSES
+        ));
+    }
+    if c.unfollowed_processes > 0 {
+        let example = report
+            .processes
+            .iter()
+            .find(|p| p.following == Following::Unfollowed)
+            .and_then(|p| p.note.as_deref())
+            .unwrap_or("");
+        warnings.push(format!(
+            "{} processes of the tree ran without probes ({example}); for fork-heavy targets, try --follow image",
+            c.unfollowed_processes
+        ));
+    }
+    if c.late_processes > 0 {
+        warnings.push(format!(
+            "{} forked processes were let go before their probes were on: their first allocations may be missed",
+            c.late_processes
         ));
     }
     if c.heap_map_full > 0 {

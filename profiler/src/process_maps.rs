@@ -14,6 +14,11 @@ pub struct Mapping {
     /// The mapped file as the process sees it; `None` for anonymous memory
     /// and pseudo-files like `[heap]`.
     pub path: Option<PathBuf>,
+    pub inode: u64,
+    /// The file at `path` is no longer the one mapped: deleted, or
+    /// replaced (a package upgrade renames a new libc over the old one).
+    /// It can then only be read through /proc/PID/map_files.
+    pub replaced: bool,
 }
 
 /// The mappings of one process at one moment.
@@ -33,9 +38,23 @@ pub struct MapsError {
 
 impl ProcessMaps {
     pub fn read(pid: u32) -> Result<Self, MapsError> {
+        use std::os::unix::fs::MetadataExt as _;
         let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
             .map_err(|source| MapsError { pid, source })?;
-        Ok(Self::parse(pid, &text))
+        let mut maps = Self::parse(pid, &text);
+        let mut on_disk = std::collections::HashMap::new();
+        for mapping in &mut maps.mappings {
+            let Some(path) = &mapping.path else {
+                continue;
+            };
+            let inode = *on_disk.entry(path.clone()).or_insert_with(|| {
+                std::fs::metadata(maps_root(pid, path))
+                    .map(|m| m.ino())
+                    .ok()
+            });
+            mapping.replaced |= inode != Some(mapping.inode);
+        }
+        Ok(maps)
     }
 
     /// Parses the text of `/proc/PID/maps`; malformed lines are skipped.
@@ -61,19 +80,41 @@ impl ProcessMaps {
     }
 
     /// A path through which this process's file can be opened from here:
-    /// through `/proc/PID/root` while it lives (it may be in a container),
-    /// else the path itself.
+    /// the file it really maps through `/proc/PID/map_files` when the one
+    /// on disk was replaced, else through `/proc/PID/root` while it lives
+    /// (it may be in a container), else the path itself.
     pub fn host_path(&self, path: &Path) -> PathBuf {
-        let via_root = Path::new("/proc")
-            .join(self.pid.to_string())
-            .join("root")
-            .join(path.strip_prefix("/").unwrap_or(path));
+        if let Some(mapped) = self.replaced_file(path) {
+            return mapped;
+        }
+        let via_root = maps_root(self.pid, path);
         if via_root.exists() {
             via_root
         } else {
             path.to_path_buf()
         }
     }
+
+    /// For a file replaced on disk since it was mapped: the mapped one,
+    /// through /proc/PID/map_files, while the process lives.
+    pub fn replaced_file(&self, path: &Path) -> Option<PathBuf> {
+        let mapping = self
+            .mappings
+            .iter()
+            .find(|m| m.replaced && m.path.as_deref() == Some(path))?;
+        let mapped = PathBuf::from(format!(
+            "/proc/{}/map_files/{:x}-{:x}",
+            self.pid, mapping.start, mapping.end
+        ));
+        mapped.exists().then_some(mapped)
+    }
+}
+
+fn maps_root(pid: u32, path: &Path) -> PathBuf {
+    Path::new("/proc")
+        .join(pid.to_string())
+        .join("root")
+        .join(path.strip_prefix("/").unwrap_or(path))
 }
 
 fn parse_line(line: &str) -> Option<Mapping> {
@@ -86,6 +127,7 @@ fn parse_line(line: &str) -> Option<Mapping> {
     let inode = fields.next()?;
     let path = fields.next().map(str::trim).unwrap_or("");
     let (start, end) = range.split_once('-')?;
+    let deleted = path.ends_with(" (deleted)");
     let path = (inode != "0" && path.starts_with('/'))
         .then(|| PathBuf::from(path.trim_end_matches(" (deleted)")));
     Some(Mapping {
@@ -94,6 +136,8 @@ fn parse_line(line: &str) -> Option<Mapping> {
         file_offset: u64::from_str_radix(offset, 16).ok()?,
         executable: perms.as_bytes().get(2) == Some(&b'x'),
         path,
+        inode: inode.parse().ok()?,
+        replaced: deleted,
     })
 }
 
@@ -123,6 +167,44 @@ mod tests {
             maps.mappings[4].path.as_deref(),
             Some(Path::new("/tmp/gone.so"))
         );
+        assert!(maps.mappings[4].replaced && !maps.mappings[3].replaced);
+        assert_eq!(maps.mappings[3].inode, 2097);
+    }
+
+    #[test]
+    fn a_file_replaced_on_disk_is_read_through_map_files() {
+        let dir = std::env::temp_dir().join(format!("memscope-maps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let lib = dir.join("lib.so");
+        std::fs::write(&lib, b"old").expect("write");
+        let file = std::fs::File::open(&lib).expect("open");
+        // SAFETY: a fresh read-only private mapping of a file we hold open.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                3,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        // An upgrade: a new file renamed over the mapped one.
+        let new = dir.join("lib.so.new");
+        std::fs::write(&new, b"new").expect("write");
+        std::fs::rename(&new, &lib).expect("rename");
+        let maps = ProcessMaps::read(std::process::id()).expect("own maps");
+        let host = maps.host_path(&lib);
+        assert!(
+            host.starts_with(format!("/proc/{}/map_files", std::process::id())),
+            "{}",
+            host.display()
+        );
+        assert_eq!(std::fs::read(&host).expect("read mapped"), b"old");
+        // SAFETY: unmapping what was mapped above.
+        unsafe { libc::munmap(addr, 3) };
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]

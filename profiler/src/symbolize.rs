@@ -78,7 +78,17 @@ impl StackSymbolizer {
             return unknown();
         };
         let file_offset = addr - mapping.start + mapping.file_offset;
-        let host_path = maps.host_path(&path);
+        // A file replaced on disk is read as mapped while the process
+        // lives; after, the new file's names would be wrong ones.
+        let replaced = mapping.replaced;
+        let host_path = match maps.replaced_file(&path) {
+            Some(mapped) => mapped,
+            None if replaced => {
+                let module = format!("{} (replaced on disk)", path.display());
+                return vec![self::unknown(return_addr, Some(module))];
+            }
+            None => maps.host_path(&path),
+        };
         let key = (host_path.clone(), file_offset);
         if let Some(frames) = self.cache.get(&key) {
             return frames.clone();

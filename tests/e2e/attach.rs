@@ -13,7 +13,35 @@ fn attach_counts_only_what_follows_it() {
     if !bpf_available() {
         return;
     }
-    let mut target = Command::new(fixture("attach_target"))
+    attach_and_check("attach", Command::new(fixture("attach_target")), || {});
+}
+
+/// Check that a daemon whose libc was replaced on disk after it started
+/// (a package upgrade) is probed and named through the file it really
+/// maps.
+#[test]
+fn attach_probes_the_libc_a_process_maps_after_an_upgrade_replaced_it() {
+    if !bpf_available() {
+        return;
+    }
+    let dir = output_dir("replaced-libc-lib");
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let libc = dir.join("libc.so.6");
+    std::fs::copy("/lib/x86_64-linux-gnu/libc.so.6", &libc).expect("copy libc");
+    let mut target = Command::new(fixture("attach_target"));
+    target.env("LD_LIBRARY_PATH", &dir);
+    attach_and_check("attach-replaced", target, || {
+        // The upgrade: another file renamed over the one mapped.
+        let new = dir.join("libc.so.6.new");
+        std::fs::copy("/bin/true", &new).expect("new file");
+        std::fs::rename(&new, &libc).expect("rename over libc");
+    });
+}
+
+/// Starts `target` (the attach fixture), runs `before_attach` once it is
+/// ready, attaches, and checks the figures of what followed.
+fn attach_and_check(test: &str, mut target: Command, before_attach: impl FnOnce()) {
+    let mut target = target
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -22,8 +50,9 @@ fn attach_counts_only_what_follows_it() {
     let mut line = String::new();
     target_out.read_line(&mut line).expect("handshake");
     assert_eq!(line, "ready\n");
+    before_attach();
 
-    let dir = output_dir("attach");
+    let dir = output_dir(test);
     let mut memscope = Command::new(MEMSCOPE)
         .arg("attach")
         .arg("-o")

@@ -3,7 +3,11 @@
 use std::io::{self, Write};
 
 use super::escape::escape_control;
-use crate::{report::Report, units::format_bytes};
+use crate::{
+    processes::Following,
+    report::{ProcessReport, Report},
+    units::format_bytes,
+};
 
 /// Frames of a site shown in the table's chain.
 const CHAIN_FRAMES: usize = 4;
@@ -77,7 +81,7 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
         )?;
     }
     if report.processes.len() > 1 {
-        render_processes(report, out)?;
+        render_processes(report, limit, out)?;
     }
     for warning in &report.warnings {
         writeln!(out, "warning: {}", escape_control(warning))?;
@@ -86,15 +90,26 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
 }
 
 /// Per-process figures: a pre-fork master and its workers, growth being
-/// what each added beyond what it inherited at fork.
-fn render_processes(report: &Report, out: &mut impl Write) -> io::Result<()> {
+/// what each added beyond what it inherited at fork. The target first,
+/// then the processes holding most, up to `limit` (a fork storm makes
+/// thousands); how each was followed, and why not, in FOLLOW.
+fn render_processes(report: &Report, limit: usize, out: &mut impl Write) -> io::Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "{:>8} {:>8} {:>14} {:>14} {:>14} {:>10}  COMMAND",
-        "PID", "PPID", "LIVE BYTES", "GROWTH", "ALLOC BYTES", "STATE"
+        "{:>8} {:>8} {:>14} {:>14} {:>14} {:>10} {:>10}  COMMAND",
+        "PID", "PPID", "LIVE BYTES", "GROWTH", "ALLOC BYTES", "STATE", "FOLLOW"
     )?;
-    for p in &report.processes {
+    let mut shown: Vec<&ProcessReport> = report.processes.iter().collect();
+    shown.sort_by_key(|p| {
+        (
+            p.ppid.is_some(),
+            std::cmp::Reverse(p.totals.live_bytes),
+            p.pid,
+        )
+    });
+    let rest = shown.split_off(shown.len().min(limit.max(1)));
+    for p in shown {
         let ppid = p.ppid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
         let state = match p.exited_s {
             Some(t) => format!("exit {t:.1}s"),
@@ -102,17 +117,40 @@ fn render_processes(report: &Report, out: &mut impl Write) -> io::Result<()> {
         };
         writeln!(
             out,
-            "{:>8} {:>8} {:>14} {:>+14} {:>14} {:>10}  {}",
+            "{:>8} {:>8} {:>14} {:>+14} {:>14} {:>10} {:>10}  {}",
             p.pid,
             ppid,
             p.totals.live_bytes,
             p.growth_bytes,
             p.totals.alloc_bytes,
             state,
+            following_word(p.following),
             escape_control(&p.command)
+        )?;
+        if let Some(note) = &p.note {
+            writeln!(out, "{:>8}   {}", "", escape_control(note))?;
+        }
+    }
+    if !rest.is_empty() {
+        let exited = rest.iter().filter(|p| p.exited_s.is_some()).count();
+        let live: u64 = rest.iter().map(|p| p.totals.live_bytes).sum();
+        writeln!(
+            out,
+            "... {} more processes ({exited} exited, {live} live bytes) in report.json",
+            rest.len()
         )?;
     }
     Ok(())
+}
+
+fn following_word(following: Following) -> &'static str {
+    match following {
+        Following::Started => "started",
+        Following::Attached => "attached",
+        Following::Forked => "forked",
+        Following::Late => "late",
+        Following::Unfollowed => "UNFOLLOWED",
+    }
 }
 
 #[cfg(test)]
@@ -125,6 +163,67 @@ mod tests {
         let mut out = Vec::new();
         render(&sample_report(), 10, &mut out).expect("render");
         crate::output::assert_golden("table.txt", &out);
+    }
+
+    fn process(pid: u32, ppid: Option<u32>, live: u64, following: Following) -> ProcessReport {
+        ProcessReport {
+            pid,
+            ppid,
+            command: format!("worker {pid}"),
+            started_s: 0.0,
+            exited_s: None,
+            totals: crate::report::Totals {
+                live_bytes: live,
+                ..Default::default()
+            },
+            mapped: Default::default(),
+            heap: None,
+            inherited_count: 0,
+            inherited_bytes: 0,
+            growth_bytes: live as i64,
+            sites: Vec::new(),
+            following,
+            note: (following == Following::Unfollowed).then(|| "held 60 ms".into()),
+        }
+    }
+
+    #[test]
+    fn process_table_shows_the_root_then_the_biggest_and_why_one_is_unfollowed() {
+        let mut report = sample_report();
+        report.processes = vec![process(1, None, 0, Following::Attached)];
+        for pid in 2..10 {
+            report.processes.push(process(
+                pid,
+                Some(1),
+                u64::from(pid) * 100,
+                Following::Forked,
+            ));
+        }
+        report
+            .processes
+            .push(process(99, Some(1), 5000, Following::Unfollowed));
+        let mut out = Vec::new();
+        render(&report, 3, &mut out).expect("render");
+        let text = String::from_utf8(out).expect("utf-8");
+        let rows: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.contains("FOLLOW"))
+            .skip(1)
+            .collect();
+        assert!(
+            rows[0].contains("worker 1") && rows[0].contains("attached"),
+            "{text}"
+        );
+        assert!(
+            rows[1].contains("worker 99") && rows[1].contains("UNFOLLOWED"),
+            "{text}"
+        );
+        assert_eq!(rows[2].trim(), "held 60 ms");
+        assert!(rows[3].contains("worker 9"), "{text}");
+        assert!(
+            rows[4].starts_with("... 7 more processes (0 exited, 3500 live bytes)"),
+            "{text}"
+        );
     }
 
     #[test]
