@@ -91,9 +91,9 @@ pub struct ProcessEvent {
 pub const DEFAULT_MAX_LIVE: u32 = 1 << 20;
 /// Default capacity of the stack trace map (`--max-stacks`).
 pub const DEFAULT_MAX_STACKS: u32 = 1 << 15;
-/// Per-stack totals are keyed by (process, stack): room for several
-/// processes sharing stacks.
-pub const STACK_TOTALS_PER_STACK: u32 = 2;
+/// Per-stack totals are keyed by (process, stack): room for many processes
+/// sharing stacks (pre-fork workers allocate from the same ones).
+pub const STACK_TOTALS_PER_STACK: u32 = 8;
 /// An allocator call in flight longer than this lost its return (it was
 /// caught while probes were being attached, or the thread longjmp'd out).
 pub const STALE_CALL_NS: u64 = 1_000_000_000;

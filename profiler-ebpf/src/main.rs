@@ -95,6 +95,11 @@ pub(crate) fn take_call_if_any(kind: u32) -> Option<InFlightCall> {
     Some(call)
 }
 
+/// Drops the current thread's call in flight, if any (at its exit).
+pub(crate) fn forget_call() {
+    let _ = IN_FLIGHT.remove(bpf_get_current_pid_tgid());
+}
+
 /// Whether this thread is inside a (live, not stale) allocator call.
 pub(crate) fn in_allocator_call() -> bool {
     // SAFETY: read-only look-up.

@@ -89,7 +89,12 @@ pub fn hold(kind: u32, pid: u32, ppid: u32) -> bool {
         return false;
     }
     // SAFETY: signals the current process.
-    unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGSTOP) };
+    if unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGSTOP) } != 0 {
+        let _ = HELD.remove(pid);
+        entry.discard(0);
+        count(Counter::LostChildren);
+        return false;
+    }
     entry.write(event);
     entry.submit(0);
     true
@@ -160,6 +165,9 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
     if !is_traced(tgid) {
         return 0;
     }
+    // A thread that dies inside an allocator call leaves its slot behind;
+    // its id is soon another thread's (a fork storm reuses pids quickly).
+    crate::forget_call();
     let offset = config(config::EXIT_GROUP_DEAD_OFFSET);
     let group_dead = if offset == u32::MAX as usize {
         // No group_dead field: the leader's exit stands for the process's.

@@ -15,11 +15,21 @@ pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
             capacity.max_live.saturating_mul(4)
         ));
     }
-    if c.totals_map_full > 0 || c.stack_errors > 0 {
+    if c.stack_errors > 0 {
         warnings.push(format!(
-            "{} stacks could not be recorded ({} totals-map full); their bytes are under [unknown stack]; rerun with --max-stacks {}",
+            "{} stacks could not be recorded; their bytes are under [unknown stack]; rerun with --max-stacks {}",
             c.stack_errors,
+            capacity.max_stacks.saturating_mul(4)
+        ));
+    }
+    if c.totals_map_full > 0 {
+        warnings.push(format!(
+            "{} allocator calls were not counted: the per-(process, stack) totals map ({} entries, {} per --max-stacks) was full; rerun with --max-stacks {}",
             c.totals_map_full,
+            capacity
+                .max_stacks
+                .saturating_mul(profiler_common::STACK_TOTALS_PER_STACK),
+            profiler_common::STACK_TOTALS_PER_STACK,
             capacity.max_stacks.saturating_mul(4)
         ));
     }

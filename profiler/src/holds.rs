@@ -66,6 +66,14 @@ impl Holds {
     }
 }
 
+/// However a session ends, even by an error while attaching: nothing it
+/// held stays stopped.
+impl Drop for Holds {
+    fn drop(&mut self) {
+        self.release_all();
+    }
+}
+
 fn cont(pid: u32) {
     // SAFETY: plain syscall; a pid that is gone makes it fail harmlessly.
     unsafe { libc::kill(pid as i32, libc::SIGCONT) };

@@ -52,7 +52,9 @@ impl ProcessMaps {
                     .map(|m| m.ino())
                     .ok()
             });
-            mapping.replaced |= inode != Some(mapping.inode);
+            // NB: only another file at the path counts: a stat that fails
+            // may just mean the process exited meanwhile.
+            mapping.replaced |= inode.is_some_and(|inode| inode != mapping.inode);
         }
         Ok(maps)
     }

@@ -23,6 +23,8 @@ pub struct ProcessRecord {
     pub following: Following,
     /// Why a process is not (or only partly) followed.
     pub note: Option<String>,
+    /// Its heap top when it exited (taken out of the kernel map then).
+    pub heap_at_exit: Option<HeapTop>,
 }
 
 /// How memscope came to follow a process, or why it did not.
@@ -140,14 +142,15 @@ pub fn forget_live_sets(ebpf: &mut Ebpf, pids: &HashSet<u32>) -> Result<usize, L
     Ok(keys.iter().filter(|key| map.remove(key).is_ok()).count())
 }
 
-/// Forgets `pid`'s heap top, at an exec: the old image's break says
-/// nothing about the new one's.
-pub fn forget_heap_top(ebpf: &mut Ebpf, pid: u32) {
-    if let Some(map) = ebpf.map_mut(map_names::HEAP_TOPS)
-        && let Ok(mut tops) = BpfHashMap::<&mut MapData, u32, HeapTop>::try_from(map)
-    {
-        let _ = tops.remove(&pid);
-    }
+/// Takes `pid`'s heap top out of the kernel map: at its exit (the map has
+/// room for MAX_PROCESSES, and a fork storm makes more), and at an exec
+/// (the old image's break says nothing about the new one's).
+pub fn take_heap_top(ebpf: &mut Ebpf, pid: u32) -> Option<HeapTop> {
+    let map = ebpf.map_mut(map_names::HEAP_TOPS)?;
+    let mut tops = BpfHashMap::<&mut MapData, u32, HeapTop>::try_from(map).ok()?;
+    let top = tops.get(&pid, 0).ok();
+    let _ = tops.remove(&pid);
+    top
 }
 
 /// Adds `more` into `into`.

@@ -343,7 +343,10 @@ pub fn build_report(
                 exited_s: p.exited_s,
                 totals,
                 mapped,
-                heap: snapshot.heap_tops.get(&p.pid).map(|h| HeapReport::from(*h)),
+                heap: p
+                    .heap_at_exit
+                    .or_else(|| snapshot.heap_tops.get(&p.pid).copied())
+                    .map(HeapReport::from),
                 inherited_count,
                 inherited_bytes,
                 growth_bytes: totals.live_bytes as i64 - inherited_bytes as i64,
@@ -651,6 +654,7 @@ mod tests {
                     started_s: 0.0,
                     following: Following::Started,
                     note: None,
+                    heap_at_exit: None,
                     exited_s: None,
                 });
                 c

@@ -235,13 +235,28 @@ fn assert_storm_children_exact(report: &memscope::report::Report) {
     // running at the end may not have yet.
     let exited = count(Following::Forked, true);
     assert!(exited > 0, "no child followed: {:?}", report.completeness);
-    let child = site(report, "child");
+    // One site, or more where some children's outer frames could not be
+    // named (one that exited before its mappings were read).
+    let sites: Vec<_> = report
+        .sites
+        .iter()
+        .filter(|s| s.frames.first().is_some_and(|f| f.function == "child"))
+        .collect();
+    let (allocs, bytes) = sites
+        .iter()
+        .fold((0, 0), |(c, b), s| (c + s.alloc_count, b + s.alloc_bytes));
+    if sites.len() > 1 {
+        let chains: Vec<Vec<&str>> = sites
+            .iter()
+            .map(|s| s.frames.iter().map(|f| f.function.as_str()).collect())
+            .collect();
+        eprintln!("child sites: {chains:?}");
+    }
     assert!(
-        (exited..=forked + late).contains(&child.alloc_count),
-        "{} allocations from {forked} followed ({exited} exited) and {late} late children",
-        child.alloc_count
+        (exited..=forked + late).contains(&allocs),
+        "{allocs} allocations from {forked} followed ({exited} exited) and {late} late children"
     );
-    assert_eq!(child.alloc_bytes, 256 * child.alloc_count);
+    assert_eq!(bytes, 256 * allocs);
     eprintln!(
         "followed {forked} children, {late} late, {} unfollowed",
         report.completeness.unfollowed_processes

@@ -13,6 +13,7 @@
 //! ratio to the untraced program of the same run, printed as a table and
 //! written to target/bench/results.json with memscope's own peak RSS and CPU
 //! time. A tool that cannot be installed or fails is reported, not fatal.
+//! The fork-rate rows (`fork_rate`) follow.
 
 use std::{
     fmt::Write as _,
@@ -247,13 +248,16 @@ pub fn run(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
             }
         }
     }
+    let (fork_table, fork_json) = crate::fork_rate::run(workspace_root, &work, memscope_bin)?;
     let _ = fs::remove_dir_all(&work);
 
-    let results = results_json(&ctx, &cells, started.elapsed());
+    let mut results = results_json(&ctx, &cells, started.elapsed());
+    results["fork_rate"] = fork_json;
     let path = out_dir.join("results.json");
     let text = serde_json::to_string_pretty(&results)?;
     fs::write(&path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
     print!("{}", render_table(&tools, &cells));
+    print!("{fork_table}");
     println!(
         "\nbench: {} rounds in {:.0} s; results in {}",
         REPS,

@@ -8,6 +8,7 @@
 //! - `bench`: build, then the allocation benchmark against other tools.
 
 mod bench;
+mod fork_rate;
 mod setup;
 
 use std::{

@@ -20,11 +20,19 @@ use crate::{
 };
 
 impl Session {
+    /// The latest process with this pid: a fork storm reuses pids, and an
+    /// event is about the one alive now, not an earlier one.
+    pub(super) fn record_mut(&mut self, pid: u32) -> Option<&mut ProcessRecord> {
+        self.processes.iter_mut().rev().find(|p| p.pid == pid)
+    }
+
     pub(super) fn process_exited(&mut self, pid: u32) {
         if self.alive.remove(&pid) {
             let now = self.started.elapsed().as_secs_f64();
-            if let Some(record) = self.processes.iter_mut().find(|p| p.pid == pid) {
+            let heap = processes::take_heap_top(&mut self.ebpf, pid);
+            if let Some(record) = self.record_mut(pid) {
                 record.exited_s = Some(now);
+                record.heap_at_exit = heap;
             }
         }
     }
@@ -54,11 +62,11 @@ impl Session {
                     Err(error) => tracing::warn!("exec of {pid}: {error}"),
                 }
                 let command = target::command_line(pid);
-                if let Some(record) = self.processes.iter_mut().find(|p| p.pid == pid) {
+                if let Some(record) = self.record_mut(pid) {
                     record.command = command;
                 }
                 // A new program has a new heap: its first brk starts afresh.
-                processes::forget_heap_top(&mut self.ebpf, pid);
+                processes::take_heap_top(&mut self.ebpf, pid);
                 if !self.tearing_down {
                     self.refresh_maps();
                     self.probe_new_image(pid);
@@ -110,8 +118,12 @@ impl Session {
         }
         let started = Instant::now();
         let followed = self.follow_child(pid, ppid, event.timestamp_ns);
-        if !self.holds.release(pid)
-            && let Some(record) = self.processes.iter_mut().find(|p| p.pid == pid)
+        let still_held = self.holds.release(pid);
+        // NB: past the budget the watchdog may have let it go already, its
+        // SIGCONT sent but the map entry not yet removed: late, to be safe.
+        let in_time = monotonic_ns().saturating_sub(event.timestamp_ns) < HOLD_BUDGET_NS;
+        if !(still_held && in_time)
+            && let Some(record) = self.record_mut(pid)
         {
             // The watchdog let it go first: it ran before its probes were on.
             record.following = Following::Late;
@@ -141,7 +153,7 @@ impl Session {
         }
         self.alive.remove(&pid);
         let now = self.started.elapsed().as_secs_f64();
-        match self.processes.iter_mut().find(|p| p.pid == pid) {
+        match self.record_mut(pid) {
             Some(record) => {
                 record.following = Following::Unfollowed;
                 record.note = Some(note);
@@ -154,6 +166,7 @@ impl Session {
                 exited_s: None,
                 following: Following::Unfollowed,
                 note: Some(note),
+                heap_at_exit: None,
             }),
         }
     }
@@ -296,6 +309,7 @@ impl Session {
             exited_s: None,
             following: Following::Forked,
             note: None,
+            heap_at_exit: None,
         });
         Ok(())
     }

@@ -458,6 +458,7 @@ impl Session {
                 exited_s: None,
                 following: Following::Attached,
                 note: None,
+                heap_at_exit: None,
             }],
             alive: BTreeSet::from([pid]),
             adjustments: Adjustments::new(),

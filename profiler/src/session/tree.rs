@@ -79,6 +79,7 @@ impl Session {
                     exited_s: None,
                     following: Following::Attached,
                     note: None,
+                    heap_at_exit: None,
                 });
             }
             Err(error) => self.unfollow(pid, ppid, format!("not followed: {error}")),
