@@ -27,6 +27,28 @@ pub struct ProcessRecord {
     pub heap_at_exit: Option<HeapTop>,
 }
 
+impl ProcessRecord {
+    /// A process as memscope first sees it, `started_s` into the session.
+    pub fn new(
+        pid: u32,
+        ppid: Option<u32>,
+        command: String,
+        started_s: f64,
+        following: Following,
+    ) -> Self {
+        Self {
+            pid,
+            ppid,
+            command,
+            started_s,
+            exited_s: None,
+            following,
+            note: None,
+            heap_at_exit: None,
+        }
+    }
+}
+
 /// How memscope came to follow a process, or why it did not.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -118,3 +118,62 @@ fn linked_jemalloc_is_probed_from_the_first_allocation() {
         "{c:?}"
     );
 }
+
+/// Check that the workers of a server linked with jemalloc are probed once,
+/// through their parent's images, however long they live: a maps refresh
+/// once probed jemalloc a second time in each (every call counted twice,
+/// returns missed).
+#[test]
+fn forked_workers_of_a_jemalloc_server_are_probed_once() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    use std::process::{Command, Stdio};
+    if !bpf_available() {
+        return;
+    }
+    let program =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixture-prefork_jemalloc");
+    let status = compile_c(
+        &workspace_file("tests/fixtures/prefork_attach.c"),
+        &program,
+        &["-Wl,--no-as-needed", JEMALLOC],
+    )
+    .expect("gcc runs");
+    assert!(status.success());
+    let dir = output_dir("prefork-jemalloc");
+    let mut memscope = Command::new(MEMSCOPE)
+        .args(["run", "-o"])
+        .arg(&dir)
+        .arg("--")
+        .arg(&program)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("memscope runs");
+    let mut out = BufReader::new(memscope.stdout.take().expect("stdout"));
+    let mut ready = String::new();
+    out.read_line(&mut ready).expect("ready line");
+    assert!(ready.starts_with("ready "), "{ready}");
+    // Past a few refreshes of the workers' mappings.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    memscope
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("release the workers");
+    assert!(memscope.wait().expect("memscope exits").success());
+    let report = read_report(&dir);
+    let leak = 10 * 4096 + 20 * 4096 + 30 * 4096;
+    assert_eq!(site(&report, "worker_leak_site").live_bytes, leak);
+    // libc's set is the one of memscope's copy before the exec.
+    let jemalloc_mallocs = report
+        .probes
+        .iter()
+        .filter(|p| p.function == "malloc" && p.library == Path::new(JEMALLOC))
+        .count();
+    assert_eq!(jemalloc_mallocs, 1, "{:?}", report.probes);
+    let c = &report.completeness;
+    assert_eq!((c.missed_returns, c.unknown_frees), (0, 0), "{c:?}");
+    assert_nothing_lost(&report);
+}

@@ -407,3 +407,27 @@ fn attach_to_a_thread_id_profiles_its_process() {
     drop(target.stdin.take());
     let _ = target.wait();
 }
+
+/// Check that a second Ctrl-C while memscope ends stops it at once and
+/// still leaves no process of the tree stopped.
+#[test]
+fn a_second_ctrl_c_ends_memscope_at_once_and_leaves_nothing_stopped() {
+    if !bpf_available() {
+        return;
+    }
+    let mut storm = Storm::start();
+    storm.rate(1);
+    let (mut memscope, _) = attach("storm-twice", storm.pid(), &[], None);
+    storm.rate(1);
+    let pid = memscope.id() as i32;
+    // SAFETY: plain syscalls on our own child.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    std::thread::sleep(Duration::from_millis(20));
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let status = memscope.wait().expect("memscope exits");
+    eprintln!("memscope after two Ctrl-C: {status}");
+    std::thread::sleep(Duration::from_secs(1));
+    let stopped = stopped_in_tree(storm.pid());
+    assert!(stopped.is_empty(), "stopped after memscope: {stopped:?}");
+    assert!(storm.rate(1) > 0.0, "the target stopped forking");
+}

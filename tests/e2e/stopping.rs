@@ -78,25 +78,44 @@ fn rest_of(mut stderr: BufReader<std::process::ChildStderr>) -> String {
     text
 }
 
-#[test]
-fn sigterm_writes_the_report_and_leaves_the_target_running() {
-    if !bpf_available() {
-        return;
-    }
+/// Ends an attached session with `signal`: the report is written, its
+/// last line says why, and the target keeps running.
+fn signal_writes_the_report_and_leaves_the_target_running(signal: i32, test: &str, why: &str) {
     let mut target = Sleeper::start();
-    let dir = output_dir("sigterm");
+    let dir = output_dir(test);
     let (memscope, stderr) = attach(target.id(), &dir, &[]);
     // SAFETY: plain syscall.
-    unsafe { libc::kill(memscope.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(memscope.id() as i32, signal) };
     let output = memscope.wait_with_output().expect("memscope exits");
-    assert!(output.status.success(), "{}", rest_of(stderr));
-    assert!(rest_of(stderr).contains("memscope: terminated; wrote report.json"));
+    let said = rest_of(stderr);
+    assert!(output.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("memscope: {why}; wrote report.json")),
+        "{said}"
+    );
     let report = read_report(&dir);
     assert_eq!(report.target.pid, target.id());
     assert!(
         target.0.try_wait().expect("wait").is_none(),
         "the target keeps running"
     );
+}
+
+#[test]
+fn sigterm_writes_the_report_and_leaves_the_target_running() {
+    if !bpf_available() {
+        return;
+    }
+    signal_writes_the_report_and_leaves_the_target_running(libc::SIGTERM, "sigterm", "terminated");
+}
+
+/// Check that a dropped ssh session (SIGHUP) still gets its report.
+#[test]
+fn sighup_writes_the_report_and_leaves_the_target_running() {
+    if !bpf_available() {
+        return;
+    }
+    signal_writes_the_report_and_leaves_the_target_running(libc::SIGHUP, "sighup", "hung up");
 }
 
 #[test]

@@ -159,14 +159,14 @@ impl Session {
                 record.note = Some(note);
             }
             None => self.processes.push(ProcessRecord {
-                pid,
-                ppid: Some(ppid),
-                command: target::command_line(pid),
-                started_s: now,
-                exited_s: None,
-                following: Following::Unfollowed,
                 note: Some(note),
-                heap_at_exit: None,
+                ..ProcessRecord::new(
+                    pid,
+                    Some(ppid),
+                    target::command_line(pid),
+                    now,
+                    Following::Unfollowed,
+                )
             }),
         }
     }
@@ -258,6 +258,21 @@ impl Session {
         self.links.entry(pid).or_default().extend(attached.links);
     }
 
+    /// Records a process whose probes are on (or, with `--follow image`,
+    /// that is traced), with its mappings for symbolization.
+    pub(super) fn track(&mut self, pid: u32, ppid: u32, maps: ProcessMaps, following: Following) {
+        self.symbolizer.update_maps(maps);
+        self.alive.insert(pid);
+        let started = self.started.elapsed().as_secs_f64();
+        self.processes.push(ProcessRecord::new(
+            pid,
+            Some(ppid),
+            target::command_line(pid),
+            started,
+            following,
+        ));
+    }
+
     /// Puts on a forked child the probes its parent has. A fork copies the
     /// address space: the child calls the allocators its parent did, all
     /// probed already, so nothing is looked up again.
@@ -299,18 +314,7 @@ impl Session {
         }
         let inherited = processes::copy_live_set(&mut self.ebpf, ppid, pid, fork_ns)?;
         processes::merge_adjustments(&mut self.adjustments, inherited);
-        self.symbolizer.update_maps(maps);
-        self.alive.insert(pid);
-        self.processes.push(ProcessRecord {
-            pid,
-            ppid: Some(ppid),
-            command: target::command_line(pid),
-            started_s: self.started.elapsed().as_secs_f64(),
-            exited_s: None,
-            following: Following::Forked,
-            note: None,
-            heap_at_exit: None,
-        });
+        self.track(pid, ppid, maps, Following::Forked);
         Ok(())
     }
 }

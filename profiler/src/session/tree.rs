@@ -5,12 +5,7 @@
 use std::time::Instant;
 
 use super::{FollowMode, Session};
-use crate::{
-    attach, follow,
-    process_maps::ProcessMaps,
-    processes::{Following, ProcessRecord},
-    target,
-};
+use crate::{attach, follow, process_maps::ProcessMaps, processes::Following, target};
 
 /// Passes over /proc: a process forked by one not yet traced during a pass
 /// is found by the next.
@@ -69,18 +64,7 @@ impl Session {
                     self.probed_images.insert((pid, image.path));
                     self.keep(pid, attached, false);
                 }
-                self.symbolizer.update_maps(maps);
-                self.alive.insert(pid);
-                self.processes.push(ProcessRecord {
-                    pid,
-                    ppid: Some(ppid),
-                    command: target::command_line(pid),
-                    started_s: self.started.elapsed().as_secs_f64(),
-                    exited_s: None,
-                    following: Following::Attached,
-                    note: None,
-                    heap_at_exit: None,
-                });
+                self.track(pid, ppid, maps, Following::Attached);
             }
             Err(error) => self.unfollow(pid, ppid, format!("not followed: {error}")),
         }
