@@ -39,6 +39,30 @@ pub struct Report {
     /// The target and the children it forked.
     #[serde(default)]
     pub processes: Vec<ProcessReport>,
+    /// What putting the probes on each followed process cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach_costs: Option<AttachCosts>,
+}
+
+/// Time spent probing the followed processes (for a forked child: from its
+/// event to its probes on and its live set copied), while each waited.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttachCosts {
+    pub processes: u64,
+    pub median_ms: f64,
+    pub max_ms: f64,
+}
+
+impl AttachCosts {
+    pub fn of(costs: &[std::time::Duration]) -> Option<Self> {
+        let mut ms: Vec<f64> = costs.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        Some(Self {
+            processes: ms.len() as u64,
+            median_ms: *ms.get(ms.len() / 2)?,
+            max_ms: *ms.last()?,
+        })
+    }
 }
 
 /// One process of the session.
@@ -398,6 +422,7 @@ pub fn build_report(
         warnings: context.warnings,
         memscope_version: env!("CARGO_PKG_VERSION").to_owned(),
         processes,
+        attach_costs: None,
     }
 }
 
@@ -550,6 +575,7 @@ pub(crate) mod tests_support {
             warnings: Vec::new(),
             memscope_version: "0.1.0".into(),
             processes: Vec::new(),
+            attach_costs: None,
         }
     }
 }

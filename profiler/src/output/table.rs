@@ -82,6 +82,13 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
     }
     if report.processes.len() > 1 {
         render_processes(report, limit, out)?;
+        if let Some(costs) = report.attach_costs {
+            writeln!(
+                out,
+                "probes went on {} processes in {:.1} ms each (median; {:.1} ms at most)",
+                costs.processes, costs.median_ms, costs.max_ms
+            )?;
+        }
     }
     for warning in &report.warnings {
         writeln!(out, "warning: {}", escape_control(warning))?;

@@ -642,6 +642,7 @@ impl Session {
             context,
         );
         report.warnings = self.warnings.clone();
+        report.attach_costs = report::AttachCosts::of(&self.attach_costs);
         report
             .warnings
             .extend(completeness::loss_warnings(&report, self.capacity));
