@@ -409,7 +409,7 @@ pub fn attach_family(
                 if source.raw_os_error() == Some(libc::EINVAL) =>
             {
                 AttachError::ProbeConflict {
-                    symbol: "malloc",
+                    symbol: "the malloc family",
                     path: host_path.clone(),
                 }
             }

@@ -98,7 +98,8 @@ pub struct ProfileArgs {
     /// call: for dedicated hosts, CI and containers).
     #[arg(long, value_enum, default_value_t = Follow::Process, value_name = "MODE")]
     pub follow: Follow,
-    /// Distinct call stacks recorded (kernel memory: about 1 KiB each).
+    /// Distinct call stacks recorded (kernel memory: about 1.8 KiB each: the
+    /// trace, and room for 8 processes' totals of it).
     #[arg(long, default_value_t = DEFAULT_MAX_STACKS, value_name = "N")]
     pub max_stacks: u32,
 }

@@ -20,7 +20,9 @@ impl Session {
         for _ in 0..PASSES {
             let mut found = false;
             for node in crate::proc_tree::descendants(self.pid) {
-                if self.links.contains_key(&node.pid)
+                // A zombie has exited: nothing to probe, nothing to report.
+                if matches!(node.state, 'Z' | 'X')
+                    || self.links.contains_key(&node.pid)
                     || self.processes.iter().any(|p| p.pid == node.pid)
                 {
                     continue;
