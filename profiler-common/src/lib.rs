@@ -34,6 +34,9 @@ pub mod map_names {
     /// once their probes are on; the watchdog continues any held too long
     /// and every one left when memscope ends, however it ends.
     pub const HELD: &str = "HELD";
+    /// With `--follow image`, each forked child's parent and fork time:
+    /// `tgid -> Inheritance`.
+    pub const INHERITED: &str = "INHERITED";
 }
 
 /// Slots of the `CONFIG` array.
@@ -49,8 +52,10 @@ pub mod config {
     pub const STOPS_DISABLED: u32 = 2;
     /// Non-zero with `--follow image`: the allocator probes are on for
     /// every process mapping the allocator's file, and the programs count
-    /// only the traced ones.
-    pub const FILTER_TRACED: u32 = 3;
+    /// only the traced ones; so nothing waits for a probe, forks and execs
+    /// are not held, and a child's frees of its parent's blocks are looked
+    /// up in the parent's live set (`INHERITED`) instead of a copy.
+    pub const FOLLOW_IMAGE: u32 = 3;
     pub const SLOTS: u32 = 4;
 }
 
@@ -86,6 +91,19 @@ pub struct ProcessEvent {
     pub held: u32,
     pub timestamp_ns: u64,
 }
+
+/// Where a forked child's inherited blocks are: its parent's live set, as
+/// it was at the fork.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inheritance {
+    pub parent: u32,
+    pub _pad: u32,
+    pub fork_ns: u64,
+}
+
+/// Generations of parents a child's free is looked up in (`--follow image`).
+pub const INHERITANCE_DEPTH: usize = 4;
 
 /// Default capacity of the live-allocation map (`--max-live`).
 pub const DEFAULT_MAX_LIVE: u32 = 1 << 20;
@@ -281,4 +299,5 @@ mod pod {
     unsafe impl aya::Pod for super::InFlightCall {}
     unsafe impl aya::Pod for super::ProcessEvent {}
     unsafe impl aya::Pod for super::HeapTop {}
+    unsafe impl aya::Pod for super::Inheritance {}
 }

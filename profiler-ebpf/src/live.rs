@@ -10,8 +10,8 @@ use aya_ebpf::{
     programs::tracing::StackIdContext,
 };
 use profiler_common::{
-    Counter, DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS, LiveAllocation, LiveKey, STACK_TOTALS_PER_STACK,
-    StackKey, StackTotals, UNKNOWN_STACK,
+    Counter, DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS, INHERITANCE_DEPTH, LiveAllocation, LiveKey,
+    STACK_TOTALS_PER_STACK, StackKey, StackTotals, UNKNOWN_STACK,
 };
 
 use crate::counters::count;
@@ -130,9 +130,38 @@ pub fn record_free(addr: u64) {
         _pad: 0,
         addr,
     };
-    if !release(&key) {
+    if !release(&key) && !release_inherited(&key) {
         count(Counter::UnknownFrees);
     }
+}
+
+/// With `--follow image` a forked child has no copy of its parent's live
+/// set: a free of a block it inherited is found in its parent's (or an
+/// earlier ancestor's) live set as it was at the fork, and counted in the
+/// child as a block it had and freed. The ancestor's own block stays live:
+/// after a fork each process holds its copy.
+fn release_inherited(key: &LiveKey) -> bool {
+    let mut child = key.tgid;
+    let mut before = u64::MAX;
+    for _ in 0..INHERITANCE_DEPTH {
+        let Some(inheritance) = crate::processes::inheritance(child) else {
+            return false;
+        };
+        before = before.min(inheritance.fork_ns);
+        let ancestor = LiveKey {
+            tgid: inheritance.parent,
+            ..*key
+        };
+        // SAFETY: the value is copied out.
+        if let Some(block) = unsafe { LIVE.get(ancestor) }.copied()
+            && block.timestamp_ns <= before
+        {
+            add_totals(block.stack_key(key.tgid), 1, block.size, 1, block.size);
+            return true;
+        }
+        child = inheritance.parent;
+    }
+    false
 }
 
 /// Removes a live block and moves its bytes to its stack's freed totals.

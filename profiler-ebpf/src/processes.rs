@@ -9,7 +9,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, RingBuf},
     programs::TracePointContext,
 };
-use profiler_common::{Counter, EVENTS_BYTES, MAX_PROCESSES, ProcessEvent, config, event_kind};
+use profiler_common::{
+    Counter, EVENTS_BYTES, Inheritance, MAX_PROCESSES, ProcessEvent, config, event_kind,
+};
 
 use crate::counters::count;
 
@@ -28,6 +30,9 @@ static CONFIG: Array<u32> = Array::with_max_entries(config::SLOTS, 0);
 #[map]
 static HELD: HashMap<u32, u64> = HashMap::with_max_entries(MAX_PROCESSES, 0);
 
+#[map]
+static INHERITED: HashMap<u32, Inheritance> = HashMap::with_max_entries(MAX_PROCESSES, 0);
+
 pub const SIGSTOP: u32 = 19;
 
 fn config(slot: u32) -> usize {
@@ -38,10 +43,20 @@ fn current_tgid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
+fn follow_image() -> bool {
+    config(config::FOLLOW_IMAGE) != 0
+}
+
 /// Whether the allocator probes should count the current process: with
 /// `--follow image` they fire for every process that maps the allocator.
 pub fn counts_current() -> bool {
-    config(config::FILTER_TRACED) == 0 || is_traced(current_tgid())
+    !follow_image() || is_traced(current_tgid())
+}
+
+/// Where a child's blocks inherited at its fork are (`--follow image`).
+pub fn inheritance(tgid: u32) -> Option<Inheritance> {
+    // SAFETY: read-only look-up; the value is copied.
+    unsafe { INHERITED.get(tgid) }.copied()
 }
 
 pub fn is_traced(tgid: u32) -> bool {
@@ -140,6 +155,21 @@ pub fn syscall_exit(_ctx: TracePointContext) -> u32 {
         count(Counter::LostChildren);
         return 0;
     }
+    if follow_image() {
+        // Its probes are on already: nothing to wait for. Its parent's live
+        // set stands for the one it inherited.
+        let inheritance = Inheritance {
+            parent,
+            _pad: 0,
+            // SAFETY: no preconditions.
+            fork_ns: unsafe { bpf_ktime_get_ns() },
+        };
+        if INHERITED.insert(tgid, inheritance, 0).is_err() {
+            count(Counter::LostChildren);
+        }
+        emit(event_kind::FORK, tgid, parent);
+        return 0;
+    }
     if !hold(event_kind::FORK, tgid, parent) {
         let _ = TRACED.remove(tgid);
     }
@@ -152,8 +182,14 @@ pub fn syscall_exit(_ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn process_exec(_ctx: TracePointContext) -> u32 {
     let tgid = current_tgid();
-    // Unheld, the exec is still reported: the old image's blocks go.
-    if is_traced(tgid) && !hold(event_kind::EXEC, tgid, 0) {
+    if !is_traced(tgid) {
+        return 0;
+    }
+    // A new address space: nothing of the parent's is in it.
+    let _ = INHERITED.remove(tgid);
+    // Unheld (with --follow image, or when it cannot be), the exec is
+    // still reported: the old image's blocks go.
+    if follow_image() || !hold(event_kind::EXEC, tgid, 0) {
         emit(event_kind::EXEC, tgid, 0);
     }
     0
@@ -178,6 +214,7 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
     };
     if group_dead {
         let _ = TRACED.remove(tgid);
+        let _ = INHERITED.remove(tgid);
         emit(event_kind::EXIT, tgid, 0);
     }
     0

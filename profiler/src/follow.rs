@@ -77,7 +77,7 @@ const MAPPED_MEMORY: [(&str, &str, &str); 6] = [
 pub fn attach_lifecycle(
     ebpf: &mut Ebpf,
     follow_children: bool,
-    filter_traced: bool,
+    follow_image: bool,
 ) -> Result<Vec<TracePointLink>, FollowError> {
     ensure_tracefs()?;
     let fork_child = field_offset("sched", "sched_process_fork", "child_pid")?;
@@ -96,7 +96,7 @@ pub fn attach_lifecycle(
     for (slot, value) in [
         (config::FORK_CHILD_PID_OFFSET, fork_child),
         (config::EXIT_GROUP_DEAD_OFFSET, exit_group_dead),
-        (config::FILTER_TRACED, u32::from(filter_traced)),
+        (config::FOLLOW_IMAGE, u32::from(follow_image)),
     ] {
         config_map
             .set(slot, value, 0)

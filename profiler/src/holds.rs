@@ -28,15 +28,28 @@ impl Holds {
         self.map.get(&pid, 0).ok()
     }
 
-    /// Continues `pid`. Returns whether it was still held: false when the
-    /// watchdog continued it already (it ran before memscope was done).
-    /// NB: continued before it leaves the map, so if memscope dies in
-    /// between the watchdog still sees it (a second SIGCONT is harmless).
+    /// Continues `pid`, which an event said was held. Returns whether it
+    /// still was: false when the watchdog continued it already (it ran
+    /// before memscope was done).
+    /// NB: continued before its record goes, so if memscope dies in between
+    /// the watchdog still sees it (a second SIGCONT is harmless); and only
+    /// this hold's record goes: once continued, the process can be held
+    /// again (at its exec, its `_exit`) before the record is removed.
     pub fn release(&mut self, pid: u32) -> bool {
-        let held = self.held_since(pid).is_some();
+        let since = self.held_since(pid);
+        if since.is_some() {
+            wait_until_stopped(pid);
+        }
         cont(pid);
-        let _ = self.map.remove(&pid);
-        held
+        self.forget(pid, since);
+        since.is_some()
+    }
+
+    /// Removes `pid`'s record if it is still the hold of `since`.
+    fn forget(&mut self, pid: u32, since: Option<u64>) {
+        if since.is_some() && self.held_since(pid) == since {
+            let _ = self.map.remove(&pid);
+        }
     }
 
     /// Continues every held process; returns how many there were.
@@ -50,19 +63,19 @@ impl Holds {
     }
 
     fn release_where(&mut self, pick: impl Fn(u64) -> bool) -> usize {
-        // Keys first: the map changes while it is walked.
-        let pids: Vec<u32> = self
+        // Records first: the map changes while it is walked.
+        let held: Vec<(u32, u64)> = self
             .map
             .iter()
             .filter_map(Result::ok)
             .filter(|&(_, since)| pick(since))
-            .map(|(pid, _)| pid)
             .collect();
-        for &pid in &pids {
+        for &(pid, since) in &held {
+            wait_until_stopped(pid);
             cont(pid);
-            let _ = self.map.remove(&pid);
+            self.forget(pid, Some(since));
         }
-        pids.len()
+        held.len()
     }
 }
 
@@ -71,6 +84,22 @@ impl Holds {
 impl Drop for Holds {
     fn drop(&mut self) {
         self.release_all();
+    }
+}
+
+/// Waits, briefly, until a held process has really stopped. NB: a stop
+/// sent from a uprobe (the `_exit` stop) can be delivered a moment after
+/// its event is read (the kernel defers a signal sent where interrupts are
+/// off); a SIGCONT sent before it would be undone by it, and nothing would
+/// continue the process again.
+fn wait_until_stopped(pid: u32) {
+    const BOUND: std::time::Duration = std::time::Duration::from_millis(20);
+    let started = std::time::Instant::now();
+    while started.elapsed() < BOUND {
+        match crate::proc_tree::state(pid) {
+            Some('T' | 't') | None => return,
+            Some(_) => std::thread::sleep(std::time::Duration::from_micros(200)),
+        }
     }
 }
 

@@ -18,6 +18,33 @@ pub struct ProcessNode {
     pub state: char,
 }
 
+/// What /proc/PID/stat says of a process now, or None once it is gone.
+fn stat(pid: u32) -> Option<procfs::process::Stat> {
+    procfs::process::Process::new(i32::try_from(pid).ok()?)
+        .ok()?
+        .stat()
+        .ok()
+}
+
+/// The state letter of process `pid` (R, S, D, T, Z...).
+pub fn state(pid: u32) -> Option<char> {
+    stat(pid).map(|stat| stat.state)
+}
+
+/// Whether `pid` is exiting or gone: its mappings are being torn down, so
+/// what /proc/PID/maps says of it may be partial.
+pub fn exiting(pid: u32) -> bool {
+    const PF_EXITING: u32 = 0x4;
+    stat(pid).is_none_or(|stat| stat.flags & PF_EXITING != 0 || stat.state == 'Z')
+}
+
+/// Who `pid` is: its start time (clock ticks since boot) and its parent.
+/// A pid is soon another process's once its own has exited (a fork storm
+/// wraps pid_max in seconds): this tells the two apart.
+pub fn identity(pid: u32) -> Option<(u64, u32)> {
+    stat(pid).and_then(|stat| Some((stat.starttime, u32::try_from(stat.ppid).ok()?)))
+}
+
 /// Every process descended from `root`, parents before children (breadth
 /// first, siblings by pid), `root` itself left out. Processes that exit
 /// during the scan are left out too.

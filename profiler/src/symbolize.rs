@@ -41,8 +41,12 @@ impl StackSymbolizer {
 
     /// Records the current mappings of `pid`; call while it is alive, again
     /// whenever it may have mapped new code.
+    /// NB: a process that has exited (a zombie) shows no mappings; those
+    /// must not replace what was read while it lived.
     pub fn update_maps(&mut self, maps: ProcessMaps) {
-        self.maps.insert(maps.pid, maps);
+        if !maps.mappings.is_empty() {
+            self.maps.insert(maps.pid, maps);
+        }
     }
 
     pub fn maps(&self, pid: u32) -> Option<&ProcessMaps> {

@@ -122,7 +122,14 @@ pub fn run(map_id: u32, memscope: u32, budget_ns: u64) -> Result<(), WatchdogErr
     let mut stdin_open = true;
     loop {
         let (stdin_event, exited) = wait(&pidfd, stdin_open, SWEEP);
-        late += holds.release_held_before(monotonic_ns().saturating_sub(budget_ns));
+        let released = holds.release_held_before(monotonic_ns().saturating_sub(budget_ns));
+        if released > 0 {
+            tracing::debug!(
+                released,
+                "watchdog continued processes held past the budget"
+            );
+        }
+        late += released;
         if stdin_event {
             // EOF (memscope finishing or dead) or stray input: either way
             // only memscope's exit is waited for now.

@@ -100,3 +100,35 @@ fn exec_releases_the_old_image_and_follows_the_new_one() {
         "leak plus stdout's buffer"
     );
 }
+
+/// Check that with `--follow image` (no copy of the parent's live set, no
+/// hold at fork) a worker's frees of the blocks it inherited are still
+/// known, found in its parent's live set, and every figure is exact.
+#[test]
+fn prefork_workers_free_inherited_blocks_exactly_with_probes_on_the_image() {
+    if !bpf_available() {
+        return;
+    }
+    let (report, _) = run_fixture(
+        "prefork-image",
+        "prefork",
+        &["--per-process", "--follow", "image"],
+    );
+    assert_eq!(
+        figures(site(&report, "worker_leak_site")),
+        (1_228_800, 300, 1_228_800, 300)
+    );
+    // The master's 100 blocks stay live in it; each worker had half of
+    // them and freed them.
+    let cache = site(&report, "master_cache_site");
+    assert_eq!(figures(cache), (51_200, 100, 102_400, 200));
+    assert_eq!((cache.free_count, cache.free_bytes), (100, 51_200));
+    assert_eq!(report.completeness.unknown_frees, 0);
+    assert_nothing_lost(&report);
+    let workers = &report.processes[1..];
+    assert_eq!(workers.len(), 2);
+    for (index, worker) in workers.iter().enumerate() {
+        assert_eq!(worker.totals.live_bytes, 409_600 * (index as u64 + 1));
+        assert_eq!(worker.totals.free_bytes, 25_600);
+    }
+}

@@ -62,10 +62,7 @@ impl Session {
                 }
                 // A stop's event ends it (see `handle_child_event`).
                 ChildState::Stopped => {
-                    if let Some(mut events) = self.events.take() {
-                        self.drain_events(events.get_mut());
-                        self.events = Some(events);
-                    }
+                    self.drain_pending_events();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 ChildState::Running => tokio::time::sleep(Duration::from_millis(50)).await,

@@ -27,6 +27,7 @@ impl Session {
     }
 
     pub(super) fn process_exited(&mut self, pid: u32) {
+        self.start_times.remove(&pid);
         if self.alive.remove(&pid) {
             let now = self.started.elapsed().as_secs_f64();
             let heap = processes::take_heap_top(&mut self.ebpf, pid);
@@ -54,6 +55,7 @@ impl Session {
 
     fn handle_event(&mut self, event: ProcessEvent) {
         let pid = event.pid;
+        tracing::debug!(kind = event.kind, pid, held = event.held, "lifecycle event");
         match event.kind {
             event_kind::FORK => self.forked(event),
             event_kind::EXEC => {
@@ -100,6 +102,15 @@ impl Session {
     /// let it go unprobed when that cannot be done within the budget.
     fn forked(&mut self, event: ProcessEvent) {
         let (pid, ppid) = (event.pid, event.ppid);
+        if event.held == 0 {
+            // --follow image: its probes were on from its first instruction,
+            // and stay until the end, so it counts even while that comes.
+            if !self.alive.contains(&pid) {
+                let maps = ProcessMaps::read(pid).ok();
+                self.track(pid, ppid, maps, Following::Forked);
+            }
+            return;
+        }
         if self.tearing_down || self.alive.contains(&pid) {
             // Ending, or found already by the scan of the tree at attach.
             self.holds.release(pid);
@@ -260,10 +271,42 @@ impl Session {
 
     /// Records a process whose probes are on (or, with `--follow image`,
     /// that is traced), with its mappings for symbolization.
-    pub(super) fn track(&mut self, pid: u32, ppid: u32, maps: ProcessMaps, following: Following) {
-        self.symbolizer.update_maps(maps);
-        self.alive.insert(pid);
+    pub(super) fn track(
+        &mut self,
+        pid: u32,
+        ppid: u32,
+        maps: Option<ProcessMaps>,
+        following: Following,
+    ) {
         let started = self.started.elapsed().as_secs_f64();
+        // NB: a child not held at its fork (--follow image) may be gone by
+        // now, its pid another process's: only its own mappings will do.
+        let identity = crate::proc_tree::identity(pid).filter(|&(_, parent)| parent == ppid);
+        let parents_maps = |this: &Self| {
+            let mut maps = this.symbolizer.maps(ppid)?.clone();
+            maps.pid = pid;
+            Some(maps)
+        };
+        let Some((start_time, _)) = identity else {
+            // Gone: its parent's mappings stand in (a fork copies them).
+            if let Some(maps) = parents_maps(self) {
+                self.symbolizer.update_maps(maps);
+            }
+            let mut record = ProcessRecord::new(pid, Some(ppid), String::new(), started, following);
+            record.exited_s = Some(started);
+            self.processes.push(record);
+            return;
+        };
+        // A fork copies its parent's mappings: those stand in for ones read
+        // too late (as it exited, they go one by one).
+        let maps = maps
+            .filter(|_| !crate::proc_tree::exiting(pid))
+            .or_else(|| parents_maps(self));
+        if let Some(maps) = maps {
+            self.symbolizer.update_maps(maps);
+        }
+        self.start_times.insert(pid, start_time);
+        self.alive.insert(pid);
         self.processes.push(ProcessRecord::new(
             pid,
             Some(ppid),
@@ -314,7 +357,7 @@ impl Session {
         }
         let inherited = processes::copy_live_set(&mut self.ebpf, ppid, pid, fork_ns)?;
         processes::merge_adjustments(&mut self.adjustments, inherited);
-        self.track(pid, ppid, maps, Following::Forked);
+        self.track(pid, ppid, Some(maps), Following::Forked);
         Ok(())
     }
 }

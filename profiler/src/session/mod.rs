@@ -267,6 +267,8 @@ pub struct Session {
     processes: Vec<ProcessRecord>,
     /// Processes still running; the session ends when none is left.
     alive: BTreeSet<u32>,
+    /// Start time of each process in `alive` (see `proc_tree::identity`).
+    start_times: std::collections::HashMap<u32, u64>,
     adjustments: Adjustments,
     per_process_sites: bool,
     warnings: Vec<String>,
@@ -326,12 +328,20 @@ impl Session {
             TargetSpec::Attach(pid) => {
                 let pid = *pid;
                 let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
-                // Traced first: what it forks while its probes go on is
-                // followed too.
-                follow::trace(&mut kernel.ebpf, pid)?;
+                // Per process: traced first, so what it forks while its
+                // probes go on is held for its own. With --follow image the
+                // probes (counting traced processes only) go on first: its
+                // children are not held, and must find them on.
+                let image_mode = options.follow_mode == FollowMode::Image;
+                if !image_mode {
+                    follow::trace(&mut kernel.ebpf, pid)?;
+                }
                 let attach_started = Instant::now();
                 let (image, attached) =
                     attach::attach_allocator(&mut kernel.programs(), pid, &maps)?;
+                if image_mode {
+                    follow::trace(&mut kernel.ebpf, pid)?;
+                }
                 let target = AttachedTarget {
                     pid,
                     command: target::command_line(pid),
@@ -458,6 +468,10 @@ impl Session {
                 Following::Attached,
             )],
             alive: BTreeSet::from([pid]),
+            start_times: crate::proc_tree::identity(pid)
+                .map(|(start, _)| (pid, start))
+                .into_iter()
+                .collect(),
             adjustments: Adjustments::new(),
             per_process_sites: options.per_process_sites,
             warnings,
@@ -600,7 +614,19 @@ impl Session {
         let mut seen = Vec::new();
         let mut gone = Vec::new();
         for &pid in &self.alive {
+            // Its pid may be another process's by now (its exit event not
+            // read yet): that one's mappings would name its frames wrong.
+            let same = self.start_times.get(&pid).is_none_or(|&start| {
+                crate::proc_tree::identity(pid).is_some_and(|(now, _)| now == start)
+            });
+            if !same {
+                gone.push(pid);
+                continue;
+            }
             match ProcessMaps::read(pid) {
+                // Read before it began to exit, or not at all: an exiting
+                // process's mappings go one by one.
+                Ok(_) if crate::proc_tree::exiting(pid) => {}
                 Ok(maps) if !maps.mappings.is_empty() => {
                     self.symbolizer.update_maps(maps.clone());
                     seen.push((pid, maps));
@@ -620,6 +646,8 @@ impl Session {
 
     /// Reads the kernel maps and builds the report of everything so far.
     pub fn report(&mut self) -> Result<Report, SessionError> {
+        // Processes forked since the end (with --follow image they count).
+        self.drain_pending_events();
         self.refresh_maps();
         let snapshot = collect::read_snapshot(&self.ebpf)?;
         let symbolizer = &mut self.symbolizer;

@@ -25,13 +25,20 @@ impl Session {
         {
             tracing::warn!("cannot tell the kernel side to stop holding processes: {error}");
         }
-        if let Some(mut events) = self.events.take() {
-            self.drain_events(events.get_mut());
-            self.events = Some(events);
-        }
+        self.drain_pending_events();
         let left = self.holds.release_all();
         if left > 0 {
             tracing::info!("continued {left} held process(es) at the end");
+        }
+    }
+}
+
+impl Session {
+    /// Handles the lifecycle events in the ring now, outside the wait loop.
+    pub(super) fn drain_pending_events(&mut self) {
+        if let Some(mut events) = self.events.take() {
+            self.drain_events(events.get_mut());
+            self.events = Some(events);
         }
     }
 }

@@ -66,7 +66,7 @@ impl Session {
                     self.probed_images.insert((pid, image.path));
                     self.keep(pid, attached, false);
                 }
-                self.track(pid, ppid, maps, Following::Attached);
+                self.track(pid, ppid, Some(maps), Following::Attached);
             }
             Err(error) => self.unfollow(pid, ppid, format!("not followed: {error}")),
         }
