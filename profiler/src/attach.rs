@@ -197,6 +197,18 @@ impl SiteCache {
     }
 }
 
+/// Links detached together, in parallel, when dropped: also on an error
+/// path (a failed exec), where one at a time the tracepoints alone took
+/// most of a second.
+#[derive(Debug, Default)]
+pub struct LinkSet(pub Vec<ProbeLink>);
+
+impl Drop for LinkSet {
+    fn drop(&mut self) {
+        detach(std::mem::take(&mut self.0));
+    }
+}
+
 /// Detaches probe links. Each detach waits for RCU grace periods in the
 /// kernel (a multi link ~50 ms, a perf-event uprobe ~200 ms here); in
 /// parallel the waits overlap.

@@ -26,7 +26,7 @@ use tokio::{
 };
 
 use crate::{
-    attach::{self, AttachError, Attached, AttachedProbe, ProbeLink, Programs, SiteCache},
+    attach::{self, AttachError, Attached, AttachedProbe, LinkSet, ProbeLink, Programs, SiteCache},
     bpf::{self, LoadError, MapCapacity},
     collect::{self, CollectError},
     completeness,
@@ -179,7 +179,7 @@ struct Kernel {
     multi: Option<MultiPrograms>,
     sites: SiteCache,
     follow_mode: FollowMode,
-    tracepoints: Vec<ProbeLink>,
+    tracepoints: LinkSet,
     holds: Holds,
     watchdog: Watchdog,
 }
@@ -212,14 +212,16 @@ impl Kernel {
         })?;
         let watchdog = Watchdog::spawn(&exe, held_id, HOLD_BUDGET_NS)?;
         let holds = Holds::new(held).map_err(map_error)?;
-        let tracepoints = follow::attach_lifecycle(
-            &mut ebpf,
-            options.follow_children,
-            options.follow_mode == FollowMode::Image,
-        )?
-        .into_iter()
-        .map(ProbeLink::Tracepoint)
-        .collect();
+        let tracepoints = LinkSet(
+            follow::attach_lifecycle(
+                &mut ebpf,
+                options.follow_children,
+                options.follow_mode == FollowMode::Image,
+            )?
+            .into_iter()
+            .map(ProbeLink::Tracepoint)
+            .collect(),
+        );
         Ok(Self {
             ebpf,
             multi,
@@ -248,7 +250,7 @@ pub struct Session {
     sites: SiteCache,
     follow_mode: FollowMode,
     /// Detached with the probes at the end.
-    tracepoints: Vec<ProbeLink>,
+    tracepoints: LinkSet,
     /// Processes the kernel side stopped; continued by `lifecycle`.
     holds: Holds,
     /// It continues whatever memscope leaves held, once memscope is gone.

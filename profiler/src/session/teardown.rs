@@ -53,7 +53,7 @@ impl Drop for Session {
         let links: Vec<ProbeLink> = std::mem::take(&mut self.links)
             .into_values()
             .flatten()
-            .chain(std::mem::take(&mut self.tracepoints))
+            .chain(std::mem::take(&mut self.tracepoints.0))
             .collect();
         if links.len() > 100 {
             eprintln!(
