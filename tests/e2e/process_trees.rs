@@ -60,8 +60,22 @@ fn attach(
     (memscope, dir)
 }
 
-/// The pre-fork fixture with `workers` workers, and its "ready" line's pids.
-fn prefork(workers: usize) -> (Child, Vec<u32>) {
+/// Kills these processes when dropped: a test that fails before it
+/// releases the pre-fork workers must not leave them waiting forever.
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: plain syscall; a pid already gone makes it fail.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The pre-fork fixture with `workers` workers, and its "ready" line's pids
+/// (master first), killed when the guard drops.
+fn prefork(workers: usize) -> (Child, Vec<u32>, KillOnDrop) {
     let mut server = Command::new(fixture("prefork_attach"))
         .arg(workers.to_string())
         .stdin(Stdio::piped())
@@ -78,7 +92,8 @@ fn prefork(workers: usize) -> (Child, Vec<u32>) {
         .map(|p| p.parse().expect("pid"))
         .collect();
     assert_eq!(pids.len(), workers + 1, "{line}");
-    (server, pids)
+    let guard = KillOnDrop(pids.clone());
+    (server, pids, guard)
 }
 
 fn release(server: &mut Child) {
@@ -122,7 +137,7 @@ fn attach_profiles_workers_forked_before_it() {
     if !bpf_available() {
         return;
     }
-    let (mut server, pids) = prefork(3);
+    let (mut server, pids, _workers) = prefork(3);
     let (mut memscope, dir) = attach("prefork-attach", pids[0], &[], None);
     release(&mut server);
     assert!(server.wait().expect("fixture exits").success());
@@ -309,7 +324,7 @@ fn attach_with_probes_on_the_image_profiles_workers_exactly() {
     if !bpf_available() {
         return;
     }
-    let (mut server, pids) = prefork(3);
+    let (mut server, pids, _workers) = prefork(3);
     let (mut memscope, dir) = attach("prefork-image", pids[0], &["--follow", "image"], None);
     release(&mut server);
     assert!(server.wait().expect("fixture exits").success());
@@ -334,7 +349,7 @@ fn two_hundred_workers_are_followed_exactly_and_torn_down_quickly() {
         return;
     }
     const WORKERS: usize = 200;
-    let (mut server, pids) = prefork(WORKERS);
+    let (mut server, pids, _workers) = prefork(WORKERS);
     let (mut memscope, dir) = attach("tree-200", pids[0], &[], Some(1024));
     // Teardown with all of them alive and probed.
     let interrupted = Instant::now();
