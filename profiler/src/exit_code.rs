@@ -63,8 +63,10 @@ fn for_session_error(error: &SessionError) -> u8 {
         SessionError::Attach(
             AttachError::Probe { .. }
             | AttachError::Load { .. }
-            | AttachError::ProbeConflict { .. },
-        ) => BPF_UNAVAILABLE,
+            | AttachError::ProbeConflict { .. }
+            | AttachError::Multi(_),
+        )
+        | SessionError::MultiUprobe(_) => BPF_UNAVAILABLE,
         _ => FAILURE,
     }
 }
