@@ -59,6 +59,18 @@ impl Session {
         match event.kind {
             event_kind::FORK => self.forked(event),
             event_kind::EXEC => {
+                // Held for what must come before the new image's first
+                // instruction, and no more: its own malloc's probes, and a
+                // heap top started afresh (a new program has a new heap).
+                processes::take_heap_top(&mut self.ebpf, pid);
+                if !self.tearing_down {
+                    self.probe_new_image(pid);
+                }
+                if event.held != 0 {
+                    self.holds.release(pid);
+                }
+                // The old image's blocks, found by their timestamps, can go
+                // while the new one runs (a shell loop waits on each exec).
                 match processes::release_live_set(&mut self.ebpf, pid, event.timestamp_ns) {
                     Ok(released) => processes::merge_adjustments(&mut self.adjustments, released),
                     Err(error) => tracing::warn!("exec of {pid}: {error}"),
@@ -67,14 +79,8 @@ impl Session {
                 if let Some(record) = self.record_mut(pid) {
                     record.command = command;
                 }
-                // A new program has a new heap: its first brk starts afresh.
-                processes::take_heap_top(&mut self.ebpf, pid);
-                if !self.tearing_down {
-                    self.refresh_maps();
-                    self.probe_new_image(pid);
-                }
-                if event.held != 0 {
-                    self.holds.release(pid);
+                if let Ok(maps) = ProcessMaps::read(pid) {
+                    self.symbolizer.update_maps(maps);
                 }
             }
             event_kind::EXITING => {
