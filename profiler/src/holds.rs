@@ -28,21 +28,21 @@ impl Holds {
         self.map.get(&pid, 0).ok()
     }
 
-    /// Continues `pid`, which an event said was held. Returns whether it
-    /// still was: false when the watchdog continued it already (it ran
-    /// before memscope was done).
+    /// Ends the hold of `pid` made at `since` (its event's timestamp, which
+    /// is the record's value). Returns whether it was still on: false when
+    /// the watchdog ended it already (it ran before memscope was done).
     /// NB: continued before its record goes, so if memscope dies in between
     /// the watchdog still sees it (a second SIGCONT is harmless); and only
     /// this hold's record goes: once continued, the process can be held
-    /// again (at its exec, its `_exit`) before the record is removed.
-    pub fn release(&mut self, pid: u32) -> bool {
-        let since = self.held_since(pid);
-        if since.is_some() {
-            wait_until_stopped(pid);
+    /// again (at its exec, its `_exit`), and that hold is its own event's.
+    pub fn release(&mut self, pid: u32, since: u64) -> bool {
+        if self.held_since(pid) != Some(since) {
+            return false;
         }
+        wait_until_stopped(pid);
         cont(pid);
-        self.forget(pid, since);
-        since.is_some()
+        self.forget(pid, Some(since));
+        true
     }
 
     /// Removes `pid`'s record if it is still the hold of `since`.

@@ -67,7 +67,7 @@ impl Session {
                     self.probe_new_image(pid);
                 }
                 if event.held != 0 {
-                    self.holds.release(pid);
+                    self.holds.release(pid, event.timestamp_ns);
                 }
                 // The old image's blocks, found by their timestamps, can go
                 // while the new one runs (a shell loop waits on each exec).
@@ -87,7 +87,7 @@ impl Session {
                 // Stopped in `_exit`: its mappings are read one last time.
                 self.refresh_maps();
                 if event.held != 0 {
-                    self.holds.release(pid);
+                    self.holds.release(pid, event.timestamp_ns);
                 }
             }
             event_kind::EXIT => {
@@ -119,7 +119,7 @@ impl Session {
         }
         if self.tearing_down || self.alive.contains(&pid) {
             // Ending, or found already by the scan of the tree at attach.
-            self.holds.release(pid);
+            self.holds.release(pid, event.timestamp_ns);
             return;
         }
         let waited_ns = monotonic_ns().saturating_sub(event.timestamp_ns);
@@ -129,13 +129,13 @@ impl Session {
                 waited_ns / 1_000_000,
                 HOLD_BUDGET_NS / 1_000_000
             );
-            self.holds.release(pid);
+            self.holds.release(pid, event.timestamp_ns);
             self.unfollow(pid, ppid, note);
             return;
         }
         let started = Instant::now();
         let followed = self.follow_child(pid, ppid, event.timestamp_ns);
-        let still_held = self.holds.release(pid);
+        let still_held = self.holds.release(pid, event.timestamp_ns);
         // NB: past the budget the watchdog may have let it go already, its
         // SIGCONT sent but the map entry not yet removed: late, to be safe.
         let in_time = monotonic_ns().saturating_sub(event.timestamp_ns) < HOLD_BUDGET_NS;
