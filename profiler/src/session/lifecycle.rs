@@ -15,7 +15,6 @@ use crate::{
     holds::{HOLD_BUDGET_NS, monotonic_ns},
     process_maps::ProcessMaps,
     processes::{self, Following, ProcessRecord},
-    session::FollowMode,
     target::{self, TargetError},
 };
 
@@ -30,7 +29,7 @@ impl Session {
         self.start_times.remove(&pid);
         if self.alive.remove(&pid) {
             let now = self.started.elapsed().as_secs_f64();
-            let heap = processes::take_heap_top(&mut self.ebpf, pid);
+            let heap = processes::take_heap_top(&mut self.kernel.ebpf, pid);
             if let Some(record) = self.record_mut(pid) {
                 record.exited_s = Some(now);
                 record.heap_at_exit = heap;
@@ -62,16 +61,16 @@ impl Session {
                 // Held for what must come before the new image's first
                 // instruction, and no more: its own malloc's probes, and a
                 // heap top started afresh (a new program has a new heap).
-                processes::take_heap_top(&mut self.ebpf, pid);
+                processes::take_heap_top(&mut self.kernel.ebpf, pid);
                 if !self.tearing_down {
                     self.probe_new_image(pid);
                 }
                 if event.held != 0 {
-                    self.holds.release(pid, event.timestamp_ns);
+                    self.kernel.holds.release(pid, event.timestamp_ns);
                 }
                 // The old image's blocks, found by their timestamps, can go
                 // while the new one runs (a shell loop waits on each exec).
-                match processes::release_live_set(&mut self.ebpf, pid, event.timestamp_ns) {
+                match processes::release_live_set(&mut self.kernel.ebpf, pid, event.timestamp_ns) {
                     Ok(released) => processes::merge_adjustments(&mut self.adjustments, released),
                     Err(error) => tracing::warn!("exec of {pid}: {error}"),
                 }
@@ -87,7 +86,7 @@ impl Session {
                 // Stopped in `_exit`: its mappings are read one last time.
                 self.refresh_maps();
                 if event.held != 0 {
-                    self.holds.release(pid, event.timestamp_ns);
+                    self.kernel.holds.release(pid, event.timestamp_ns);
                 }
             }
             event_kind::EXIT => {
@@ -119,7 +118,7 @@ impl Session {
         }
         if self.tearing_down || self.alive.contains(&pid) {
             // Ending, or found already by the scan of the tree at attach.
-            self.holds.release(pid, event.timestamp_ns);
+            self.kernel.holds.release(pid, event.timestamp_ns);
             return;
         }
         let waited_ns = monotonic_ns().saturating_sub(event.timestamp_ns);
@@ -129,13 +128,13 @@ impl Session {
                 waited_ns / 1_000_000,
                 HOLD_BUDGET_NS / 1_000_000
             );
-            self.holds.release(pid, event.timestamp_ns);
+            self.kernel.holds.release(pid, event.timestamp_ns);
             self.unfollow(pid, ppid, note);
             return;
         }
         let started = Instant::now();
         let followed = self.follow_child(pid, ppid, event.timestamp_ns);
-        let still_held = self.holds.release(pid, event.timestamp_ns);
+        let still_held = self.kernel.holds.release(pid, event.timestamp_ns);
         // NB: past the budget the watchdog may have let it go already, its
         // SIGCONT sent but the map entry not yet removed: late, to be safe.
         let in_time = monotonic_ns().saturating_sub(event.timestamp_ns) < HOLD_BUDGET_NS;
@@ -164,7 +163,7 @@ impl Session {
     /// Records a process that runs without probes, and stops following
     /// its forks.
     pub(super) fn unfollow(&mut self, pid: u32, ppid: u32, note: String) {
-        follow::untrace(&mut self.ebpf, pid);
+        follow::untrace(&mut self.kernel.ebpf, pid);
         if let Some(links) = self.links.remove(&pid) {
             self.detacher.detach(links);
         }
@@ -217,7 +216,7 @@ impl Session {
             if let Some(image) = allocator::replacement_library(&maps)
                 && !self
                     .probed_images
-                    .contains(&(self.probe_owner(pid), image.path.clone()))
+                    .contains(&(self.kernel.probe_owner(pid), image.path.clone()))
             {
                 self.warnings.push(format!(
                     "pid {pid} loaded {} after its start: its allocations before memscope saw it are not counted",
@@ -237,11 +236,11 @@ impl Session {
         image: &allocator::AllocatorImage,
         how: &str,
     ) {
-        let owner = self.probe_owner(pid);
+        let owner = self.kernel.probe_owner(pid);
         if !self.probed_images.insert((owner, image.path.clone())) {
             return;
         }
-        match attach::attach_image(&mut self.programs(), pid, maps, exe, image) {
+        match attach::attach_image(&mut self.kernel.programs(), pid, maps, exe, image) {
             Ok(attached) => self.keep(owner, attached, true),
             Err(error) => self
                 .warnings
@@ -256,7 +255,7 @@ impl Session {
             return;
         }
         let pids = std::mem::take(&mut self.exited_in_live_map);
-        if let Err(error) = processes::forget_live_sets(&mut self.ebpf, &pids) {
+        if let Err(error) = processes::forget_live_sets(&mut self.kernel.ebpf, &pids) {
             tracing::warn!("{error}");
         }
     }
@@ -338,12 +337,14 @@ impl Session {
             .map(|(_, image)| image.clone())
             .collect();
         if images.is_empty() {
-            let (image, attached) = attach::attach_allocator(&mut self.programs(), pid, maps)?;
+            let (image, attached) =
+                attach::attach_allocator(&mut self.kernel.programs(), pid, maps)?;
             self.keep(pid, attached, false);
             images.push(image.path);
         } else {
             for image in &images {
-                let attached = attach::attach_family(&mut self.programs(), pid, maps, image)?;
+                let attached =
+                    attach::attach_family(&mut self.kernel.programs(), pid, maps, image)?;
                 // A child's probes are its parent's again: not listed twice.
                 self.keep(pid, attached, false);
             }
@@ -354,14 +355,13 @@ impl Session {
         Ok(())
     }
 
-    /// Puts the allocator probes on a new child (unless they are on every
-    /// process, `--follow image`) and gives it its parent's live set.
+    /// Puts the allocator probes on a new child and gives it its parent's
+    /// live set. Only for a held child: with `--follow image` none is held
+    /// (its probes are on already, its inherited blocks found in place).
     fn follow_child(&mut self, pid: u32, ppid: u32, fork_ns: u64) -> Result<(), SessionError> {
         let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
-        if self.follow_mode == FollowMode::Process {
-            self.probe_like_parent(pid, ppid, &maps)?;
-        }
-        let inherited = processes::copy_live_set(&mut self.ebpf, ppid, pid, fork_ns)?;
+        self.probe_like_parent(pid, ppid, &maps)?;
+        let inherited = processes::copy_live_set(&mut self.kernel.ebpf, ppid, pid, fork_ns)?;
         processes::merge_adjustments(&mut self.adjustments, inherited);
         self.track(pid, ppid, Some(maps), Following::Forked);
         Ok(())

@@ -181,7 +181,8 @@ struct Kernel {
     follow_mode: FollowMode,
     tracepoints: LinkSet,
     holds: Holds,
-    watchdog: Watchdog,
+    /// Held for its drop: it continues whatever memscope leaves held.
+    _watchdog: Watchdog,
 }
 
 impl Kernel {
@@ -229,7 +230,7 @@ impl Kernel {
             follow_mode: options.follow_mode,
             tracepoints,
             holds,
-            watchdog,
+            _watchdog: watchdog,
         })
     }
 
@@ -241,20 +242,22 @@ impl Kernel {
             every_process: self.follow_mode == FollowMode::Image,
         }
     }
+
+    /// Whose probes serve `pid`: its own, or with `--follow image` the
+    /// probes on every process (owner 0).
+    fn probe_owner(&self, pid: u32) -> u32 {
+        match self.follow_mode {
+            FollowMode::Process => pid,
+            FollowMode::Image => 0,
+        }
+    }
 }
 
 /// A target with memscope's probes on it.
 pub struct Session {
-    ebpf: Ebpf,
-    multi: Option<MultiPrograms>,
-    sites: SiteCache,
-    follow_mode: FollowMode,
-    /// Detached with the probes at the end.
-    tracepoints: LinkSet,
-    /// Processes the kernel side stopped; continued by `lifecycle`.
-    holds: Holds,
-    /// It continues whatever memscope leaves held, once memscope is gone.
-    _watchdog: Watchdog,
+    /// The programs, the held processes and the watchdog; its tracepoints
+    /// are detached with the probes at the end.
+    kernel: Kernel,
     pid: u32,
     command: String,
     /// Whether memscope started the target (and so is its parent).
@@ -355,7 +358,7 @@ impl Session {
                 session.attach_costs.push(attach_started.elapsed());
                 session
                     .probed_images
-                    .insert((session.probe_owner(pid), image.path));
+                    .insert((session.kernel.probe_owner(pid), image.path));
                 if options.follow_children {
                     session.attach_descendants();
                 }
@@ -398,7 +401,7 @@ impl Session {
                 let mut session = Self::new(kernel, target, options, (started, signals))?;
                 session
                     .probed_images
-                    .insert((session.probe_owner(pid), image.path));
+                    .insert((session.kernel.probe_owner(pid), image.path));
                 if let Some(record) = session.processes.first_mut() {
                     record.following = Following::Started;
                 }
@@ -413,15 +416,7 @@ impl Session {
         options: &SessionOptions,
         (started, signals): (Instant, Signals),
     ) -> Result<Self, SessionError> {
-        let Kernel {
-            mut ebpf,
-            multi,
-            sites,
-            follow_mode,
-            tracepoints,
-            holds,
-            watchdog,
-        } = kernel;
+        let mut kernel = kernel;
         let AttachedTarget {
             pid,
             command,
@@ -436,7 +431,8 @@ impl Session {
         } = target;
         let mut symbolizer = StackSymbolizer::new(pid);
         symbolizer.update_maps(maps);
-        let events = ebpf
+        let events = kernel
+            .ebpf
             .take_map(map_names::EVENTS)
             .and_then(|map| RingBuf::try_from(map).ok())
             .ok_or(FollowError::Missing(map_names::EVENTS))?;
@@ -445,14 +441,9 @@ impl Session {
             pid,
             source: std::io::Error::other(e.to_string()),
         })?;
+        let links = std::collections::HashMap::from([(kernel.probe_owner(pid), links)]);
         Ok(Self {
-            ebpf,
-            multi,
-            sites,
-            follow_mode,
-            tracepoints,
-            holds,
-            _watchdog: watchdog,
+            kernel,
             pid,
             command: command.clone(),
             is_child,
@@ -478,38 +469,13 @@ impl Session {
             per_process_sites: options.per_process_sites,
             warnings,
             probed_images: std::collections::HashSet::new(),
-            links: std::collections::HashMap::from([(
-                if follow_mode == FollowMode::Image {
-                    0
-                } else {
-                    pid
-                },
-                links,
-            )]),
+            links,
             detacher: attach::Detacher::default(),
             attach_costs: Vec::new(),
             exited_in_live_map: std::collections::HashSet::new(),
             signals: Some(signals),
             tearing_down: false,
         })
-    }
-
-    fn programs(&mut self) -> Programs<'_> {
-        Programs {
-            ebpf: &mut self.ebpf,
-            multi: self.multi.as_ref(),
-            sites: &mut self.sites,
-            every_process: self.follow_mode == FollowMode::Image,
-        }
-    }
-
-    /// Whose probes serve `pid`: its own, or with `--follow image` the
-    /// probes on every process (owner 0).
-    fn probe_owner(&self, pid: u32) -> u32 {
-        match self.follow_mode {
-            FollowMode::Process => pid,
-            FollowMode::Image => 0,
-        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -651,7 +617,7 @@ impl Session {
         // Processes forked since the end (with --follow image they count).
         self.drain_pending_events();
         self.refresh_maps();
-        let snapshot = collect::read_snapshot(&self.ebpf)?;
+        let snapshot = collect::read_snapshot(&self.kernel.ebpf)?;
         let symbolizer = &mut self.symbolizer;
         let context = ReportContext {
             target: Some(TargetInfo {

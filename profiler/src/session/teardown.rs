@@ -19,14 +19,14 @@ impl Session {
     /// processes let go, not probed).
     pub(super) fn stop_holding(&mut self) {
         self.tearing_down = true;
-        if let Some(map) = self.ebpf.map_mut(map_names::CONFIG)
+        if let Some(map) = self.kernel.ebpf.map_mut(map_names::CONFIG)
             && let Ok(mut config_map) = Array::<&mut MapData, u32>::try_from(map)
             && let Err(error) = config_map.set(config::STOPS_DISABLED, 1, 0)
         {
             tracing::warn!("cannot tell the kernel side to stop holding processes: {error}");
         }
         self.drain_pending_events();
-        let left = self.holds.release_all();
+        let left = self.kernel.holds.release_all();
         if left > 0 {
             tracing::info!("continued {left} held process(es) at the end");
         }
@@ -53,7 +53,7 @@ impl Drop for Session {
         let links: Vec<ProbeLink> = std::mem::take(&mut self.links)
             .into_values()
             .flatten()
-            .chain(std::mem::take(&mut self.tracepoints.0))
+            .chain(std::mem::take(&mut self.kernel.tracepoints.0))
             .collect();
         if links.len() > 100 {
             eprintln!(

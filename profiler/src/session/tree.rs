@@ -27,7 +27,7 @@ impl Session {
                 {
                     continue;
                 }
-                match follow::trace_new(&mut self.ebpf, node.pid) {
+                match follow::trace_new(&mut self.kernel.ebpf, node.pid) {
                     Ok(true) => {}
                     Ok(false) => continue,
                     Err(error) => {
@@ -47,7 +47,7 @@ impl Session {
     /// Puts the probes on a process that is already running.
     fn attach_running(&mut self, pid: u32, ppid: u32) {
         let started = Instant::now();
-        let image_mode = self.follow_mode == FollowMode::Image;
+        let image_mode = self.kernel.follow_mode == FollowMode::Image;
         let attached = ProcessMaps::read(pid)
             .map_err(|_| target::TargetError::NoSuchProcess(pid).into())
             .and_then(|maps| {
@@ -55,7 +55,11 @@ impl Session {
                 let attached = if image_mode {
                     None
                 } else {
-                    Some(attach::attach_allocator(&mut self.programs(), pid, &maps)?)
+                    Some(attach::attach_allocator(
+                        &mut self.kernel.programs(),
+                        pid,
+                        &maps,
+                    )?)
                 };
                 Ok::<_, super::SessionError>((attached, maps))
             });
