@@ -37,6 +37,10 @@ pub mod map_names {
     /// With `--follow image`, each forked child's parent and fork time:
     /// `tgid -> Inheritance`.
     pub const INHERITED: &str = "INHERITED";
+    /// CPython processes and how to walk their frames: `tgid -> PythonProcess`.
+    pub const PY_PROCS: &str = "PY_PROCS";
+    /// Python stacks by hash: `u64 -> PythonStack`.
+    pub const PY_STACKS: &str = "PY_STACKS";
 }
 
 /// Slots of the `CONFIG` array.
@@ -56,7 +60,10 @@ pub mod config {
     /// are not held, and a child's frees of its parent's blocks are looked
     /// up in the parent's live set (`INHERITED`) instead of a copy.
     pub const FOLLOW_IMAGE: u32 = 3;
-    pub const SLOTS: u32 = 4;
+    /// Byte offset of the user fs base (`thread.fsbase`) in the kernel's
+    /// `task_struct`, from BTF; zero when unknown (no Python walks then).
+    pub const TASK_FSBASE_OFFSET: u32 = 4;
+    pub const SLOTS: u32 = 5;
 }
 
 /// Processes followed at once (the target and its descendants).
@@ -176,10 +183,18 @@ pub enum Counter {
     LostChildren = 6,
     /// The per-process heap (brk) map was full.
     HeapMapFull = 7,
+    /// A Python thread's frame chain could not be read (a fault, or a
+    /// frame that is not one): the stack has native frames only.
+    PythonStackErrors = 8,
+    /// A Python stack deeper than `MAX_PYTHON_FRAMES`: the outermost frames
+    /// were cut off (the innermost are kept).
+    PythonTruncated = 9,
+    /// The Python stack map was full: a stack kept its native frames only.
+    PythonStacksFull = 10,
 }
 
 /// Number of `Counter` slots.
-pub const COUNTER_SLOTS: u32 = 8;
+pub const COUNTER_SLOTS: u32 = 11;
 
 /// Movement of a process's heap top (brk), all calls included: glibc's
 /// main arena grows this way inside malloc.
@@ -215,6 +230,8 @@ pub struct LiveAllocation {
     pub kind: u32,
     /// See `StackKey::caller`.
     pub caller: u64,
+    /// See `StackKey::python_stack`.
+    pub python_stack: u64,
 }
 
 /// Key of per-stack totals: the process and the allocating stack.
@@ -231,6 +248,9 @@ pub struct StackKey {
     /// the frame-pointer walk skips their caller; this is that caller. Zero
     /// for stacks taken at return probes, which are complete.
     pub caller: u64,
+    /// Hash of the allocating thread's Python stack (`PY_STACKS`); zero
+    /// when the thread ran no Python code or is not in a CPython process.
+    pub python_stack: u64,
 }
 
 impl LiveAllocation {
@@ -246,6 +266,7 @@ impl LiveAllocation {
             },
             _pad: 0,
             caller: self.caller,
+            python_stack: self.python_stack,
         }
     }
 }
@@ -258,6 +279,7 @@ impl StackKey {
             class: site_class::MALLOC,
             _pad: 0,
             caller: 0,
+            python_stack: 0,
         }
     }
 }
@@ -288,6 +310,87 @@ pub struct InFlightCall {
     pub _pad: u32,
 }
 
+/// Deepest Python stack recorded (innermost frames kept).
+pub const MAX_PYTHON_FRAMES: usize = 64;
+/// Bytes of a Python frame read at once; every frame offset used must fit.
+pub const PYTHON_FRAME_READ: usize = 128;
+/// An offset a version does not have.
+pub const NO_OFFSET: u16 = u16::MAX;
+
+/// `PythonProcess::flags` bits.
+pub mod python_flags {
+    /// `frame_instr` is a pointer into the code object's bytecode (3.11+),
+    /// not an int `f_lasti` (3.8-3.10).
+    pub const INSTR_POINTER: u16 = 1;
+}
+
+/// `PythonStack::flags` bits.
+pub mod python_stack_flags {
+    /// Deeper than `MAX_PYTHON_FRAMES`: outer frames are missing.
+    pub const TRUNCATED: u32 = 1;
+}
+
+/// How the kernel side walks one CPython process's frames. Written by
+/// userspace (`python::runtime`) once the interpreter is found; every
+/// offset is in bytes and below `PYTHON_FRAME_READ` where it indexes a frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PythonProcess {
+    /// Address of the interpreter's `Py_tss_t autoTSSkey` in the process:
+    /// `{int _is_initialized; int _key}`, read at every walk (it is set
+    /// during `Py_Initialize`, after a `run` target's exec).
+    pub tss_addr: u64,
+    /// Address of `_Py_NoneStruct`: 3.13 marks a C-entered frame with a
+    /// `None` code object.
+    pub none_addr: u64,
+    /// Offset of glibc's `struct pthread.specific_1stblock` from the thread
+    /// pointer (0x310 for glibc 2.27-2.38): a key's value is at
+    /// `fsbase + tsd_offset + key * 16 + 8`.
+    pub tsd_offset: u32,
+    /// `(major << 8) | minor`, e.g. 0x030b.
+    pub version: u32,
+    /// `PyThreadState.frame` (3.8-3.10), `.cframe` (3.11-3.12) or
+    /// `.current_frame` (3.13).
+    pub tstate_frame: u16,
+    /// `_PyCFrame.current_frame` (3.11-3.12); `NO_OFFSET` without a cframe.
+    pub cframe_frame: u16,
+    /// In a frame: `f_code`/`f_executable`, the back link
+    /// (`f_back`/`previous`), the instruction (`f_lasti`, `prev_instr`,
+    /// `instr_ptr`) and `owner` (`NO_OFFSET` before 3.12: no shim frames).
+    pub frame_code: u16,
+    pub frame_back: u16,
+    pub frame_instr: u16,
+    pub frame_owner: u16,
+    /// `PyCodeObject.co_firstlineno`, read per frame to tell a freed code
+    /// object's address from a new one there.
+    pub code_firstlineno: u16,
+    /// `python_flags`.
+    pub flags: u16,
+}
+
+/// One Python frame as recorded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PythonFrame {
+    /// Address of the code object.
+    pub code: u64,
+    /// With `python_flags::INSTR_POINTER`: the instruction pointer's byte
+    /// offset from the code object's start; else `f_lasti` as stored.
+    pub instr: u32,
+    /// The code object's `co_firstlineno`, as read with the frame.
+    pub firstlineno: u32,
+}
+
+/// A Python stack, innermost frame first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PythonStack {
+    pub len: u32,
+    /// `python_stack_flags`.
+    pub flags: u32,
+    pub frames: [PythonFrame; MAX_PYTHON_FRAMES],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all are repr(C), fixed-width integers with explicit padding, so
@@ -300,4 +403,7 @@ mod pod {
     unsafe impl aya::Pod for super::ProcessEvent {}
     unsafe impl aya::Pod for super::HeapTop {}
     unsafe impl aya::Pod for super::Inheritance {}
+    unsafe impl aya::Pod for super::PythonProcess {}
+    unsafe impl aya::Pod for super::PythonFrame {}
+    unsafe impl aya::Pod for super::PythonStack {}
 }
