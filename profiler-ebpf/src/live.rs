@@ -58,7 +58,7 @@ pub fn record_alloc(ctx: &impl StackIdContext, addr: u64, size: u64, kind: u32, 
         stack_id,
         kind,
         caller,
-        python_stack: 0,
+        python_stack: crate::python::current_stack(tgid),
     };
     if LIVE.insert(key, block, BPF_NOEXIST as u64).is_err() {
         // The address is live already: its free went unseen. Close the old

@@ -16,6 +16,7 @@ mod counters;
 mod live;
 mod mapped;
 mod processes;
+mod python;
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,

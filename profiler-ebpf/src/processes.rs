@@ -35,7 +35,7 @@ static INHERITED: HashMap<u32, Inheritance> = HashMap::with_max_entries(MAX_PROC
 
 pub const SIGSTOP: u32 = 19;
 
-fn config(slot: u32) -> usize {
+pub fn config(slot: u32) -> usize {
     CONFIG.get(slot).copied().unwrap_or(0) as usize
 }
 
@@ -155,6 +155,7 @@ pub fn syscall_exit(_ctx: TracePointContext) -> u32 {
         count(Counter::LostChildren);
         return 0;
     }
+    crate::python::inherit(parent, tgid);
     if follow_image() {
         // Its probes are on already: nothing to wait for. Its parent's live
         // set stands for the one it inherited.
@@ -187,6 +188,7 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
     }
     // A new address space: nothing of the parent's is in it.
     let _ = INHERITED.remove(tgid);
+    crate::python::forget(tgid);
     // Unheld (with --follow image, or when it cannot be), the exec is
     // still reported: the old image's blocks go.
     if follow_image() || !hold(event_kind::EXEC, tgid, 0) {
@@ -215,6 +217,7 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
     if group_dead {
         let _ = TRACED.remove(tgid);
         let _ = INHERITED.remove(tgid);
+        crate::python::forget(tgid);
         emit(event_kind::EXIT, tgid, 0);
     }
     0

@@ -7,7 +7,10 @@ use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, StackTraceMap},
 };
-use profiler_common::{Counter, HeapTop, StackKey, StackTotals, UNKNOWN_STACK, map_names};
+use profiler_common::{
+    Counter, HeapTop, PythonFrame, PythonStack, StackKey, StackTotals, UNKNOWN_STACK, map_names,
+    python_stack_flags,
+};
 
 /// Everything the kernel side knows at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -20,6 +23,26 @@ pub struct KernelSnapshot {
     pub counters: LossCounters,
     /// Heap top per process.
     pub heap_tops: BTreeMap<u32, HeapTop>,
+    /// Python stacks by hash (`StackKey::python_stack`).
+    pub python_stacks: HashMap<u64, RecordedPythonStack>,
+}
+
+/// A Python stack as the kernel side recorded it, innermost frame first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecordedPythonStack {
+    pub frames: Vec<PythonFrame>,
+    /// Deeper than the kernel side records: outer frames are missing.
+    pub truncated: bool,
+}
+
+impl From<&PythonStack> for RecordedPythonStack {
+    fn from(stack: &PythonStack) -> Self {
+        let len = (stack.len as usize).min(stack.frames.len());
+        Self {
+            frames: stack.frames[..len].to_vec(),
+            truncated: stack.flags & python_stack_flags::TRUNCATED != 0,
+        }
+    }
 }
 
 /// Events the kernel side could not record, summed over CPUs.
@@ -33,6 +56,9 @@ pub struct LossCounters {
     pub in_flight_full: u64,
     pub lost_children: u64,
     pub heap_map_full: u64,
+    pub python_stack_errors: u64,
+    pub python_truncated: u64,
+    pub python_stacks_full: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +118,13 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
         in_flight_full: read(Counter::InFlightFull)?,
         lost_children: read(Counter::LostChildren)?,
         heap_map_full: read(Counter::HeapMapFull)?,
+        python_stack_errors: read(Counter::PythonStackErrors)?,
+        python_truncated: read(Counter::PythonTruncated)?,
+        python_stacks_full: read(Counter::PythonStacksFull)?,
     };
+    let python_stacks = read_python_stacks(ebpf, |hash| {
+        totals.keys().any(|k| k.python_stack == hash)
+    })?;
     let heap_map: BpfHashMap<&MapData, u32, HeapTop> =
         BpfHashMap::try_from(map(map_names::HEAP_TOPS)?)
             .map_err(map_error(map_names::HEAP_TOPS))?;
@@ -102,5 +134,27 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
         stacks,
         counters,
         heap_tops,
+        python_stacks,
     })
+}
+
+/// The recorded Python stacks whose hash `wanted` accepts.
+pub fn read_python_stacks(
+    ebpf: &Ebpf,
+    mut wanted: impl FnMut(u64) -> bool,
+) -> Result<HashMap<u64, RecordedPythonStack>, CollectError> {
+    let name = map_names::PY_STACKS;
+    let map: BpfHashMap<&MapData, u64, PythonStack> = BpfHashMap::try_from(
+        ebpf.map(name).ok_or(CollectError::MissingMap(name))?,
+    )
+    .map_err(|source| CollectError::Map { name, source })?;
+    let mut stacks = HashMap::new();
+    for hash in map.keys().filter_map(Result::ok) {
+        if wanted(hash)
+            && let Ok(stack) = map.get(&hash, 0)
+        {
+            stacks.insert(hash, RecordedPythonStack::from(&stack));
+        }
+    }
+    Ok(stacks)
 }

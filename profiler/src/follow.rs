@@ -85,6 +85,12 @@ pub fn attach_lifecycle(
     // thread-group leader as the process's.
     let exit_group_dead =
         field_offset("sched", "sched_process_exit", "group_dead").unwrap_or(u32::MAX);
+    // Python frame walks read the thread pointer from the task; without
+    // it stacks stay native (the report says so per process).
+    let fsbase = crate::kernel_btf::task_fsbase_offset().unwrap_or_else(|error| {
+        tracing::warn!("Python frames are off: {error}");
+        0
+    });
     let mut config_map: Array<&mut MapData, u32> = Array::try_from(
         ebpf.map_mut(map_names::CONFIG)
             .ok_or(FollowError::Missing(map_names::CONFIG))?,
@@ -97,6 +103,7 @@ pub fn attach_lifecycle(
         (config::FORK_CHILD_PID_OFFSET, fork_child),
         (config::EXIT_GROUP_DEAD_OFFSET, exit_group_dead),
         (config::FOLLOW_IMAGE, u32::from(follow_image)),
+        (config::TASK_FSBASE_OFFSET, fsbase),
     ] {
         config_map
             .set(slot, value, 0)

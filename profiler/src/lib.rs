@@ -27,6 +27,7 @@ pub mod collect;
 pub mod completeness;
 pub mod follow;
 pub mod holds;
+pub mod kernel_btf;
 pub mod multi_uprobe;
 pub mod output;
 pub mod preflight;

@@ -34,6 +34,7 @@ pub const SESSION_PROGRAM: &str = "alloc_session";
 pub const EXIT_STOP_PROGRAM: &str = "exit_enter";
 
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_BTF_LOAD: libc::c_long = 18;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
 const BPF_TRACE_UPROBE_MULTI: u32 = 48;
@@ -86,6 +87,31 @@ struct ProgLoadAttr {
     prog_name: [u8; 16],
     prog_ifindex: u32,
     expected_attach_type: u32,
+    prog_btf_fd: u32,
+    func_info_rec_size: u32,
+    func_info: u64,
+    func_info_cnt: u32,
+    line_info_rec_size: u32,
+    line_info: u64,
+    line_info_cnt: u32,
+    attach_btf_id: u32,
+}
+
+/// `union bpf_attr` for BPF_BTF_LOAD.
+#[repr(C)]
+struct BtfLoadAttr {
+    btf: u64,
+    btf_log_buf: u64,
+    btf_size: u32,
+    btf_log_size: u32,
+    btf_log_level: u32,
+}
+
+/// A program's BTF function and line records, which the kernel needs for
+/// programs with callbacks (the Python walk's `bpf_loop`).
+struct ProgramBtf<'a> {
+    btf: &'a OwnedFd,
+    function: &'a aya_obj::Function,
 }
 
 /// `union bpf_attr` for BPF_LINK_CREATE with its `uprobe_multi` member.
@@ -165,6 +191,7 @@ impl MultiPrograms {
     pub fn load(ebpf: &Ebpf, object: &[u8]) -> Result<Self, MultiUprobeError> {
         let mut obj =
             aya_obj::Object::parse(object).map_err(|e| MultiUprobeError::Parse(e.to_string()))?;
+        let btf = load_btf(&mut obj)?;
         let text_sections: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
         let maps = std::mem::take(&mut obj.maps);
         let mut with_fds = Vec::new();
@@ -198,7 +225,8 @@ impl MultiPrograms {
                         program: name,
                         message: "no code".into(),
                     })?;
-            load_program(name, &function.instructions, attach_type)
+            let btf = btf.as_ref().map(|btf| ProgramBtf { btf, function });
+            load_program(name, &function.instructions, attach_type, btf)
         };
         let allocator = if kernel_version().is_some_and(|version| version >= FIRST_SESSION_KERNEL) {
             AllocatorPrograms::Session(load(SESSION_PROGRAM, BPF_TRACE_UPROBE_SESSION)?)
@@ -279,11 +307,53 @@ fn bpf(command: libc::c_long, attr: *const u8, size: usize) -> std::io::Result<O
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Loads the object's BTF into the kernel, as aya does for the programs it
+/// loads itself.
+fn load_btf(obj: &mut aya_obj::Object) -> Result<Option<OwnedFd>, MultiUprobeError> {
+    let Some(features) = aya::features().btf() else {
+        return Ok(None);
+    };
+    let btf = obj
+        .fixup_and_sanitize_btf(features)
+        .map_err(|e| MultiUprobeError::Parse(format!("BTF: {e}")))?;
+    let Some(btf) = btf else {
+        return Ok(None);
+    };
+    let bytes = btf.to_bytes();
+    let attr = BtfLoadAttr {
+        btf: bytes.as_ptr() as u64,
+        btf_log_buf: 0,
+        btf_size: bytes.len() as u32,
+        btf_log_size: 0,
+        btf_log_level: 0,
+    };
+    bpf(
+        BPF_BTF_LOAD,
+        (&raw const attr).cast(),
+        size_of::<BtfLoadAttr>(),
+    )
+    .map(Some)
+    .map_err(|source| MultiUprobeError::Load {
+        program: "(BTF)",
+        source,
+        log: String::new(),
+    })
+}
+
 fn load_program(
     name: &'static str,
     instructions: &[aya_obj::generated::bpf_insn],
     attach_type: u32,
+    btf: Option<ProgramBtf<'_>>,
 ) -> Result<OwnedFd, MultiUprobeError> {
+    let func_info = btf
+        .as_ref()
+        .map(|b| b.function.func_info.func_info_bytes())
+        .unwrap_or_default();
+    let line_info = btf
+        .as_ref()
+        .map(|b| b.function.line_info.line_info_bytes())
+        .unwrap_or_default();
     const LICENSE: &std::ffi::CStr = c"GPL";
     let mut prog_name = [0u8; 16];
     for (slot, byte) in prog_name.iter_mut().zip(name.bytes().take(15)) {
@@ -307,6 +377,26 @@ fn load_program(
             prog_name,
             prog_ifindex: 0,
             expected_attach_type: attach_type,
+            prog_btf_fd: btf.as_ref().map_or(0, |b| b.btf.as_raw_fd() as u32),
+            func_info_rec_size: btf
+                .as_ref()
+                .map_or(0, |b| b.function.func_info_rec_size as u32),
+            func_info: if func_info.is_empty() {
+                0
+            } else {
+                func_info.as_ptr() as u64
+            },
+            func_info_cnt: btf.as_ref().map_or(0, |b| b.function.func_info.num_info),
+            line_info_rec_size: btf
+                .as_ref()
+                .map_or(0, |b| b.function.line_info_rec_size as u32),
+            line_info: if line_info.is_empty() {
+                0
+            } else {
+                line_info.as_ptr() as u64
+            },
+            line_info_cnt: btf.as_ref().map_or(0, |b| b.function.line_info.num_info),
+            attach_btf_id: 0,
         };
         bpf(
             BPF_PROG_LOAD,
@@ -419,5 +509,8 @@ mod tests {
         assert_eq!(std::mem::offset_of!(UprobeMultiLinkAttr, pid), 56);
         assert_eq!(std::mem::offset_of!(ProgLoadAttr, prog_name), 48);
         assert_eq!(std::mem::offset_of!(ProgLoadAttr, expected_attach_type), 68);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, func_info), 80);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, line_info), 96);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, attach_btf_id), 108);
     }
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     attach::AttachedProbe,
-    collect::KernelSnapshot,
+    collect::{KernelSnapshot, RecordedPythonStack},
     processes::{Adjustments, Following, ProcessRecord},
 };
 
@@ -165,6 +165,20 @@ pub struct Frame {
     pub file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub line: Option<u32>,
+    #[serde(default)]
+    pub language: Language,
+}
+
+/// What a frame runs: machine code, or a Python function the interpreter
+/// runs (its `function` is the qualified name, `file` the source file).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    #[default]
+    Native,
+    Python,
 }
 
 impl Frame {
@@ -174,6 +188,23 @@ impl Frame {
             module: None,
             file: None,
             line: None,
+            language: Language::Native,
+        }
+    }
+
+    /// How tables and flame graphs name the frame: a Python frame with its
+    /// file and line, `analyze (app.py:21)`, as Python's own tracebacks
+    /// place a function; a native one by its function.
+    pub fn label(&self) -> String {
+        match (self.language, &self.file) {
+            (Language::Python, Some(file)) => {
+                let file = file.rsplit('/').next().unwrap_or(file);
+                match self.line {
+                    Some(line) => format!("{} ({file}:{line})", self.function),
+                    None => format!("{} ({file})", self.function),
+                }
+            }
+            _ => self.function.clone(),
         }
     }
 }
@@ -319,11 +350,12 @@ pub fn trim_allocator_frames(mut frames: Vec<Frame>) -> Vec<Frame> {
     frames
 }
 
-/// Builds the report. `symbolize(tgid, ips)` turns a raw stack into frames,
+/// Builds the report. `symbolize(tgid, ips, python)` turns a raw stack,
+/// with the allocating thread's Python stack if it had one, into frames,
 /// innermost first.
 pub fn build_report(
     snapshot: &KernelSnapshot,
-    mut symbolize: impl FnMut(u32, &[u64]) -> Vec<Frame>,
+    mut symbolize: impl FnMut(u32, &[u64], Option<&RecordedPythonStack>) -> Vec<Frame>,
     context: ReportContext,
 ) -> Report {
     let mut combined = snapshot.totals.clone();
@@ -335,9 +367,11 @@ pub fn build_report(
         t.free_bytes += adjustment.free_bytes;
     }
     let mut frames_of = |key: &StackKey| match snapshot.stacks.get(&key.stack_id) {
-        Some(ips) if key.stack_id != UNKNOWN_STACK => {
-            trim_allocator_frames(symbolize(key.tgid, &with_caller(ips, key.caller)))
-        }
+        Some(ips) if key.stack_id != UNKNOWN_STACK => trim_allocator_frames(symbolize(
+            key.tgid,
+            &with_caller(ips, key.caller),
+            snapshot.python_stacks.get(&key.python_stack),
+        )),
         _ => vec![Frame::named("[unknown stack]")],
     };
     // Symbolize each (process, stack) once.
@@ -506,6 +540,7 @@ pub(crate) mod tests_support {
             module: Some("/opt/app/server".into()),
             file: Some(file.into()),
             line: Some(line),
+            language: Language::Native,
         }
     }
 
@@ -616,7 +651,7 @@ mod tests {
         snapshot.stacks.insert(3, vec![0x30]);
         let report = build_report(
             &snapshot,
-            |_, ips| match ips[0] {
+            |_, ips, _| match ips[0] {
                 0x10 => vec![Frame::named("churn"), Frame::named("main")],
                 0x20 => vec![Frame::named("leak"), Frame::named("main")],
                 _ => vec![
@@ -643,7 +678,7 @@ mod tests {
             .totals
             .insert(StackKey::new(1, UNKNOWN_STACK), totals(2, 64, 0, 0));
         snapshot.counters.stack_errors = 2;
-        let report = build_report(&snapshot, |_, _| Vec::new(), ReportContext::default());
+        let report = build_report(&snapshot, |_, _, _| Vec::new(), ReportContext::default());
         assert_eq!(names(&report.sites[0].frames), ["[unknown stack]"]);
         assert_eq!(report.sites[0].live_bytes, 64);
         assert!(report.completeness.lost_anything());
@@ -670,7 +705,7 @@ mod tests {
         snapshot.totals.insert(mmap_key, totals(2, 8192, 1, 4096));
         let report = build_report(
             &snapshot,
-            |_, ips| vec![Frame::named(&format!("f{}", ips[0]))],
+            |_, ips, _| vec![Frame::named(&format!("f{}", ips[0]))],
             {
                 let mut c = ReportContext::default();
                 c.processes.push(ProcessRecord {

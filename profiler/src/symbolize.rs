@@ -11,7 +11,12 @@ use blazesym::symbolize::{
     source::{Elf, Source},
 };
 
-use crate::{process_maps::ProcessMaps, report::Frame};
+use crate::{
+    collect::RecordedPythonStack,
+    process_maps::ProcessMaps,
+    python::{PythonRuntime, PythonSymbolizer},
+    report::{Frame, Language},
+};
 
 /// Symbolizes user stacks of the target's processes.
 pub struct StackSymbolizer {
@@ -23,6 +28,10 @@ pub struct StackSymbolizer {
     main_pid: u32,
     /// Frames per (module host path, file offset).
     cache: HashMap<(PathBuf, u64), Vec<Frame>>,
+    /// The CPython interpreter object (libpython, or the executable it is
+    /// linked into) of each Python process.
+    interpreters: HashMap<u32, PathBuf>,
+    python: PythonSymbolizer,
 }
 
 impl StackSymbolizer {
@@ -36,7 +45,105 @@ impl StackSymbolizer {
             maps: HashMap::new(),
             main_pid,
             cache: HashMap::new(),
+            interpreters: HashMap::new(),
+            python: PythonSymbolizer::default(),
         }
+    }
+
+    /// `pid` runs CPython: its stacks get Python frames.
+    pub fn add_python(&mut self, pid: u32, runtime: &PythonRuntime) {
+        self.interpreters.insert(pid, runtime.interpreter.clone());
+        self.python.register(pid, runtime);
+    }
+
+    /// A forked child runs its parent's interpreter, at the same addresses.
+    pub fn fork_python(&mut self, parent: u32, child: u32) {
+        if let Some(module) = self.interpreters.get(&parent).cloned() {
+            self.interpreters.insert(child, module);
+            self.python.fork(parent, child);
+        }
+    }
+
+    pub fn is_python(&self, pid: u32) -> bool {
+        self.interpreters.contains_key(&pid)
+    }
+
+    /// After an exec: whatever ran before is gone.
+    pub fn forget_python(&mut self, pid: u32) {
+        self.interpreters.remove(&pid);
+        self.python.forget(pid);
+    }
+
+    /// Names the frames of a Python stack now, while its process lives to
+    /// be read (code objects are freed, and their addresses reused).
+    pub fn resolve_python(&mut self, pid: u32, stack: &RecordedPythonStack) {
+        for frame in &stack.frames {
+            self.python.symbolize(pid, frame);
+        }
+    }
+
+    /// A user stack with, in a Python process, its Python frames: the
+    /// native frames from the allocator up to the first one inside the
+    /// interpreter, then the Python frames, innermost first.
+    ///
+    /// NB: CPython is built without frame pointers (3.8-3.14): past the
+    /// first interpreter frame the kernel's walk reads garbage, so those
+    /// frames are dropped, with or without a Python stack to put instead.
+    pub fn symbolize_with_python(
+        &mut self,
+        pid: u32,
+        ips: &[u64],
+        python: Option<&RecordedPythonStack>,
+    ) -> Vec<Frame> {
+        let interpreter = self
+            .interpreters
+            .get(&pid)
+            .or_else(|| self.interpreters.get(&self.main_pid))
+            .cloned();
+        let Some(interpreter) = interpreter else {
+            return self.symbolize_stack(pid, ips);
+        };
+        let kept = self.native_part(pid, ips, &interpreter);
+        let mut frames = self.symbolize_stack(pid, &ips[..kept]);
+        if let Some(stack) = python {
+            for frame in &stack.frames {
+                let location = self.python.symbolize(pid, frame);
+                frames.push(Frame {
+                    function: location.function,
+                    module: None,
+                    file: Some(location.file),
+                    line: location.line,
+                    language: Language::Python,
+                });
+            }
+            if stack.truncated {
+                frames.push(Frame {
+                    language: Language::Python,
+                    ..Frame::named(&format!(
+                        "[deeper than {} Python frames: outer ones not recorded]",
+                        profiler_common::MAX_PYTHON_FRAMES
+                    ))
+                });
+            }
+        }
+        frames
+    }
+
+    /// How many of `ips` are trustworthy native frames: those up to and
+    /// including the first inside the interpreter, stopping early at one
+    /// that is in no file (a walk already astray).
+    fn native_part(&self, pid: u32, ips: &[u64], interpreter: &Path) -> usize {
+        let Some(maps) = self.maps(pid) else {
+            return ips.len().min(1);
+        };
+        for (i, &ip) in ips.iter().enumerate() {
+            match maps.find(ip.saturating_sub(1)).and_then(|m| m.path.as_deref()) {
+                Some(path) if path == interpreter => return i + 1,
+                Some(_) => {}
+                None => return i.max(1),
+            }
+        }
+        ips.len()
     }
 
     /// Records the current mappings of `pid`; call while it is alive, again
@@ -114,6 +221,7 @@ impl StackSymbolizer {
                 module: Some(module),
                 file: None,
                 line: None,
+                language: Language::Native,
             }];
         };
         let location = |info: Option<&blazesym::symbolize::CodeInfo<'_>>| {
@@ -129,6 +237,7 @@ impl StackSymbolizer {
                 module: Some(module.clone()),
                 file,
                 line: line.flatten(),
+                language: Language::Native,
             });
         }
         let (file, line) = location(sym.code_info.as_deref()).unzip();
@@ -137,6 +246,7 @@ impl StackSymbolizer {
             module: Some(module),
             file,
             line: line.flatten(),
+            language: Language::Native,
         });
         frames
     }
@@ -154,6 +264,7 @@ fn unknown(addr: u64, module: Option<String>) -> Frame {
         module,
         file: None,
         line: None,
+        language: Language::Native,
     }
 }
 

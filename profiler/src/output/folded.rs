@@ -35,7 +35,7 @@ fn stack_text(frames: &[Frame]) -> String {
 /// cats the file); `;` separates frames, so it becomes `:`; the last space
 /// separates the count, so spaces become no-break spaces.
 fn frame_name(frame: &Frame) -> String {
-    escape_control(&frame.function)
+    escape_control(&frame.label())
         .replace(';', ":")
         .replace(' ', "\u{a0}")
 }

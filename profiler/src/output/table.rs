@@ -58,7 +58,7 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
             .frames
             .iter()
             .take(CHAIN_FRAMES)
-            .map(|f| escape_control(&f.function))
+            .map(|f| escape_control(&f.label()).into_owned())
             .collect::<Vec<_>>()
             .join(" <- ");
         let kind = if site.kind == "malloc" { "" } else { "[mmap] " };

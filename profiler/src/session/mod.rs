@@ -634,7 +634,7 @@ impl Session {
         };
         let mut report = report::build_report(
             &snapshot,
-            |pid, ips| symbolizer.symbolize_stack(pid, ips),
+            |pid, ips, python| symbolizer.symbolize_with_python(pid, ips, python),
             context,
         );
         report.warnings = self.warnings.clone();

@@ -1,0 +1,247 @@
+//! Python frames: where an allocation happens in a CPython process, the
+//! allocating thread's own interpreter frame chain is walked here, since the
+//! interpreter has no frame pointers for the native walk to follow.
+//!
+//! The thread state is the thread's own (glibc's pthread_getspecific of
+//! the interpreter's TSS key), not the GIL holder's: a thread that released
+//! the GIL to allocate still gets its own stack. Frames are recorded as
+//! (code object, instruction, first line); userspace reads names and line
+//! tables from the live process (`python` module).
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
+        generated::bpf_loop,
+    },
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+use profiler_common::{
+    Counter, DEFAULT_MAX_STACKS, MAX_PROCESSES, MAX_PYTHON_FRAMES, NO_OFFSET, PYTHON_FRAME_READ,
+    PythonFrame, PythonProcess, PythonStack, config, python_flags, python_stack_flags,
+};
+
+use crate::counters::count;
+
+#[map]
+static PY_PROCS: HashMap<u32, PythonProcess> = HashMap::with_max_entries(MAX_PROCESSES, 0);
+
+/// NB: not preallocated: a full map would be 64 MiB of kernel memory for
+/// the few hundred stacks a service has.
+#[map]
+static PY_STACKS: HashMap<u64, PythonStack> =
+    HashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
+
+/// The stack being built and the frame being read: too big for the
+/// 512-byte BPF stack.
+#[repr(C)]
+pub struct Scratch {
+    stack: PythonStack,
+    /// The frame read, as words.
+    frame: [u64; FRAME_WORDS],
+}
+
+const FRAME_WORDS: usize = PYTHON_FRAME_READ / 8;
+
+#[map]
+static PY_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// glibc keeps keys below 32 in the thread's own block; CPython's key is
+/// made at startup and is small.
+const TSD_DIRECT_KEYS: u32 = 32;
+/// `FRAME_OWNED_BY_CSTACK`: a shim frame a C call into Python pushes
+/// (3.12+); it has no code of its own.
+const FRAME_OWNED_BY_CSTACK: u8 = 3;
+/// Frames skipped (shims, `None` code) on top of those kept.
+const SKIPPED_FRAMES: usize = 16;
+
+/// A forked child runs its parent's interpreter at the same addresses.
+pub fn inherit(parent: u32, child: u32) {
+    // SAFETY: the value is copied out.
+    if let Some(process) = unsafe { PY_PROCS.get(parent) }.copied() {
+        let _ = PY_PROCS.insert(child, process, 0);
+    }
+}
+
+/// At exec or exit: the interpreter (if any) is gone.
+pub fn forget(tgid: u32) {
+    let _ = PY_PROCS.remove(tgid);
+}
+
+/// The current thread's Python stack, recorded in `PY_STACKS`: its hash, or
+/// zero when the thread runs no Python code (or it could not be read; that
+/// is counted).
+pub fn current_stack(tgid: u32) -> u64 {
+    // SAFETY: the value is copied out.
+    let Some(process) = (unsafe { PY_PROCS.get(tgid) }).copied() else {
+        return 0;
+    };
+    match walk(&process) {
+        Ok(hash) => hash,
+        Err(counter) => {
+            if let Some(counter) = counter {
+                count(counter);
+            }
+            0
+        }
+    }
+}
+
+fn read<T>(addr: u64) -> Result<T, Option<Counter>> {
+    // SAFETY: bpf_probe_read_user checks the address; a fault is an error.
+    unsafe { bpf_probe_read_user(addr as *const T) }.map_err(|_| Some(Counter::PythonStackErrors))
+}
+
+/// The word at byte `offset` in the frame read. Userspace checks every
+/// offset: 8-aligned and below `PYTHON_FRAME_READ`.
+/// NB: a mask, not a comparison, bounds the index: the verifier loses a
+/// comparison's bound when the compiler checks a copy of the register.
+fn word(frame: &[u64; FRAME_WORDS], offset: u16) -> u64 {
+    frame[(offset as usize >> 3) & (FRAME_WORDS - 1)]
+}
+
+fn byte(frame: &[u64; FRAME_WORDS], offset: u16) -> u8 {
+    (word(frame, offset) >> ((offset & 7) * 8)) as u8
+}
+
+/// The thread state of the current thread, zero when it has none.
+fn thread_state(process: &PythonProcess) -> Result<u64, Option<Counter>> {
+    let fsbase_offset = crate::processes::config(config::TASK_FSBASE_OFFSET) as u64;
+    if fsbase_offset == 0 {
+        return Err(None);
+    }
+    let tss: [u32; 2] = read(process.tss_addr)?;
+    if tss[0] == 0 {
+        return Err(None); // the interpreter is still starting
+    }
+    let key = tss[1];
+    if key >= TSD_DIRECT_KEYS {
+        return Err(Some(Counter::PythonStackErrors));
+    }
+    // SAFETY: the current task is valid for the program's run; the
+    // offset comes from the kernel's BTF.
+    let fsbase: u64 = unsafe {
+        bpf_probe_read_kernel((bpf_get_current_task() + fsbase_offset) as *const u64)
+    }
+    .map_err(|_| Some(Counter::PythonStackErrors))?;
+    read(fsbase + u64::from(process.tsd_offset) + u64::from(key) * 16 + 8)
+}
+
+/// The walk's state, passed to each `step` of a `bpf_loop`.
+#[repr(C)]
+struct Walk {
+    process: PythonProcess,
+    frame: u64,
+    hash: u64,
+    len: u32,
+    flags: u32,
+}
+
+fn walk(process: &PythonProcess) -> Result<u64, Option<Counter>> {
+    let tstate = thread_state(process)?;
+    if tstate == 0 {
+        return Err(None); // a thread that never ran Python
+    }
+    let mut frame: u64 = read(tstate + u64::from(process.tstate_frame))?;
+    if process.cframe_frame != NO_OFFSET && frame != 0 {
+        frame = read(frame + u64::from(process.cframe_frame))?;
+    }
+    let mut walk = Walk {
+        process: *process,
+        frame,
+        // FNV-1a over the frames kept.
+        hash: 0xcbf2_9ce4_8422_2325,
+        len: 0,
+        flags: 0,
+    };
+    // NB: bpf_loop, not a loop: the verifier checks `step` once, where an
+    // 80-round loop whose rounds differ (frames skipped or kept) passed its
+    // million-instruction budget.
+    // SAFETY: `step` matches the callback's type; `walk` outlives the call.
+    unsafe {
+        bpf_loop(
+            (MAX_PYTHON_FRAMES + SKIPPED_FRAMES) as u32,
+            step as *mut core::ffi::c_void,
+            (&raw mut walk).cast(),
+            0,
+        )
+    };
+    if walk.len == 0 {
+        return Err(None);
+    }
+    let scratch = PY_SCRATCH.get_ptr_mut(0).ok_or(None)?;
+    // SAFETY: a per-CPU map value, valid for this program's run.
+    let stack = unsafe { &mut (*scratch).stack };
+    stack.len = walk.len;
+    stack.flags = walk.flags;
+    // Zero means "no Python stack".
+    let hash = (walk.hash ^ u64::from(walk.flags)).max(1);
+    // SAFETY: read-only look-up.
+    if unsafe { PY_STACKS.get(hash) }.is_none()
+        && PY_STACKS.insert(hash, stack, BPF_NOEXIST as u64).is_err()
+        // SAFETY: read-only look-up: another CPU may have inserted it.
+        && unsafe { PY_STACKS.get(hash) }.is_none()
+    {
+        return Err(Some(Counter::PythonStacksFull));
+    }
+    Ok(hash)
+}
+
+/// One frame of the walk; non-zero ends it.
+extern "C" fn step(_index: u64, walk: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `walk` is the `Walk` passed to bpf_loop.
+    let walk = unsafe { &mut *walk.cast::<Walk>() };
+    let Some(scratch) = PY_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: a per-CPU map value, valid for this program's run; programs
+    // on one CPU do not run in parallel.
+    let scratch = unsafe { &mut *scratch };
+    if walk.frame == 0 {
+        return 1;
+    }
+    let len = walk.len as usize;
+    if len >= MAX_PYTHON_FRAMES {
+        walk.flags |= python_stack_flags::TRUNCATED;
+        count(Counter::PythonTruncated);
+        return 1;
+    }
+    // SAFETY: the buffer is plain words; bpf_probe_read_user_buf checks
+    // the address read.
+    let copied = unsafe {
+        let dst = core::slice::from_raw_parts_mut(
+            scratch.frame.as_mut_ptr().cast::<u8>(),
+            PYTHON_FRAME_READ,
+        );
+        bpf_probe_read_user_buf(walk.frame as *const u8, dst)
+    };
+    if copied.is_err() {
+        count(Counter::PythonStackErrors);
+        return 1;
+    }
+    let process = &walk.process;
+    let code = word(&scratch.frame, process.frame_code);
+    let instr = word(&scratch.frame, process.frame_instr);
+    walk.frame = word(&scratch.frame, process.frame_back);
+    let shim = process.frame_owner != NO_OFFSET
+        && byte(&scratch.frame, process.frame_owner) == FRAME_OWNED_BY_CSTACK;
+    if shim || code == 0 || code == process.none_addr {
+        return 0;
+    }
+    let instr = if process.flags & python_flags::INSTR_POINTER != 0 {
+        instr.wrapping_sub(code) as u32
+    } else {
+        instr as u32 // f_lasti, an int
+    };
+    let firstlineno = read::<u32>(code + u64::from(process.code_firstlineno)).unwrap_or(0);
+    scratch.stack.frames[len & (MAX_PYTHON_FRAMES - 1)] = PythonFrame {
+        code,
+        instr,
+        firstlineno,
+    };
+    walk.len += 1;
+    walk.hash = (walk.hash ^ code).wrapping_mul(0x0000_0100_0000_01b3);
+    walk.hash = (walk.hash ^ u64::from(instr)).wrapping_mul(0x0000_0100_0000_01b3);
+    0
+}
