@@ -33,17 +33,25 @@
 //!
 //! Public API:
 //! - [`find_runtime`]`(pid, &ProcessMaps) -> Result<Option<PythonRuntime>, PythonError>`;
+//!   a [`PythonRuntime`] has `pid`, `version`, `interpreter` (the object's
+//!   path as mapped: cut native stacks at its first frame), `process` (for
+//!   `PY_PROCS`) and `code_offsets()`;
 //! - [`PythonSymbolizer`]: `new()`, `register(pid, &PythonRuntime)`,
 //!   `fork(parent, child)`, `forget(pid)`, `is_registered(pid)`,
 //!   `symbolize(pid, &PythonFrame) -> PythonLocation` and
 //!   `symbolize_stack(pid, &PythonStack) -> Vec<PythonLocation>`.
 
+mod code;
 mod linetable;
+mod memory;
 pub mod offsets;
 mod runtime;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 
+pub use code::{PythonLocation, PythonSymbolizer};
 pub use linetable::LineTableFormat;
 pub use runtime::{GLIBC_TSD_OFFSET, PythonRuntime, PythonVersion, find_runtime};
 

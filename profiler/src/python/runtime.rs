@@ -72,6 +72,14 @@ pub struct PythonRuntime {
     pub(super) code: CodeLayout,
 }
 
+impl PythonRuntime {
+    /// Where this interpreter keeps a code object's names and line table,
+    /// and which table format it uses.
+    pub fn code_offsets(&self) -> &CodeOffsets {
+        &self.code.offsets
+    }
+}
+
 /// How to read code objects, strings and bytes in this process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct CodeLayout {
