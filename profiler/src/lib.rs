@@ -13,6 +13,8 @@
 //! - [`collect`]: read the kernel maps into a plain-data [`collect::KernelSnapshot`];
 //! - [`process_maps`] and [`symbolize`]: turn addresses into frames, from a
 //!   cached copy of the target's mappings so it works after the target exits;
+//! - [`python`]: find a CPython interpreter in a process, describe its
+//!   frames to the kernel walk, and symbolize the Python frames recorded;
 //! - [`report`]: the versioned report.json model, built from a snapshot;
 //! - [`output`]: the table, folded stacks, flamegraph and JSON renderings;
 //! - [`session`]: runs the stages until the target exits, a signal or a deadline.
@@ -35,6 +37,7 @@ pub mod probe_site;
 pub mod proc_tree;
 pub mod process_maps;
 pub mod processes;
+pub mod python;
 pub mod report;
 pub mod resources;
 pub mod session;
