@@ -84,6 +84,9 @@ pub mod event_kind {
     /// `pid`, a command memscope started, called `_exit` and is stopped
     /// (SIGSTOP) while its mappings are still there to read.
     pub const EXITING: u32 = 4;
+    /// `pid` started initialising a shared libpython it had not mapped at
+    /// its exec, and is stopped (SIGSTOP) until its interpreter is found.
+    pub const PYTHON_START: u32 = 5;
 }
 
 /// A process lifecycle event.
@@ -385,6 +388,10 @@ pub struct PythonFrame {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PythonStack {
+    /// The process whose code objects the frames name: forked workers
+    /// share addresses, but code made after the fork differs.
+    pub tgid: u32,
+    pub _pad: u32,
     pub len: u32,
     /// `python_stack_flags`.
     pub flags: u32,

@@ -243,14 +243,28 @@ fn posix_memalign_return(ctx: &RetProbeContext, call: InFlightCall) {
     }
 }
 
-/// libc's `_exit`, for a command memscope started: stop the process before
-/// its address space goes, so userspace can read its mappings for
-/// symbolization, then let it finish. The event says which stop this is:
-/// every stop memscope causes is ended by the handler of its event, once.
+/// A stop on a function's entry, the event kind in its cookie: libc's
+/// `_exit` for a command memscope started (`EXITING`: its mappings are read
+/// before its address space goes; perf-event probes carry no cookie), and
+/// a shared libpython's first initialisation step (`PYTHON_START`: its
+/// interpreter is found before Python code runs). Every stop memscope
+/// causes is ended by the handler of its event, once.
 #[uprobe]
-pub fn exit_enter(_ctx: ProbeContext) -> u32 {
+pub fn exit_enter(ctx: ProbeContext) -> u32 {
+    use profiler_common::event_kind::{EXITING, PYTHON_START};
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    processes::hold(profiler_common::event_kind::EXITING, tgid, 0);
+    let kind = if cookie(&ctx) == PYTHON_START {
+        // Some versions pass here again and again (3.8: from the
+        // allocator); once the interpreter is known, the stop has done
+        // its job.
+        if python::is_known(tgid) {
+            return 0;
+        }
+        PYTHON_START
+    } else {
+        EXITING
+    };
+    processes::hold(kind, tgid, 0);
     0
 }
 

@@ -37,6 +37,7 @@ static PY_STACKS: HashMap<u64, PythonStack> =
 /// 512-byte BPF stack.
 #[repr(C)]
 pub struct Scratch {
+    walk: Walk,
     stack: PythonStack,
     /// The frame read, as words.
     frame: [u64; FRAME_WORDS],
@@ -64,6 +65,12 @@ pub fn inherit(parent: u32, child: u32) {
     }
 }
 
+/// Whether userspace has described this process's interpreter.
+pub fn is_known(tgid: u32) -> bool {
+    // SAFETY: read-only look-up.
+    unsafe { PY_PROCS.get(tgid) }.is_some()
+}
+
 /// At exec or exit: the interpreter (if any) is gone.
 pub fn forget(tgid: u32) {
     let _ = PY_PROCS.remove(tgid);
@@ -77,7 +84,7 @@ pub fn current_stack(tgid: u32) -> u64 {
     let Some(process) = (unsafe { PY_PROCS.get(tgid) }).copied() else {
         return 0;
     };
-    match walk(&process) {
+    match walk(tgid, &process) {
         Ok(hash) => hash,
         Err(counter) => {
             if let Some(counter) = counter {
@@ -138,7 +145,7 @@ struct Walk {
     flags: u32,
 }
 
-fn walk(process: &PythonProcess) -> Result<u64, Option<Counter>> {
+fn walk(tgid: u32, process: &PythonProcess) -> Result<u64, Option<Counter>> {
     let tstate = thread_state(process)?;
     if tstate == 0 {
         return Err(None); // a thread that never ran Python
@@ -147,36 +154,46 @@ fn walk(process: &PythonProcess) -> Result<u64, Option<Counter>> {
     if process.cframe_frame != NO_OFFSET && frame != 0 {
         frame = read(frame + u64::from(process.cframe_frame))?;
     }
-    let mut walk = Walk {
-        process: *process,
-        frame,
-        // FNV-1a over the frames kept.
-        hash: 0xcbf2_9ce4_8422_2325,
-        len: 0,
-        flags: 0,
-    };
+    let scratch = PY_SCRATCH.get_ptr_mut(0).ok_or(None)?;
+    // SAFETY: a per-CPU map value, valid for this program's run; programs
+    // on one CPU do not run in parallel.
+    unsafe {
+        (*scratch).walk = Walk {
+            process: *process,
+            frame,
+            // FNV-1a over the frames kept.
+            hash: 0xcbf2_9ce4_8422_2325,
+            len: 0,
+            flags: 0,
+        };
+    }
     // NB: bpf_loop, not a loop: the verifier checks `step` once, where an
     // 80-round loop whose rounds differ (frames skipped or kept) passed its
-    // million-instruction budget.
-    // SAFETY: `step` matches the callback's type; `walk` outlives the call.
+    // million-instruction budget. The state is in the map value, not on
+    // this stack: the compiler cannot see `step` change it.
+    // SAFETY: `step` matches the callback's type.
     unsafe {
         bpf_loop(
             (MAX_PYTHON_FRAMES + SKIPPED_FRAMES) as u32,
             step as *mut core::ffi::c_void,
-            (&raw mut walk).cast(),
+            core::ptr::null_mut(),
             0,
         )
+    };
+    // SAFETY: as above; re-read after the loop.
+    let (walk, stack) = unsafe {
+        let scratch = core::ptr::read_volatile(&scratch);
+        (&(*scratch).walk, &mut (*scratch).stack)
     };
     if walk.len == 0 {
         return Err(None);
     }
-    let scratch = PY_SCRATCH.get_ptr_mut(0).ok_or(None)?;
-    // SAFETY: a per-CPU map value, valid for this program's run.
-    let stack = unsafe { &mut (*scratch).stack };
+    stack.tgid = tgid;
     stack.len = walk.len;
     stack.flags = walk.flags;
+    let hash = (walk.hash ^ u64::from(walk.flags)).wrapping_mul(0x0000_0100_0000_01b3);
     // Zero means "no Python stack".
-    let hash = (walk.hash ^ u64::from(walk.flags)).max(1);
+    let hash = (hash ^ u64::from(tgid)).max(1);
     // SAFETY: read-only look-up.
     if unsafe { PY_STACKS.get(hash) }.is_none()
         && PY_STACKS.insert(hash, stack, BPF_NOEXIST as u64).is_err()
@@ -189,15 +206,14 @@ fn walk(process: &PythonProcess) -> Result<u64, Option<Counter>> {
 }
 
 /// One frame of the walk; non-zero ends it.
-extern "C" fn step(_index: u64, walk: *mut core::ffi::c_void) -> i64 {
-    // SAFETY: `walk` is the `Walk` passed to bpf_loop.
-    let walk = unsafe { &mut *walk.cast::<Walk>() };
+extern "C" fn step(_index: u64, _context: *mut core::ffi::c_void) -> i64 {
     let Some(scratch) = PY_SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
     // SAFETY: a per-CPU map value, valid for this program's run; programs
     // on one CPU do not run in parallel.
     let scratch = unsafe { &mut *scratch };
+    let walk = &mut scratch.walk;
     if walk.frame == 0 {
         return 1;
     }
@@ -220,7 +236,7 @@ extern "C" fn step(_index: u64, walk: *mut core::ffi::c_void) -> i64 {
         count(Counter::PythonStackErrors);
         return 1;
     }
-    let process = &walk.process;
+    let process = walk.process;
     let code = word(&scratch.frame, process.frame_code);
     let instr = word(&scratch.frame, process.frame_instr);
     walk.frame = word(&scratch.frame, process.frame_back);

@@ -506,6 +506,32 @@ pub fn attach_exit_stop(
     take_link(program, link).map(|link| Some(ProbeLink::Perf(link)))
 }
 
+/// Stops `pid` when its libpython (`library`, not mapped yet) starts
+/// initialising, so that its interpreter is found before any Python code
+/// runs (see `python::startup`). Multi-uprobe kernels only: elsewhere such
+/// a process gets Python frames from the next maps refresh on.
+pub fn attach_python_start(
+    programs: &mut Programs<'_>,
+    pid: u32,
+    maps: &ProcessMaps,
+    library: &Path,
+) -> Result<Option<ProbeLink>, AttachError> {
+    let Some(multi) = programs.multi else {
+        return Ok(None);
+    };
+    let host_path = maps.host_path(library);
+    let Some(file_offset) = crate::python::startup::start_offset(&host_path) else {
+        return Ok(None);
+    };
+    let point = ProbePoint {
+        file_offset,
+        cookie: u64::from(profiler_common::event_kind::PYTHON_START),
+    };
+    Ok(Some(ProbeLink::Multi(
+        multi.attach_exit_stop(&host_path, point, pid)?,
+    )))
+}
+
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), AttachError> {
     for name in [ENTRY_PROGRAM, RETURN_PROGRAM] {
         let program = uprobe(ebpf, name)?;

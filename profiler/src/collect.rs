@@ -30,6 +30,8 @@ pub struct KernelSnapshot {
 /// A Python stack as the kernel side recorded it, innermost frame first.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecordedPythonStack {
+    /// The process whose code objects the frames name.
+    pub tgid: u32,
     pub frames: Vec<PythonFrame>,
     /// Deeper than the kernel side records: outer frames are missing.
     pub truncated: bool,
@@ -39,6 +41,7 @@ impl From<&PythonStack> for RecordedPythonStack {
     fn from(stack: &PythonStack) -> Self {
         let len = (stack.len as usize).min(stack.frames.len());
         Self {
+            tgid: stack.tgid,
             frames: stack.frames[..len].to_vec(),
             truncated: stack.flags & python_stack_flags::TRUNCATED != 0,
         }
@@ -122,9 +125,8 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
         python_truncated: read(Counter::PythonTruncated)?,
         python_stacks_full: read(Counter::PythonStacksFull)?,
     };
-    let python_stacks = read_python_stacks(ebpf, |hash| {
-        totals.keys().any(|k| k.python_stack == hash)
-    })?;
+    let python_stacks =
+        read_python_stacks(ebpf, |hash| totals.keys().any(|k| k.python_stack == hash))?;
     let heap_map: BpfHashMap<&MapData, u32, HeapTop> =
         BpfHashMap::try_from(map(map_names::HEAP_TOPS)?)
             .map_err(map_error(map_names::HEAP_TOPS))?;
@@ -144,10 +146,9 @@ pub fn read_python_stacks(
     mut wanted: impl FnMut(u64) -> bool,
 ) -> Result<HashMap<u64, RecordedPythonStack>, CollectError> {
     let name = map_names::PY_STACKS;
-    let map: BpfHashMap<&MapData, u64, PythonStack> = BpfHashMap::try_from(
-        ebpf.map(name).ok_or(CollectError::MissingMap(name))?,
-    )
-    .map_err(|source| CollectError::Map { name, source })?;
+    let map: BpfHashMap<&MapData, u64, PythonStack> =
+        BpfHashMap::try_from(ebpf.map(name).ok_or(CollectError::MissingMap(name))?)
+            .map_err(|source| CollectError::Map { name, source })?;
     let mut stacks = HashMap::new();
     for hash in map.keys().filter_map(Result::ok) {
         if wanted(hash)

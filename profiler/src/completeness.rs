@@ -71,6 +71,21 @@ pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
             profiler_common::MAX_PROCESSES
         ));
     }
+    if c.python_stack_errors + c.python_stacks_full > 0 {
+        warnings.push(format!(
+            "{} allocations in Python threads have native frames only: their Python stack could not be read ({}) or stored ({})",
+            c.python_stack_errors + c.python_stacks_full,
+            c.python_stack_errors,
+            c.python_stacks_full
+        ));
+    }
+    if c.python_truncated > 0 {
+        warnings.push(format!(
+            "{} Python stacks were deeper than {} frames: their outermost frames are not shown",
+            c.python_truncated,
+            profiler_common::MAX_PYTHON_FRAMES
+        ));
+    }
     if c.missed_returns > 0 {
         warnings.push(format!(
             "{} allocator returns had no matching entry (calls in progress at attach)",

@@ -46,7 +46,10 @@ struct Member {
 }
 
 enum Type {
-    Aggregate { name: u32, members: Vec<Member> },
+    Aggregate {
+        name: u32,
+        members: Vec<Member>,
+    },
     /// Typedefs and qualifiers, which name another type.
     Alias(u32),
     Other,
@@ -115,7 +118,11 @@ impl KernelBtf {
                         members.push(Member {
                             name: u32_at(section, m)?,
                             ty: u32_at(section, m + 4)?,
-                            bit_offset: if bitfields { offset & 0xff_ffff } else { offset },
+                            bit_offset: if bitfields {
+                                offset & 0xff_ffff
+                            } else {
+                                offset
+                            },
                         });
                     }
                     Type::Aggregate { name, members }

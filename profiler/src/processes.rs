@@ -25,6 +25,8 @@ pub struct ProcessRecord {
     pub note: Option<String>,
     /// Its heap top when it exited (taken out of the kernel map then).
     pub heap_at_exit: Option<HeapTop>,
+    /// The CPython version it runs, when memscope walks its frames.
+    pub python: Option<String>,
 }
 
 impl ProcessRecord {
@@ -42,6 +44,7 @@ impl ProcessRecord {
             command,
             started_s,
             exited_s: None,
+            python: None,
             following,
             note: None,
             heap_at_exit: None,

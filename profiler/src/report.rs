@@ -100,6 +100,9 @@ pub struct ProcessReport {
     /// Why it is not, or only partly, followed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The CPython version it runs, when its Python frames are walked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,6 +272,17 @@ pub struct Completeness {
     /// Forked processes continued before their probes were on.
     #[serde(default)]
     pub late_processes: u64,
+    /// Allocations in a Python thread whose frame chain could not be read:
+    /// their stacks have native frames only.
+    #[serde(default)]
+    pub python_stack_errors: u64,
+    /// Python stacks deeper than memscope records: the outermost frames
+    /// are missing (the innermost are kept).
+    #[serde(default)]
+    pub python_truncated: u64,
+    /// Python stacks not stored (the map was full): native frames only.
+    #[serde(default)]
+    pub python_stacks_full: u64,
 }
 
 impl Completeness {
@@ -281,6 +295,9 @@ impl Completeness {
             + self.lost_children
             + self.unfollowed_processes
             + self.late_processes
+            + self.python_stack_errors
+            + self.python_truncated
+            + self.python_stacks_full
             > 0
     }
 }
@@ -415,6 +432,7 @@ pub fn build_report(
                 },
                 following: p.following,
                 note: p.note.clone(),
+                python: p.python.clone(),
             }
         })
         .collect();
@@ -439,6 +457,9 @@ pub fn build_report(
         heap_map_full: c.heap_map_full,
         unfollowed_processes: following_count(Following::Unfollowed),
         late_processes: following_count(Following::Late),
+        python_stack_errors: c.python_stack_errors,
+        python_truncated: c.python_truncated,
+        python_stacks_full: c.python_stacks_full,
     };
     Report {
         schema: SCHEMA.to_owned(),
@@ -717,6 +738,7 @@ mod tests {
                     note: None,
                     heap_at_exit: None,
                     exited_s: None,
+                    python: None,
                 });
                 c
             },
@@ -758,7 +780,7 @@ mod tests {
     fn report_json_round_trips() {
         let report = build_report(
             &KernelSnapshot::default(),
-            |_, _| Vec::new(),
+            |_, _, _| Vec::new(),
             ReportContext::default(),
         );
         let text = serde_json::to_string(&report).expect("serialize");

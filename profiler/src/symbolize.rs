@@ -83,8 +83,11 @@ impl StackSymbolizer {
     }
 
     /// A user stack with, in a Python process, its Python frames: the
-    /// native frames from the allocator up to the first one inside the
-    /// interpreter, then the Python frames, innermost first.
+    /// native frames from the allocator up to the interpreter (a C
+    /// extension's, say), then the Python frames, innermost first. The
+    /// interpreter's own C frames are left out where Python frames stand
+    /// for them, as in Python's tracebacks; without Python frames (startup,
+    /// a thread that never ran Python) the first one stays.
     ///
     /// NB: CPython is built without frame pointers (3.8-3.14): past the
     /// first interpreter frame the kernel's walk reads garbage, so those
@@ -103,7 +106,13 @@ impl StackSymbolizer {
         let Some(interpreter) = interpreter else {
             return self.symbolize_stack(pid, ips);
         };
-        let kept = self.native_part(pid, ips, &interpreter);
+        let (outside, in_interpreter) = self.native_part(pid, ips, &interpreter);
+        let python = python.filter(|stack| !stack.frames.is_empty());
+        let kept = if python.is_some() {
+            outside
+        } else {
+            outside + usize::from(in_interpreter)
+        };
         let mut frames = self.symbolize_stack(pid, &ips[..kept]);
         if let Some(stack) = python {
             for frame in &stack.frames {
@@ -129,21 +138,24 @@ impl StackSymbolizer {
         frames
     }
 
-    /// How many of `ips` are trustworthy native frames: those up to and
-    /// including the first inside the interpreter, stopping early at one
-    /// that is in no file (a walk already astray).
-    fn native_part(&self, pid: u32, ips: &[u64], interpreter: &Path) -> usize {
+    /// The trustworthy native frames of `ips`: how many lead up to the
+    /// interpreter, and whether the next is inside it. The walk stops early
+    /// at a frame in no file (already astray).
+    fn native_part(&self, pid: u32, ips: &[u64], interpreter: &Path) -> (usize, bool) {
         let Some(maps) = self.maps(pid) else {
-            return ips.len().min(1);
+            return (ips.len().min(1), false);
         };
         for (i, &ip) in ips.iter().enumerate() {
-            match maps.find(ip.saturating_sub(1)).and_then(|m| m.path.as_deref()) {
-                Some(path) if path == interpreter => return i + 1,
+            match maps
+                .find(ip.saturating_sub(1))
+                .and_then(|m| m.path.as_deref())
+            {
+                Some(path) if path == interpreter => return (i, true),
                 Some(_) => {}
-                None => return i.max(1),
+                None => return (i.max(1), false),
             }
         }
-        ips.len()
+        (ips.len(), false)
     }
 
     /// Records the current mappings of `pid`; call while it is alive, again

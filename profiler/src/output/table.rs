@@ -191,6 +191,7 @@ mod tests {
             sites: Vec::new(),
             following,
             note: (following == Following::Unfollowed).then(|| "held 60 ms".into()),
+            python: None,
         }
     }
 

@@ -1,6 +1,11 @@
-//! Reads of a live process's memory with `process_vm_readv`: one system
-//! call per read, no ptrace stop, and a fault in the target is an error
-//! here, not a crash.
+//! Reads of a live process's memory through its `/proc/PID/mem`, opened
+//! once: one system call per read, no ptrace stop, and a fault in the
+//! target is an error here, not a crash.
+//!
+//! NB: not `process_vm_readv` by pid: the descriptor is bound to the
+//! process's address space when opened, so once it exits, reads fail
+//! instead of reading whichever new process got its pid (a fork-heavy host
+//! reuses pids within milliseconds).
 
 /// A read of another process's memory that did not return every byte.
 #[derive(Debug, thiserror::Error)]
@@ -23,14 +28,20 @@ pub enum MemoryError {
 }
 
 /// The memory of process `pid`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct ProcessMemory {
     pub pid: u32,
+    /// None when it could not be opened (the process is gone): every read
+    /// fails then.
+    mem: Option<std::sync::Arc<std::fs::File>>,
 }
 
 impl ProcessMemory {
-    pub const fn new(pid: u32) -> Self {
-        Self { pid }
+    pub fn new(pid: u32) -> Self {
+        let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+            .ok()
+            .map(std::sync::Arc::new);
+        Self { pid, mem }
     }
 
     /// Fills `buf` from `addr`, or fails: a partial read (the range ran
@@ -39,35 +50,36 @@ impl ProcessMemory {
         if buf.is_empty() {
             return Ok(());
         }
+        use std::os::unix::fs::FileExt as _;
         let len = buf.len();
-        let local = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: len,
-        };
-        let remote = libc::iovec {
-            iov_base: addr as *mut libc::c_void,
-            iov_len: len,
-        };
         let pid = self.pid;
-        // SAFETY: `local` describes `buf`, which is valid for `len` bytes of
-        // writes; the remote range is only read by the kernel, which checks
-        // it against the target's address space.
-        let got = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
-        match usize::try_from(got) {
-            Err(_) => Err(MemoryError::Read {
-                pid,
-                addr,
-                len,
-                source: std::io::Error::last_os_error(),
-            }),
-            Ok(got) if got < len => Err(MemoryError::Short {
-                pid,
-                addr,
-                len,
-                got,
-            }),
-            Ok(_) => Ok(()),
+        let read_error = |source| MemoryError::Read {
+            pid,
+            addr,
+            len,
+            source,
+        };
+        let mem = self
+            .mem
+            .as_ref()
+            .ok_or_else(|| read_error(std::io::ErrorKind::NotFound.into()))?;
+        let mut got = 0;
+        while got < len {
+            match mem.read_at(&mut buf[got..], addr + got as u64) {
+                Ok(0) => {
+                    return Err(MemoryError::Short {
+                        pid,
+                        addr,
+                        len,
+                        got,
+                    });
+                }
+                Ok(n) => got += n,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(read_error(error)),
+            }
         }
+        Ok(())
     }
 
     #[cfg(test)]

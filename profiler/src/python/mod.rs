@@ -46,6 +46,7 @@ mod linetable;
 mod memory;
 pub mod offsets;
 mod runtime;
+pub mod startup;
 #[cfg(test)]
 mod tests;
 

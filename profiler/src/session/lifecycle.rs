@@ -53,8 +53,20 @@ impl Session {
     }
 
     fn handle_event(&mut self, event: ProcessEvent) {
+        let started = Instant::now();
+        self.handle_event_kind(event);
+        tracing::debug!(
+            kind = event.kind,
+            pid = event.pid,
+            held = event.held,
+            waited_ms = monotonic_ns().saturating_sub(event.timestamp_ns) / 1_000_000,
+            took = ?started.elapsed(),
+            "lifecycle event"
+        );
+    }
+
+    fn handle_event_kind(&mut self, event: ProcessEvent) {
         let pid = event.pid;
-        tracing::debug!(kind = event.kind, pid, held = event.held, "lifecycle event");
         match event.kind {
             event_kind::FORK => self.forked(event),
             event_kind::EXEC => {
@@ -64,6 +76,12 @@ impl Session {
                 processes::take_heap_top(&mut self.kernel.ebpf, pid);
                 if !self.tearing_down {
                     self.probe_new_image(pid);
+                }
+                // Before it runs: a short script would be done before its
+                // interpreter is found.
+                let maps = ProcessMaps::read(pid).ok();
+                if let Some(maps) = &maps {
+                    self.python_executed(pid, maps);
                 }
                 if event.held != 0 {
                     self.kernel.holds.release(pid, event.timestamp_ns);
@@ -78,8 +96,14 @@ impl Session {
                 if let Some(record) = self.record_mut(pid) {
                     record.command = command;
                 }
-                if let Ok(maps) = ProcessMaps::read(pid) {
+                if let Some(maps) = maps {
                     self.symbolizer.update_maps(maps);
+                }
+            }
+            event_kind::PYTHON_START => {
+                self.python_started(pid);
+                if event.held != 0 {
+                    self.kernel.holds.release(pid, event.timestamp_ns);
                 }
             }
             event_kind::EXITING => {
@@ -307,9 +331,6 @@ impl Session {
         let maps = maps
             .filter(|_| !crate::proc_tree::exiting(pid))
             .or_else(|| parents_maps(self));
-        if let Some(maps) = maps {
-            self.symbolizer.update_maps(maps);
-        }
         self.start_times.insert(pid, start_time);
         self.alive.insert(pid);
         self.processes.push(ProcessRecord::new(
@@ -319,6 +340,16 @@ impl Session {
             started,
             following,
         ));
+        // A fork runs its parent's interpreter; a process found in the
+        // tree at attach is looked at.
+        if following == Following::Forked && self.symbolizer.is_python(ppid) {
+            self.python_forked(ppid, pid);
+        } else if let Some(maps) = &maps {
+            self.discover_python(pid, maps);
+        }
+        if let Some(maps) = maps {
+            self.symbolizer.update_maps(maps);
+        }
     }
 
     /// Puts on a forked child the probes its parent has. A fork copies the

@@ -4,6 +4,7 @@
 
 mod child;
 mod lifecycle;
+mod python;
 mod teardown;
 mod tree;
 
@@ -292,6 +293,11 @@ pub struct Session {
     signals: Option<Signals>,
     /// Set once the session ends: new processes are let go, not probed.
     tearing_down: bool,
+    /// Python stacks already named (see `resolve_new_python_stacks`).
+    python_stacks_seen: std::collections::HashSet<u64>,
+    /// Processes looked at for CPython, and whether a libpython was mapped
+    /// then (see `discover_late_python`).
+    python_looked: std::collections::HashMap<u32, bool>,
 }
 
 impl Session {
@@ -430,7 +436,7 @@ impl Session {
             maps,
         } = target;
         let mut symbolizer = StackSymbolizer::new(pid);
-        symbolizer.update_maps(maps);
+        symbolizer.update_maps(maps.clone());
         let events = kernel
             .ebpf
             .take_map(map_names::EVENTS)
@@ -442,7 +448,7 @@ impl Session {
             source: std::io::Error::other(e.to_string()),
         })?;
         let links = std::collections::HashMap::from([(kernel.probe_owner(pid), links)]);
-        Ok(Self {
+        let mut session = Self {
             kernel,
             pid,
             command: command.clone(),
@@ -475,7 +481,15 @@ impl Session {
             exited_in_live_map: std::collections::HashSet::new(),
             signals: Some(signals),
             tearing_down: false,
-        })
+            python_stacks_seen: std::collections::HashSet::new(),
+            python_looked: std::collections::HashMap::new(),
+        };
+        // A command memscope starts is still memscope's own copy: its
+        // interpreter, if any, is looked for at its exec.
+        if !is_child {
+            session.discover_python(pid, &maps);
+        }
+        Ok(session)
     }
 
     pub fn pid(&self) -> u32 {
@@ -609,6 +623,8 @@ impl Session {
                 self.process_exited(pid);
             }
         }
+        self.discover_late_python(&seen);
+        self.resolve_new_python_stacks();
         self.probe_late_allocators(seen);
     }
 

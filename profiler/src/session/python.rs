@@ -1,0 +1,145 @@
+//! CPython processes of the session: each gets its interpreter's layout in
+//! the kernel (so allocations carry their Python stack), and its recorded
+//! stacks are named while it lives to be read.
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use profiler_common::{PythonProcess, map_names};
+
+use super::Session;
+use crate::{attach, collect, process_maps::ProcessMaps, python};
+
+impl Session {
+    /// Finds CPython in `pid` and gives the kernel side its layout. A
+    /// version memscope cannot walk gets one warning; its stacks stay
+    /// native.
+    pub(super) fn discover_python(&mut self, pid: u32, maps: &ProcessMaps) {
+        if self.symbolizer.is_python(pid) {
+            return;
+        }
+        self.python_looked.insert(pid, has_libpython(maps));
+        let runtime = match python::find_runtime(pid, maps) {
+            Ok(Some(runtime)) => runtime,
+            Ok(None) => return,
+            Err(error) => {
+                let warning = error.to_string();
+                if !self.warnings.contains(&warning) {
+                    self.warnings.push(warning);
+                }
+                return;
+            }
+        };
+        if let Err(error) = set_python_process(&mut self.kernel.ebpf, pid, runtime.process) {
+            self.warnings.push(format!(
+                "pid {pid} runs Python {}, but its frames cannot be walked: {error}",
+                runtime.version
+            ));
+            return;
+        }
+        tracing::debug!(pid, version = %runtime.version, interpreter = %runtime.interpreter.display(), "python");
+        self.symbolizer.add_python(pid, &runtime);
+        if let Some(record) = self.record_mut(pid) {
+            record.python = Some(runtime.version.to_string());
+        }
+    }
+
+    /// A libpython mapped since the last look (an interpreter started by
+    /// exec maps it after its first instruction) is looked at.
+    pub(super) fn discover_late_python(&mut self, seen: &[(u32, ProcessMaps)]) {
+        for (pid, maps) in seen {
+            if !self.symbolizer.is_python(*pid)
+                && has_libpython(maps)
+                && self.python_looked.get(pid) != Some(&true)
+            {
+                self.discover_python(*pid, maps);
+            }
+        }
+    }
+
+    /// At exec (the process held before its first instruction): a new
+    /// program, maybe another interpreter or none. One linked to a shared
+    /// libpython, not mapped yet, is stopped again when that starts.
+    pub(super) fn python_executed(&mut self, pid: u32, maps: &ProcessMaps) {
+        self.symbolizer.forget_python(pid);
+        self.python_looked.remove(&pid);
+        if let Some(record) = self.record_mut(pid) {
+            record.python = None;
+        }
+        self.discover_python(pid, maps);
+        if self.symbolizer.is_python(pid) || self.tearing_down {
+            return;
+        }
+        let Some(exe) = crate::allocator::executable(pid) else {
+            return;
+        };
+        let Some(library) = python::startup::linked_libpython(pid, maps, &exe) else {
+            return;
+        };
+        match attach::attach_python_start(&mut self.kernel.programs(), pid, maps, &library) {
+            Ok(Some(link)) => self.links.entry(pid).or_default().push(link),
+            Ok(None) => {}
+            Err(error) => tracing::warn!(
+                "pid {pid} links {}: {error}; its Python frames start at the next look",
+                library.display()
+            ),
+        }
+    }
+
+    /// The stop `python_executed` set up: libpython is mapped now.
+    pub(super) fn python_started(&mut self, pid: u32) {
+        if let Ok(maps) = ProcessMaps::read(pid) {
+            self.discover_python(pid, &maps);
+            self.symbolizer.update_maps(maps);
+        }
+    }
+
+    /// A forked child runs its parent's interpreter (the kernel side copied
+    /// its layout at the fork).
+    pub(super) fn python_forked(&mut self, parent: u32, child: u32) {
+        self.symbolizer.fork_python(parent, child);
+        let version = self
+            .processes
+            .iter()
+            .rev()
+            .find(|p| p.pid == parent)
+            .and_then(|p| p.python.clone());
+        if let Some(record) = self.record_mut(child) {
+            record.python = version;
+        }
+    }
+
+    /// Names the frames of every Python stack recorded since the last call,
+    /// while their processes live: code objects are freed and their
+    /// addresses reused, and an exited process cannot be read at all.
+    pub(super) fn resolve_new_python_stacks(&mut self) {
+        let seen = &mut self.python_stacks_seen;
+        let stacks = match collect::read_python_stacks(&self.kernel.ebpf, |hash| seen.insert(hash))
+        {
+            Ok(stacks) => stacks,
+            Err(error) => {
+                tracing::warn!("{error}");
+                return;
+            }
+        };
+        for stack in stacks.values() {
+            self.symbolizer.resolve_python(stack.tgid, stack);
+        }
+    }
+}
+
+fn has_libpython(maps: &ProcessMaps) -> bool {
+    maps.find_library("libpython").is_some()
+}
+
+fn set_python_process(
+    ebpf: &mut aya::Ebpf,
+    pid: u32,
+    process: PythonProcess,
+) -> Result<(), aya::maps::MapError> {
+    let map =
+        ebpf.map_mut(map_names::PY_PROCS)
+            .ok_or_else(|| aya::maps::MapError::InvalidName {
+                name: map_names::PY_PROCS.into(),
+            })?;
+    let mut procs: BpfHashMap<&mut MapData, u32, PythonProcess> = BpfHashMap::try_from(map)?;
+    procs.insert(pid, process, 0)
+}
