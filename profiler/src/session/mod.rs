@@ -181,8 +181,9 @@ struct Kernel {
     follow_mode: FollowMode,
     tracepoints: LinkSet,
     holds: Holds,
-    /// Held for its drop: it continues whatever memscope leaves held.
-    _watchdog: Watchdog,
+    /// Continues whatever memscope leaves held, and unregisters the probes
+    /// when memscope is gone (see `watchdog`).
+    watchdog: Watchdog,
 }
 
 impl Kernel {
@@ -212,6 +213,12 @@ impl Kernel {
             source,
         })?;
         let watchdog = Watchdog::spawn(&exe, held_id, HOLD_BUDGET_NS)?;
+        if let (Some(config_fd), Some(traced_fd)) = (
+            ebpf.map(map_names::CONFIG).and_then(multi_uprobe::map_fd),
+            ebpf.map(map_names::TRACED).and_then(multi_uprobe::map_fd),
+        ) {
+            watchdog.give_maps(config_fd, traced_fd);
+        }
         let holds = Holds::new(held).map_err(map_error)?;
         let tracepoints = LinkSet(
             follow::attach_lifecycle(
@@ -220,7 +227,7 @@ impl Kernel {
                 options.follow_mode == FollowMode::Image,
             )?
             .into_iter()
-            .map(ProbeLink::Tracepoint)
+            .filter_map(|link| ProbeLink::tracepoint(link, Some(watchdog.links())))
             .collect(),
         );
         Ok(Self {
@@ -230,7 +237,7 @@ impl Kernel {
             follow_mode: options.follow_mode,
             tracepoints,
             holds,
-            _watchdog: watchdog,
+            watchdog,
         })
     }
 
@@ -240,6 +247,7 @@ impl Kernel {
             multi: self.multi.as_ref(),
             sites: &mut self.sites,
             every_process: self.follow_mode == FollowMode::Image,
+            handoff: Some(self.watchdog.links()),
         }
     }
 
