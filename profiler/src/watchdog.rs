@@ -204,7 +204,7 @@ impl LinkHandoff {
             id,
             ..Message::default()
         };
-        match send(self.socket.as_fd(), message, &[link]) {
+        match send_waiting(self.socket.as_fd(), message, &[link]) {
             Ok(()) => Some(WatchdogCopy {
                 id,
                 handoff: Arc::clone(self),
@@ -559,6 +559,35 @@ fn send(socket: BorrowedFd<'_>, message: Message, fds: &[BorrowedFd<'_>]) -> std
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `send`, waiting up to `KEEP_WAIT` for room: the watchdog drains the
+/// socket as it wakes, and a link it does not get is one memscope must
+/// unregister itself (and may be killed doing so). A CLOSE is never
+/// waited for: the watchdog closes every copy at its end anyway.
+fn send_waiting(
+    socket: BorrowedFd<'_>,
+    message: Message,
+    fds: &[BorrowedFd<'_>],
+) -> std::io::Result<()> {
+    const KEEP_WAIT: Duration = Duration::from_millis(200);
+    let deadline = Instant::now() + KEEP_WAIT;
+    loop {
+        match send(socket, message, fds) {
+            Err(error)
+                if error.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+            {
+                let mut poll = libc::pollfd {
+                    fd: socket.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&raw mut poll, 1, 10) };
+            }
+            sent => return sent,
+        }
+    }
 }
 
 /// Receives one message and its descriptors; None at the end of the
