@@ -5,13 +5,16 @@
 use std::{
     collections::BTreeSet,
     num::NonZeroU32,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
     Ebpf,
     programs::{
         UProbe,
+        links::FdLink,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope},
     },
 };
@@ -21,10 +24,11 @@ use profiler_common::alloc_kind;
 use crate::{
     allocator::{self, AllocatorImage, NoAllocator},
     multi_uprobe::{
-        ENTRY_PROGRAM, MultiLink, MultiPrograms, MultiUprobeError, ProbePoint, RETURN_PROGRAM,
+        self, ENTRY_PROGRAM, MultiLink, MultiPrograms, MultiUprobeError, ProbePoint, RETURN_PROGRAM,
     },
     probe_site::{ProbeSite, entry_probe_site},
     process_maps::ProcessMaps,
+    watchdog::{LinkHandoff, WatchdogCopy},
 };
 
 /// One allocator function: its symbol, and the attach cookie (one of
@@ -114,6 +118,8 @@ pub enum AttachError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("aya made the link of {0}'s uprobe in a way memscope cannot keep (build bug)")]
+    UnexpectedLink(&'static str),
     #[error("pid {0} is not a valid process id")]
     InvalidPid(u32),
     #[error(transparent)]
@@ -129,15 +135,85 @@ struct ResolvedSymbol {
     prologue: Vec<u8>,
 }
 
-/// Probes on one process; detached when dropped (see `detach`).
+/// Probes on one process (or a tracepoint); detached when dropped (see
+/// `detach`).
 #[derive(Debug)]
-pub enum ProbeLink {
+pub struct ProbeLink {
+    /// memscope's own descriptor.
+    /// NB: declared before `copy`, so it is closed first: the watchdog's
+    /// copy is then the last, and the kernel unregisters the probes when
+    /// the watchdog closes it, in a process that is not being killed.
+    #[expect(dead_code, reason = "held for its Drop")]
+    link: LinkKind,
+    /// The watchdog's copy, when it took one (see `watchdog`).
+    copy: Option<WatchdogCopy>,
+}
+
+#[derive(Debug)]
+enum LinkKind {
     /// A multi-uprobe link: a whole family at once.
     Multi(MultiLink),
+    /// A BPF link aya made (a perf-event uprobe or a tracepoint, on
+    /// kernels with BPF perf links): its descriptor can be copied by id.
+    Fd(FdLink),
     /// One perf-event uprobe (kernels before 6.6, and `_exit`'s stop).
-    Perf(UProbeLink),
-    /// A lifecycle or mapped-memory tracepoint.
-    Tracepoint(aya::programs::trace_point::TracePointLink),
+    Perf(#[expect(dead_code, reason = "held for its Drop")] UProbeLink),
+    /// A lifecycle or mapped-memory tracepoint (kernels without BPF perf
+    /// links).
+    Tracepoint(
+        #[expect(dead_code, reason = "held for its Drop")]
+        aya::programs::trace_point::TracePointLink,
+    ),
+}
+
+impl ProbeLink {
+    fn new(link: LinkKind, handoff: Option<&Arc<LinkHandoff>>) -> Self {
+        let copy = handoff.and_then(|handoff| {
+            let fd = match &link {
+                LinkKind::Multi(link) => link.as_fd().try_clone_to_owned().ok()?,
+                LinkKind::Fd(link) => multi_uprobe::link_fd_by_id(link.info().ok()?.id()).ok()?,
+                LinkKind::Perf(_) | LinkKind::Tracepoint(_) => return None,
+            };
+            handoff.keep(fd.as_fd())
+        });
+        Self { link, copy }
+    }
+
+    pub fn multi(link: MultiLink, handoff: Option<&Arc<LinkHandoff>>) -> Self {
+        Self::new(LinkKind::Multi(link), handoff)
+    }
+
+    /// A tracepoint's link. None if aya made it in a way this version
+    /// does not (a build bug: then it is already detached).
+    pub fn tracepoint(
+        link: aya::programs::trace_point::TracePointLink,
+        handoff: Option<&Arc<LinkHandoff>>,
+    ) -> Option<Self> {
+        // NB: aya's conversion drops a link that is not a BPF link, and
+        // aya makes BPF links exactly when the kernel has BPF perf links.
+        let link = if aya::features().bpf_perf_link() {
+            LinkKind::Fd(FdLink::try_from(link).ok()?)
+        } else {
+            LinkKind::Tracepoint(link)
+        };
+        Some(Self::new(link, handoff))
+    }
+
+    /// A perf-event uprobe's link; None as for `tracepoint`.
+    fn perf(link: UProbeLink, handoff: Option<&Arc<LinkHandoff>>) -> Option<Self> {
+        let link = if aya::features().bpf_perf_link() {
+            LinkKind::Fd(FdLink::try_from(link).ok()?)
+        } else {
+            LinkKind::Perf(link)
+        };
+        Some(Self::new(link, handoff))
+    }
+
+    /// Whether the watchdog holds a copy: then dropping this one is cheap
+    /// (the kernel unregisters the probes when the watchdog closes its).
+    pub fn watchdog_has_copy(&self) -> bool {
+        self.copy.is_some()
+    }
 }
 
 /// The probes on one process, and what they cannot see.
@@ -159,6 +235,8 @@ pub struct Programs<'a> {
     /// `--follow image`: probes on the file for every process that maps
     /// it (the programs count only traced ones), instead of one process.
     pub every_process: bool,
+    /// Where each new link's copy goes (the watchdog; see `ProbeLink`).
+    pub handoff: Option<&'a Arc<LinkHandoff>>,
 }
 
 /// Probe sites by library file (device, inode): reading and parsing libc
@@ -209,17 +287,21 @@ impl Drop for LinkSet {
     }
 }
 
-/// Detaches probe links. Each detach waits for RCU grace periods in the
-/// kernel (a multi link ~50 ms, a perf-event uprobe ~200 ms here); in
-/// parallel the waits overlap.
+/// Detaches probe links. The watchdog's copies make that cheap here: only
+/// memscope's descriptor closes, and the watchdog unregisters the probes.
+/// The rest (links the watchdog could not take) wait in the kernel, ~3 ms
+/// per uprobe link serialized, and ~50 ms per tracepoint for RCU grace
+/// periods, which overlap in parallel.
 pub fn detach(links: Vec<ProbeLink>) {
     const THREADS: usize = 64;
+    let (handed, mut links): (Vec<_>, Vec<_>) =
+        links.into_iter().partition(ProbeLink::watchdog_has_copy);
+    drop(handed);
     if links.len() <= 1 {
         drop(links);
         return;
     }
     let per_thread = links.len().div_ceil(THREADS);
-    let mut links = links;
     std::thread::scope(|scope| {
         while !links.is_empty() {
             let rest = links.split_off(links.len().saturating_sub(per_thread));
@@ -228,10 +310,11 @@ pub fn detach(links: Vec<ProbeLink>) {
     });
 }
 
-/// Detaches links on a thread of its own, so the probes of processes that
-/// exit go as they exit (every uprobe left registered on libc is one more
-/// filter the kernel runs at each mmap of libc on the host) without
-/// holding up the event loop. Dropping it waits for what was sent.
+/// Detaches the links of processes that exit, as they exit (every uprobe
+/// left registered on libc is one more filter the kernel runs at each mmap
+/// of libc on the host), without holding up the event loop: the watchdog
+/// unregisters those it has a copy of, and a thread of memscope's own the
+/// others. Dropping it waits for what was sent.
 pub struct Detacher {
     queue: Option<std::sync::mpsc::Sender<Vec<ProbeLink>>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -259,6 +342,10 @@ impl Default for Detacher {
 
 impl Detacher {
     pub fn detach(&self, links: Vec<ProbeLink>) {
+        let (handed, links): (Vec<_>, Vec<_>) =
+            links.into_iter().partition(ProbeLink::watchdog_has_copy);
+        // A close and a message each: no need for the thread.
+        drop(handed);
         if links.is_empty() {
             return;
         }
@@ -433,11 +520,12 @@ pub fn attach_family(
                 .attach(&host_path, &sites.entries, &sites.returns, link_pid)
                 .map_err(link_error)?
                 .into_iter()
-                .map(ProbeLink::Multi),
+                .map(|link| ProbeLink::multi(link, programs.handoff)),
         );
         tracing::debug!(link_pid, cost = ?created.elapsed(), "links created");
     } else {
         load_programs(programs.ebpf)?;
+        let handoff = programs.handoff;
         for (symbol, entry, ret) in std::mem::take(&mut sites.functions) {
             if let Some(ret) = ret {
                 links.push(attach_one(
@@ -447,6 +535,7 @@ pub fn attach_family(
                     ret,
                     &host_path,
                     scope,
+                    handoff,
                 )?);
             }
             links.push(attach_one(
@@ -456,6 +545,7 @@ pub fn attach_family(
                 entry,
                 &host_path,
                 scope,
+                handoff,
             )?);
         }
     }
@@ -487,8 +577,9 @@ pub fn attach_exit_stop(
         let Some(point) = programs.sites.sites(&host_path, library)?.exit else {
             return Ok(None);
         };
-        return Ok(Some(ProbeLink::Multi(
+        return Ok(Some(ProbeLink::multi(
             multi.attach_exit_stop(&host_path, point, pid)?,
+            programs.handoff,
         )));
     }
     let program = uprobe(programs.ebpf, PROGRAM)?;
@@ -503,7 +594,11 @@ pub fn attach_exit_stop(
             path: host_path.clone(),
             source,
         })?;
-    take_link(program, link).map(|link| Some(ProbeLink::Perf(link)))
+    let handoff = programs.handoff;
+    let link = take_link(program, link)?;
+    ProbeLink::perf(link, handoff)
+        .map(Some)
+        .ok_or(AttachError::UnexpectedLink(SYMBOL))
 }
 
 /// Stops `pid` when its libpython (`library`, not mapped yet) starts
@@ -527,8 +622,9 @@ pub fn attach_python_start(
         file_offset,
         cookie: u64::from(profiler_common::event_kind::PYTHON_START),
     };
-    Ok(Some(ProbeLink::Multi(
+    Ok(Some(ProbeLink::multi(
         multi.attach_exit_stop(&host_path, point, pid)?,
+        programs.handoff,
     )))
 }
 
@@ -557,6 +653,7 @@ fn attach_one(
     point: ProbePoint,
     path: &Path,
     scope: UProbeScope,
+    handoff: Option<&Arc<LinkHandoff>>,
 ) -> Result<ProbeLink, AttachError> {
     let point = UProbeAttachPoint {
         location: UProbeAttachLocation::AbsoluteOffset(point.file_offset),
@@ -581,7 +678,8 @@ fn attach_one(
             }
         }
     })?;
-    take_link(probe, link).map(ProbeLink::Perf)
+    let link = take_link(probe, link)?;
+    ProbeLink::perf(link, handoff).ok_or(AttachError::UnexpectedLink(symbol))
 }
 
 /// Owns a link apart from its program, so the session decides when (and

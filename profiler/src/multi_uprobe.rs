@@ -155,9 +155,29 @@ pub struct ProbePoint {
     pub cookie: u64,
 }
 
-/// A multi-uprobe link: its probes go away when it drops.
+/// A multi-uprobe link: its probes go away when its last descriptor
+/// closes (this one, or a copy: see `watchdog`).
 #[derive(Debug)]
-pub struct MultiLink(#[expect(dead_code, reason = "held for its Drop")] OwnedFd);
+pub struct MultiLink(OwnedFd);
+
+impl std::os::fd::AsFd for MultiLink {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// A new descriptor of BPF link `id`: a copy of any link, made by the
+/// kernel (for links whose descriptor aya keeps to itself).
+pub fn link_fd_by_id(id: u32) -> std::io::Result<OwnedFd> {
+    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+    // `union bpf_attr` for it: link_id, next_id, open_flags.
+    let attr: [u32; 3] = [id, 0, 0];
+    bpf(
+        BPF_LINK_GET_FD_BY_ID,
+        attr.as_ptr().cast(),
+        size_of_val(&attr),
+    )
+}
 
 /// Whether the running kernel has multi-uprobe links.
 pub fn supported() -> bool {
@@ -197,7 +217,7 @@ impl MultiPrograms {
         let mut with_fds = Vec::new();
         for (name, map) in &maps {
             // Global-data sections the loader skipped have no kernel map.
-            let Some(fd) = ebpf.map(name).and_then(map_fd) else {
+            let Some(fd) = ebpf.map(name).and_then(map_fd).map(|fd| fd.as_raw_fd()) else {
                 continue;
             };
             with_fds.push((name.as_str(), fd, map));
@@ -467,7 +487,7 @@ fn link(
 }
 
 /// The descriptor of a map aya created.
-fn map_fd(map: &Map) -> Option<std::os::fd::RawFd> {
+pub(crate) fn map_fd(map: &Map) -> Option<std::os::fd::BorrowedFd<'_>> {
     let data = match map {
         Map::Array(d)
         | Map::HashMap(d)
@@ -486,7 +506,7 @@ fn map_fd(map: &Map) -> Option<std::os::fd::RawFd> {
         | Map::Unsupported(d) => d,
         _ => return None,
     };
-    Some(data.fd().as_fd().as_raw_fd())
+    Some(data.fd().as_fd())
 }
 
 #[cfg(test)]

@@ -21,6 +21,17 @@ fn attach(
     extra: &[&str],
     nofile: Option<u64>,
 ) -> (Child, std::path::PathBuf) {
+    let (memscope, dir, _) = attach_watching_stderr(test, pid, extra, nofile);
+    (memscope, dir)
+}
+
+/// `attach`, and each later line memscope writes on stderr.
+fn attach_watching_stderr(
+    test: &str,
+    pid: u32,
+    extra: &[&str],
+    nofile: Option<u64>,
+) -> (Child, std::path::PathBuf, std::sync::mpsc::Receiver<String>) {
     let dir = output_dir(test);
     let mut command = Command::new(MEMSCOPE);
     command
@@ -52,12 +63,14 @@ fn attach(
     stderr.read_line(&mut banner).expect("memscope banner");
     assert!(banner.starts_with("memscope: profiling pid"), "{banner}");
     // Keep draining stderr so memscope never blocks on it.
+    let (lines, said) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in stderr.lines().map_while(Result::ok) {
             eprintln!("[memscope] {line}");
+            let _ = lines.send(line);
         }
     });
-    (memscope, dir)
+    (memscope, dir, said)
 }
 
 /// Kills these processes when dropped: a test that fails before it
@@ -445,4 +458,212 @@ fn a_second_ctrl_c_ends_memscope_at_once_and_leaves_nothing_stopped() {
     let stopped = stopped_in_tree(storm.pid());
     assert!(stopped.is_empty(), "stopped after memscope: {stopped:?}");
     assert!(storm.rate(1) > 0.0, "the target stopped forking");
+}
+
+/// memscope's watchdog process (`memscope __watchdog`), found among its
+/// children.
+fn watchdog_of(memscope: u32) -> u32 {
+    memscope::proc_tree::descendants(memscope)
+        .into_iter()
+        .find(|node| node.ppid == memscope && node.command.contains("__watchdog"))
+        .map(|node| node.pid)
+        .unwrap_or_else(|| panic!("memscope {memscope} has no watchdog"))
+}
+
+/// How long until `pid` has exited (a zombie counts), if within `bound`.
+fn time_to_exit(pid: u32, bound: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    // SAFETY: pidfd_open returns a new descriptor or fails.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        // Gone and reaped already.
+        return Some(started.elapsed());
+    }
+    let mut poll = libc::pollfd {
+        fd: fd as i32,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; the descriptor is ours and closed after.
+    let ready = unsafe { libc::poll(&mut poll, 1, bound.as_millis() as i32) };
+    unsafe { libc::close(fd as i32) };
+    (ready == 1).then(|| started.elapsed())
+}
+
+/// The kernel's uprobe multi (and session) links whose pid filter is one
+/// of `pids`, counted over every BPF link on the host (what `bpftool link`
+/// lists). A link is gone only when its last holder closed it: memscope,
+/// and its watchdog, which keeps a copy of each.
+fn uprobe_links_on(pids: &std::collections::HashSet<u32>) -> usize {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+    const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
+    const BPF_LINK_TYPE_UPROBE_MULTI: u32 = 12;
+    /// offsetof(struct bpf_link_info, uprobe_multi.pid).
+    const PID_OFFSET: usize = 60;
+    let bpf = |command: libc::c_long, attr: &mut [u32]| {
+        // SAFETY: `attr` is a zeroed `union bpf_attr` prefix for `command`.
+        unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                command,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(attr),
+            )
+        }
+    };
+    let mut count = 0;
+    let mut id = 0u32;
+    loop {
+        let mut next = [id, 0, 0, 0];
+        if bpf(BPF_LINK_GET_NEXT_ID, &mut next) != 0 {
+            break;
+        }
+        id = next[1];
+        let mut by_id = [id, 0, 0, 0];
+        let fd = bpf(BPF_LINK_GET_FD_BY_ID, &mut by_id);
+        if fd < 0 {
+            continue; // released meanwhile
+        }
+        let mut info = [0u8; 256];
+        let address = info.as_mut_ptr() as u64;
+        let mut get_info = [
+            fd as u32,
+            info.len() as u32,
+            address as u32,
+            (address >> 32) as u32,
+        ];
+        let read = bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get_info);
+        // SAFETY: the descriptor is ours.
+        unsafe { libc::close(fd as i32) };
+        let word = |at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().expect("4 bytes"));
+        if read == 0 && word(0) == BPF_LINK_TYPE_UPROBE_MULTI && pids.contains(&word(PID_OFFSET)) {
+            count += 1;
+        }
+    }
+    count
+}
+
+/// Uprobes the kernel gave up unregistering so far (dmesg: "failed to
+/// unregister, leaking uprobe"): their breakpoints stay in the file's
+/// pages until reboot, and another tracer cannot probe there.
+fn leaked_uprobes() -> usize {
+    let output = Command::new("dmesg").output().expect("dmesg runs");
+    assert!(output.status.success(), "dmesg: {output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.contains("leaking uprobe"))
+        .count()
+}
+
+/// SIGKILLs memscope while it follows a 300-process tree, `after_ctrl_c`
+/// in the middle of its teardown, and checks that its watchdog removes
+/// every link as a healthy process (so the kernel leaks no uprobe) and
+/// exits, and that nothing is left stopped.
+fn sigkill_leaks_no_uprobe(test: &str, after_ctrl_c: bool) {
+    const WORKERS: usize = 300;
+    let (mut server, pids, _workers) = prefork(WORKERS);
+    let tree: std::collections::HashSet<u32> = pids.iter().copied().collect();
+    let leaked_before = leaked_uprobes();
+    let (mut memscope, _, said) = attach_watching_stderr(test, pids[0], &[], None);
+    let watchdog = watchdog_of(memscope.id());
+    // One session link per process (Linux 6.13+).
+    assert_eq!(uprobe_links_on(&tree), WORKERS + 1);
+
+    if after_ctrl_c {
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(memscope.id() as i32, libc::SIGINT) };
+        // Killed while the probes come off: memscope used to unregister
+        // them itself here, for seconds, and the one it was in leaked.
+        let teardown = said
+            .iter()
+            .find(|line| line.contains("the probes of"))
+            .expect("memscope says it removes the probes");
+        eprintln!("killed after: {teardown}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let killed = Instant::now();
+    // SAFETY: plain syscall on our own child (at worst a zombie by now).
+    unsafe { libc::kill(memscope.id() as i32, libc::SIGKILL) };
+    memscope.wait().expect("memscope is reaped");
+    let memscope_gone = killed.elapsed();
+    let finished = time_to_exit(watchdog, Duration::from_secs(120))
+        .map(|_| killed.elapsed())
+        .expect("the watchdog exits");
+    eprintln!(
+        "SIGKILL with {} followed processes: memscope gone after {memscope_gone:?}, its watchdog after {finished:?}",
+        WORKERS + 1
+    );
+    assert_eq!(uprobe_links_on(&tree), 0, "links left after the watchdog");
+    assert_eq!(leaked_uprobes(), leaked_before, "the kernel leaked uprobes");
+    let stopped = stopped_in_tree(pids[0]);
+    assert!(stopped.is_empty(), "stopped after memscope: {stopped:?}");
+    // The workers run on unharmed: each leaks and exits 0.
+    release(&mut server);
+    assert!(server.wait().expect("fixture exits").success());
+}
+
+/// Check that SIGKILL of memscope mid-session leaves no link behind once
+/// its watchdog, the last holder of each, has exited.
+#[test]
+fn sigkill_of_memscope_leaves_no_link_once_its_watchdog_exits() {
+    if !bpf_available() {
+        return;
+    }
+    sigkill_leaks_no_uprobe("tree-kill", false);
+}
+
+/// Check that SIGKILL of memscope while its probes come off leaks no
+/// uprobe (dmesg: "failed to unregister, leaking uprobe"): the watchdog,
+/// not memscope, unregisters them.
+#[test]
+fn sigkill_during_teardown_leaks_no_uprobe() {
+    if !bpf_available() {
+        return;
+    }
+    sigkill_leaks_no_uprobe("tree-kill-teardown", true);
+}
+
+/// Check that memscope ends within 2 s with 500 processes followed, all of
+/// them alive and probed: it hands the links to its watchdog, which
+/// unregisters them in the background and then exits with none left.
+#[test]
+fn ending_with_500_followed_processes_takes_under_2s_and_the_watchdog_removes_every_link() {
+    if !bpf_available() {
+        return;
+    }
+    const WORKERS: usize = 500;
+    let (mut server, pids, _workers) = prefork(WORKERS);
+    let tree: std::collections::HashSet<u32> = pids.iter().copied().collect();
+    let (mut memscope, dir) = attach("tree-500", pids[0], &[], None);
+    let watchdog = watchdog_of(memscope.id());
+    assert_eq!(uprobe_links_on(&tree), WORKERS + 1);
+
+    let interrupted = Instant::now();
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(memscope.id() as i32, libc::SIGINT) };
+    assert!(memscope.wait().expect("memscope exits").success());
+    let teardown = interrupted.elapsed();
+    let finished = time_to_exit(watchdog, Duration::from_secs(120))
+        .map(|_| interrupted.elapsed())
+        .expect("the watchdog exits");
+    eprintln!(
+        "teardown of {} followed processes: memscope exited after {teardown:?}, its watchdog after {finished:?}",
+        WORKERS + 1
+    );
+    assert!(
+        teardown < Duration::from_secs(2),
+        "teardown took {teardown:?}"
+    );
+    assert_eq!(uprobe_links_on(&tree), 0, "links left after the watchdog");
+    let report = read_report(&dir);
+    let attached = report
+        .processes
+        .iter()
+        .filter(|p| p.following == Following::Attached)
+        .count();
+    assert_eq!(attached, WORKERS + 1, "{:?}", report.completeness);
+    assert!(stopped_in_tree(pids[0]).is_empty());
+    release(&mut server);
+    assert!(server.wait().expect("fixture exits").success());
 }

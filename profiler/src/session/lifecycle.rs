@@ -113,15 +113,7 @@ impl Session {
                     self.kernel.holds.release(pid, event.timestamp_ns);
                 }
             }
-            event_kind::EXIT => {
-                self.process_exited(pid);
-                if pid != self.pid {
-                    self.exited_in_live_map.insert(pid);
-                }
-                if let Some(links) = self.links.remove(&pid) {
-                    self.detacher.detach(links);
-                }
-            }
+            event_kind::EXIT => self.exit_seen(pid),
             _ => {}
         }
     }

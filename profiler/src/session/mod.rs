@@ -3,6 +3,7 @@
 //! whatever was collected.
 
 mod child;
+mod exits;
 mod lifecycle;
 mod python;
 mod teardown;
@@ -10,11 +11,8 @@ mod tree;
 
 use std::{
     ffi::OsString,
-    os::fd::OwnedFd,
     time::{Duration, Instant},
 };
-
-use std::collections::BTreeSet;
 
 use aya::{
     Ebpf,
@@ -43,16 +41,6 @@ use crate::{
     target::{self, TargetError},
     watchdog::{Watchdog, WatchdogError},
 };
-
-/// Resolves when the root's pidfd is readable (it exited); never without one.
-async fn root_exit(exited: &Option<AsyncFd<OwnedFd>>) {
-    match exited {
-        Some(fd) => {
-            let _ = fd.readable().await;
-        }
-        None => std::future::pending().await,
-    }
-}
 
 /// How often the target's mappings are re-read while it runs, so that code
 /// it maps later (dlopen) can be symbolized after it exits.
@@ -182,8 +170,9 @@ struct Kernel {
     follow_mode: FollowMode,
     tracepoints: LinkSet,
     holds: Holds,
-    /// Held for its drop: it continues whatever memscope leaves held.
-    _watchdog: Watchdog,
+    /// Continues whatever memscope leaves held, and unregisters the probes
+    /// when memscope is gone (see `watchdog`).
+    watchdog: Watchdog,
 }
 
 impl Kernel {
@@ -213,6 +202,12 @@ impl Kernel {
             source,
         })?;
         let watchdog = Watchdog::spawn(&exe, held_id, HOLD_BUDGET_NS)?;
+        if let (Some(config_fd), Some(traced_fd)) = (
+            ebpf.map(map_names::CONFIG).and_then(multi_uprobe::map_fd),
+            ebpf.map(map_names::TRACED).and_then(multi_uprobe::map_fd),
+        ) {
+            watchdog.give_maps(config_fd, traced_fd);
+        }
         let holds = Holds::new(held).map_err(map_error)?;
         let tracepoints = LinkSet(
             follow::attach_lifecycle(
@@ -221,7 +216,7 @@ impl Kernel {
                 options.follow_mode == FollowMode::Image,
             )?
             .into_iter()
-            .map(ProbeLink::Tracepoint)
+            .filter_map(|link| ProbeLink::tracepoint(link, Some(watchdog.links())))
             .collect(),
         );
         Ok(Self {
@@ -231,7 +226,7 @@ impl Kernel {
             follow_mode: options.follow_mode,
             tracepoints,
             holds,
-            _watchdog: watchdog,
+            watchdog,
         })
     }
 
@@ -241,6 +236,7 @@ impl Kernel {
             multi: self.multi.as_ref(),
             sites: &mut self.sites,
             every_process: self.follow_mode == FollowMode::Image,
+            handoff: Some(self.watchdog.links()),
         }
     }
 
@@ -271,8 +267,9 @@ pub struct Session {
     /// Lifecycle events from the kernel.
     events: Option<AsyncFd<RingBuf<MapData>>>,
     processes: Vec<ProcessRecord>,
-    /// Processes still running; the session ends when none is left.
-    alive: BTreeSet<u32>,
+    /// Processes still running, each watched by a pidfd; the session ends
+    /// when none is left.
+    alive: exits::LiveProcesses,
     /// Start time of each process in `alive` (see `proc_tree::identity`).
     start_times: std::collections::HashMap<u32, u64>,
     adjustments: Adjustments,
@@ -448,6 +445,9 @@ impl Session {
             source: std::io::Error::other(e.to_string()),
         })?;
         let links = std::collections::HashMap::from([(kernel.probe_owner(pid), links)]);
+        let mut alive =
+            exits::LiveProcesses::new().map_err(|source| SessionError::Watch { pid, source })?;
+        alive.insert(pid);
         let mut session = Self {
             kernel,
             pid,
@@ -466,7 +466,7 @@ impl Session {
                 0.0,
                 Following::Attached,
             )],
-            alive: BTreeSet::from([pid]),
+            alive,
             start_times: crate::proc_tree::identity(pid)
                 .map(|(start, _)| (pid, start))
                 .into_iter()
@@ -523,22 +523,6 @@ impl Session {
         } = self.signals.take().ok_or_else(|| {
             watch_error(std::io::Error::other("the session was already waited for"))
         })?;
-        // A root that is gone already (exited and reaped by its parent)
-        // has no pidfd: it simply exited.
-        let exited = match target::exit_notifier(self.pid) {
-            Ok(exit_fd) => {
-                // SAFETY: the pidfd is owned by the AsyncFd and closed only when it drops.
-                Some(
-                    unsafe { AsyncFd::register(exit_fd) }
-                        .map_err(|e| watch_error(std::io::Error::other(e.to_string())))?,
-                )
-            }
-            Err(error) if error.raw_os_error() == Some(libc::ESRCH) && !self.is_child => {
-                self.process_exited(self.pid);
-                None
-            }
-            Err(error) => return Err(watch_error(error)),
-        };
         let deadline =
             tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::from(u32::MAX))));
         tokio::pin!(deadline);
@@ -554,9 +538,13 @@ impl Session {
             if self.alive.is_empty() {
                 break StopReason::TargetExited;
             }
-            let root_alive = self.alive.contains(&self.pid);
             tokio::select! {
-                _ = root_exit(&exited), if root_alive => self.process_exited(self.pid),
+                // The guarantee behind the EXIT events (see `exits`).
+                exited = self.alive.exited() => {
+                    for pid in exited {
+                        self.exit_seen(pid);
+                    }
+                }
                 guard = lifecycle::readable(&mut events) => {
                     if let Ok(mut guard) = guard {
                         self.drain_events(guard.get_inner_mut());
@@ -595,13 +583,10 @@ impl Session {
     fn refresh_maps(&mut self) {
         let mut seen = Vec::new();
         let mut gone = Vec::new();
-        for &pid in &self.alive {
-            // Its pid may be another process's by now (its exit event not
-            // read yet): that one's mappings would name its frames wrong.
-            let same = self.start_times.get(&pid).is_none_or(|&start| {
-                crate::proc_tree::identity(pid).is_some_and(|(now, _)| now == start)
-            });
-            if !same {
+        for pid in self.alive.iter() {
+            // Its pid may be another process's by now (its exit not seen
+            // yet): that one's mappings would name its frames wrong.
+            if !self.still_the_same(pid) {
                 gone.push(pid);
                 continue;
             }
@@ -609,6 +594,8 @@ impl Session {
                 // Read before it began to exit, or not at all: an exiting
                 // process's mappings go one by one.
                 Ok(_) if crate::proc_tree::exiting(pid) => {}
+                // And read from it: it ran throughout the read.
+                Ok(_) if !self.still_the_same(pid) => gone.push(pid),
                 Ok(maps) if !maps.mappings.is_empty() => {
                     self.symbolizer.update_maps(maps.clone());
                     seen.push((pid, maps));
@@ -620,7 +607,7 @@ impl Session {
         }
         for pid in gone {
             if pid != self.pid || !self.is_child {
-                self.process_exited(pid);
+                self.exit_seen(pid);
             }
         }
         self.discover_late_python(&seen);

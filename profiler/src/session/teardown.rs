@@ -2,8 +2,12 @@
 //!
 //! Order matters: first the kernel side stops stopping processes, so the
 //! set of held ones can only shrink; then every held process is continued;
-//! only then are the probes detached (which takes a while, and may be cut
-//! short by a second Ctrl-C: the watchdog covers that).
+//! once the report is made the programs stop counting; then memscope drops
+//! its copy of each link and exits. The watchdog holds the other copy and
+//! unregisters the probes in the background (~3 ms per link, serialized
+//! in the kernel): never memscope itself, which a second Ctrl-C or a
+//! SIGKILL may end in the middle of an unregistration (the kernel then
+//! leaks the uprobe).
 
 use std::time::Instant;
 
@@ -11,7 +15,10 @@ use aya::maps::{Array, MapData};
 use profiler_common::{config, map_names};
 
 use super::Session;
-use crate::attach::{self, ProbeLink};
+use crate::{
+    attach::{self, ProbeLink},
+    watchdog,
+};
 
 impl Session {
     /// Stops the kernel side from holding processes and continues every
@@ -49,26 +56,59 @@ impl Drop for Session {
         if !self.tearing_down {
             self.stop_holding();
         }
+        // The report is made: the programs can stop counting. Their probes
+        // stay on until the watchdog has unregistered them, costing the
+        // target only the trap meanwhile.
+        self.silence_programs();
         let processes = self.links.len();
         let links: Vec<ProbeLink> = std::mem::take(&mut self.links)
             .into_values()
             .flatten()
             .chain(std::mem::take(&mut self.kernel.tracepoints.0))
             .collect();
-        if links.len() > 100 {
+        let handed = links.iter().filter(|link| link.watchdog_has_copy()).count();
+        let kept = links.len() - handed;
+        if handed > 0 && processes > 100 {
             eprintln!(
-                "memscope: detaching the probes of {processes} processes (Ctrl-C to skip the wait)"
+                "memscope: its watchdog (pid {}) removes the probes of {processes} processes in the background",
+                self.kernel.watchdog.pid()
+            );
+        }
+        if kept > 100 {
+            eprintln!(
+                "memscope: detaching {kept} probe links of {processes} processes (Ctrl-C to skip the wait)"
             );
         }
         let started = Instant::now();
-        let count = links.len();
         attach::detach(links);
         // And what exited processes left queued.
         self.detacher.finish();
         tracing::info!(
-            "detached {count} probe links of {processes} processes in {:?}",
+            "handed {handed} probe links of {processes} processes to the watchdog, detached {kept}, in {:?}",
             started.elapsed()
         );
+    }
+}
+
+impl Session {
+    /// See `watchdog::silence`.
+    fn silence_programs(&mut self) {
+        let silenced = self
+            .kernel
+            .ebpf
+            .map_mut(map_names::CONFIG)
+            .map(watchdog::silence_config)
+            .into_iter()
+            .chain(
+                self.kernel
+                    .ebpf
+                    .map_mut(map_names::TRACED)
+                    .map(watchdog::untrace_all),
+            )
+            .collect::<Result<Vec<()>, _>>();
+        if let Err(error) = silenced {
+            tracing::debug!("cannot silence the programs: {error}");
+        }
     }
 }
 
