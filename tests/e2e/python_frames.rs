@@ -1,0 +1,254 @@
+//! Python frames in allocation stacks, on every CPython of the machine:
+//! Debian's python3.11 (libpython linked into a non-PIE executable) and
+//! pyenv's 3.8-3.13 (shared libpython, mapped only after the exec).
+//! Scripts under tests/fixtures/python keep known blocks from known lines,
+//! marked `# NAME`; every figure is exact.
+
+use std::path::{Path, PathBuf};
+
+use memscope::report::{Frame, Language, Report, Site};
+
+use crate::support::*;
+
+/// Every CPython this machine kind has. Debian's 3.11 and pyenv's 3.12 and
+/// 3.13 must be there; the others run where present.
+fn interpreters() -> Vec<(String, PathBuf)> {
+    let mut found = Vec::new();
+    let debian = PathBuf::from("/usr/bin/python3.11");
+    assert!(debian.exists(), "Debian's python3.11 is missing");
+    found.push(("debian-3.11".to_owned(), debian));
+    for (version, required) in [
+        ("3.8", false),
+        ("3.9", false),
+        ("3.10", false),
+        ("3.11", false),
+        ("3.12", true),
+        ("3.13", true),
+    ] {
+        let exe = std::fs::read_dir("/root/.pyenv/versions")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                name.strip_prefix(version)
+                    .is_some_and(|rest| rest.starts_with('.'))
+            })
+            .map(|entry| entry.path().join(format!("bin/python{version}")))
+            .find(|exe| exe.exists());
+        match exe {
+            Some(exe) => found.push((format!("pyenv-{version}"), exe)),
+            None => assert!(!required, "pyenv's python{version} is missing"),
+        }
+    }
+    let names: Vec<&str> = found.iter().map(|(name, _)| name.as_str()).collect();
+    eprintln!("python interpreters: {}", names.join(", "));
+    found
+}
+
+fn script(name: &str) -> PathBuf {
+    workspace_file(&format!("tests/fixtures/python/{name}"))
+}
+
+/// The line of `script` marked `# MARK`.
+fn line_of(script: &Path, mark: &str) -> u32 {
+    let text = std::fs::read_to_string(script).expect("fixture script");
+    let tag = format!("# {mark}");
+    text.lines()
+        .position(|line| line.trim_end().ends_with(&tag))
+        .map(|i| i as u32 + 1)
+        .unwrap_or_else(|| panic!("{} has no line marked {tag}", script.display()))
+}
+
+fn run_python(test: &str, interpreter: &Path, script: &Path) -> Report {
+    let (report, output) = run_command(
+        test,
+        &[interpreter.into(), script.into()],
+        &["--per-process"],
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("done"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    report
+}
+
+fn is_python(frame: &Frame, function: &str, script: &Path, line: u32) -> bool {
+    frame.language == Language::Python
+        && frame.function == function
+        && frame.file.as_deref() == Some(&*script.to_string_lossy())
+        && frame.line == Some(line)
+}
+
+/// The one site whose first frame is `function` at `script:line`.
+fn python_site<'a>(report: &'a Report, function: &str, script: &Path, line: u32) -> &'a Site {
+    let sites: Vec<&Site> = report
+        .sites
+        .iter()
+        .filter(|s| s.frames.first().is_some_and(|f| is_python(f, function, script, line)))
+        .collect();
+    assert_eq!(
+        sites.len(),
+        1,
+        "one site at {function} ({}:{line}); sites: {:#?}",
+        script.display(),
+        report
+            .sites
+            .iter()
+            .take(12)
+            .map(|s| s.frames.iter().take(3).map(Frame::label).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    );
+    sites[0]
+}
+
+fn assert_walked_everything(report: &Report, name: &str) {
+    let c = &report.completeness;
+    assert_eq!(
+        (c.python_stack_errors, c.python_stacks_full, c.map_full),
+        (0, 0, 0),
+        "{name}: {c:?}"
+    );
+    assert!(
+        report.processes[0].python.is_some(),
+        "{name}: the interpreter was found: {:?}",
+        report.processes[0]
+    );
+}
+
+#[test]
+fn leak_here_is_named_by_function_file_and_line_on_every_interpreter() {
+    if !bpf_available() {
+        return;
+    }
+    let script = script("leak_here.py");
+    let line = line_of(&script, "LEAK");
+    for (name, interpreter) in interpreters() {
+        let report = run_python(&format!("py-leak-{name}"), &interpreter, &script);
+        assert_walked_everything(&report, &name);
+        let site = python_site(&report, "leak_here", &script, line);
+        assert_eq!(
+            (site.live_count, site.live_bytes),
+            (20, 20 * ((1 << 20) + 1)),
+            "{name}: {site:#?}"
+        );
+        // Below leak_here: the module that called it, nothing native.
+        let second = &site.frames[1];
+        assert_eq!(
+            (second.function.as_str(), second.language),
+            ("<module>", Language::Python),
+            "{name}: {site:#?}"
+        );
+        assert_eq!(site.frames.len(), 2, "{name}: {site:#?}");
+        eprintln!("{name}: leak_here exact");
+    }
+}
+
+#[test]
+fn two_threads_leaking_from_two_functions_are_told_apart() {
+    if !bpf_available() {
+        return;
+    }
+    let script = script("two_threads.py");
+    for (name, interpreter) in interpreters() {
+        let report = run_python(&format!("py-threads-{name}"), &interpreter, &script);
+        assert_walked_everything(&report, &name);
+        for (function, mark) in [("first_worker", "FIRST"), ("second_worker", "SECOND")] {
+            let site = python_site(&report, function, &script, line_of(&script, mark));
+            assert_eq!(
+                (site.live_count, site.live_bytes),
+                (10, 10 * ((256 << 10) + 1)),
+                "{name} {function}: {site:#?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn recursion_past_the_frame_limit_keeps_the_innermost_frames_and_is_counted() {
+    if !bpf_available() {
+        return;
+    }
+    let script = script("deep.py");
+    let line = line_of(&script, "DEEP");
+    for (name, interpreter) in interpreters() {
+        let report = run_python(&format!("py-deep-{name}"), &interpreter, &script);
+        let site = python_site(&report, "deep", &script, line);
+        assert_eq!(
+            (site.live_count, site.live_bytes),
+            (5, 5 * ((1 << 20) + 1)),
+            "{name}: {site:#?}"
+        );
+        // 64 frames of `deep`, then the note that outer ones are missing;
+        // never a frame that is not there.
+        let kept = profiler_common::MAX_PYTHON_FRAMES;
+        assert_eq!(site.frames.len(), kept + 1, "{name}: {site:#?}");
+        assert!(
+            site.frames[..kept].iter().all(|f| f.function == "deep"),
+            "{name}: {site:#?}"
+        );
+        assert!(
+            site.frames[kept].function.contains("outer ones not recorded"),
+            "{name}: {site:#?}"
+        );
+        assert!(
+            report.completeness.python_truncated >= 5,
+            "{name}: {:?}",
+            report.completeness
+        );
+    }
+}
+
+#[test]
+fn an_asyncio_handler_shows_its_coroutine_chain() {
+    if !bpf_available() {
+        return;
+    }
+    let script = script("coroutines.py");
+    let (load, awaited) = (line_of(&script, "CORO"), line_of(&script, "AWAIT"));
+    for (name, interpreter) in interpreters() {
+        let report = run_python(&format!("py-coro-{name}"), &interpreter, &script);
+        assert_walked_everything(&report, &name);
+        let site = python_site(&report, "load_payload", &script, load);
+        assert_eq!(
+            (site.live_count, site.live_bytes),
+            (8, 8 * ((512 << 10) + 1)),
+            "{name}: {site:#?}"
+        );
+        assert!(
+            is_python(&site.frames[1], "handle_request", &script, awaited),
+            "{name}: {site:#?}"
+        );
+    }
+}
+
+#[test]
+fn small_objects_are_attributed_to_the_function_whose_arenas_hold_them() {
+    if !bpf_available() {
+        return;
+    }
+    let script = script("small_objects.py");
+    let line = line_of(&script, "SMALL");
+    for (name, interpreter) in interpreters() {
+        let report = run_python(&format!("py-small-{name}"), &interpreter, &script);
+        assert_walked_everything(&report, &name);
+        // pymalloc's arenas are mapped outside malloc; those opened while
+        // keep_small ran are charged to it.
+        let arenas: u64 = report
+            .sites
+            .iter()
+            .filter(|s| s.kind == "mmap")
+            .filter(|s| {
+                s.frames
+                    .iter()
+                    .any(|f| is_python(f, "keep_small", &script, line))
+            })
+            .map(|s| s.live_bytes)
+            .sum();
+        // 100000 dicts of at least 48 bytes each, plus their keys.
+        assert!(arenas >= 100_000 * 48, "{name}: {arenas} bytes");
+        eprintln!("{name}: keep_small holds {arenas} bytes of arenas");
+    }
+}
