@@ -10,6 +10,7 @@ mod attach;
 mod errors;
 mod example;
 mod exec_failure;
+mod flask_service;
 mod leak_basic;
 mod mapped;
 mod output;

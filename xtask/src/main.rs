@@ -3,11 +3,13 @@
 //! - `setup`: nightly rust-src, bpf-linker under target/tools, tracefs.
 //! - `build`: setup, then a release build of memscope.
 //! - `test`: setup, then every test (real BPF: run as root).
-//! - `demo`: build, then profile examples/leaky-server and say where the
+//! - `demo [flask]`: build, then profile examples/leaky-server (or, with
+//!   `flask`, examples/flask-service under gunicorn) and say where the
 //!   report and flamegraph are.
 //! - `bench`: build, then the allocation benchmark against other tools.
 
 mod bench;
+mod demo;
 mod fork_rate;
 mod setup;
 
@@ -38,8 +40,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Profile examples/leaky-server and show the result.
-    Demo,
+    /// Profile an example and show the result.
+    Demo {
+        /// leaky-server (`memscope run` on a C program) or flask (gunicorn
+        /// workers, `memscope attach`).
+        #[arg(value_enum, default_value_t)]
+        example: demo::Example,
+    },
     /// Benchmark memscope against the untraced program and other tools.
     Bench,
     /// cargo fmt --check and clippy with -D warnings.
@@ -59,10 +66,10 @@ fn main() -> Result<()> {
             setup::run(&root)?;
             cargo(&root, &["test", "--workspace"], &args)
         }
-        Task::Demo => {
+        Task::Demo { example } => {
             setup::run(&root)?;
             let memscope = build_release(&root)?;
-            demo(&root, &memscope)
+            demo::run(&root, &memscope, example)
         }
         Task::Bench => {
             setup::run(&root)?;
@@ -119,45 +126,13 @@ fn run_command(command: &mut Command) -> Result<()> {
 
 fn build_release(root: &Path) -> Result<PathBuf> {
     cargo(root, &["build", "--release", "--package", "memscope"], &[])?;
-    Ok(root.join("target/release/memscope"))
+    Ok(target_dir(root).join("release/memscope"))
 }
 
-fn demo(root: &Path, memscope: &Path) -> Result<()> {
-    let dir = root.join("target/demo");
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let server = dir.join("leaky-server");
-    run_command(
-        Command::new("gcc")
-            .args([
-                "-O0",
-                "-g",
-                "-fno-omit-frame-pointer",
-                "-fno-builtin-malloc",
-                "-pthread",
-                "-o",
-            ])
-            .arg(&server)
-            .arg(root.join("examples/leaky-server/leaky-server.c")),
-    )?;
-    let report_dir = dir.join("report");
-    println!(
-        "\n== memscope run -o {} -- {}\n",
-        report_dir.display(),
-        server.display()
-    );
-    run_command(
-        Command::new(memscope)
-            .arg("run")
-            .arg("-o")
-            .arg(&report_dir)
-            .arg("--")
-            .arg(&server),
-    )?;
-    println!("\nreport:     {}", report_dir.join("report.json").display());
-    println!(
-        "flamegraph: {} (open it in a browser)",
-        report_dir.join("inuse.svg").display()
-    );
-    println!("folded:     {}", report_dir.join("stacks.folded").display());
-    Ok(())
+/// Where cargo builds: CARGO_TARGET_DIR (relative to the workspace) if set.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
 }

@@ -13,6 +13,8 @@ use anyhow::{Context as _, Result, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const TRACEFS: &str = "/sys/kernel/tracing";
 const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+/// The interpreter of examples/flask-service's virtualenv (its harness.rs).
+const PYTHON: &str = "/usr/bin/python3.11";
 
 pub fn run(root: &Path) -> Result<()> {
     let mut did = Vec::new();
@@ -31,9 +33,12 @@ pub fn run(root: &Path) -> Result<()> {
     if ensure_jemalloc()? {
         did.push("installed libjemalloc2 (a test preloads it)");
     }
+    if ensure_python_venv()? {
+        did.push("installed python3.11 and python3-venv (the Flask example's virtualenv)");
+    }
     if did.is_empty() {
         eprintln!(
-            "xtask setup: nothing to do (rust-src, bpf-linker, tracefs, gcc, libjemalloc2 present)"
+            "xtask setup: nothing to do (rust-src, bpf-linker, tracefs, gcc, libjemalloc2, python3-venv present)"
         );
     } else {
         for line in did {
@@ -232,5 +237,20 @@ fn ensure_gcc() -> Result<bool> {
         return Ok(false);
     }
     apt_install(&["gcc", "libc6-dev"])?;
+    Ok(true)
+}
+
+/// `python3 -m venv` needs ensurepip, which Debian ships apart, in
+/// python3-venv. The packages themselves come from PyPI when the Flask
+/// demo or its test first runs.
+fn ensure_python_venv() -> Result<bool> {
+    if Command::new(PYTHON)
+        .args(["-c", "import ensurepip, venv"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(false);
+    }
+    apt_install(&["python3.11", "python3-venv"])?;
     Ok(true)
 }
