@@ -89,6 +89,14 @@ pub mod event_kind {
     pub const PYTHON_START: u32 = 5;
 }
 
+/// Extra time a process may be held beyond the usual budget at the stops
+/// that come once in its life (`event_kind::PYTHON_START`, `EXITING`),
+/// not at every fork: its interpreter's layout is read from a large
+/// libpython, or its code objects one last time, meanwhile. Their record
+/// in `HELD` is dated this far ahead, so the watchdog's budget check needs
+/// no other case.
+pub const ONCE_PER_PROCESS_GRACE_NS: u64 = 200_000_000;
+
 /// A process lifecycle event.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -94,10 +94,13 @@ pub fn hold(kind: u32, pid: u32, ppid: u32) -> bool {
         count(Counter::LostChildren);
         return false;
     };
-    let event = ProcessEvent {
+    let mut event = ProcessEvent {
         held: 1,
         ..event(kind, pid, ppid)
     };
+    if kind == event_kind::PYTHON_START || kind == event_kind::EXITING {
+        event.timestamp_ns += profiler_common::ONCE_PER_PROCESS_GRACE_NS;
+    }
     if HELD.insert(pid, event.timestamp_ns, 0).is_err() {
         entry.discard(0);
         count(Counter::LostChildren);

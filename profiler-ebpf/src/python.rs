@@ -11,8 +11,7 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
-        generated::bpf_loop,
+        bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_loop,
     },
     macros::map,
     maps::{HashMap, PerCpuArray},
@@ -118,7 +117,10 @@ fn thread_state(process: &PythonProcess) -> Result<u64, Option<Counter>> {
     if fsbase_offset == 0 {
         return Err(None);
     }
-    let tss: [u32; 2] = read(process.tss_addr)?;
+    // NB: before the interpreter first touches `_PyRuntime` its page is
+    // not mapped in yet, and a BPF read cannot fault it in: the C code
+    // that runs first (the loader, libc) has no Python stack to miss.
+    let tss: [u32; 2] = read(process.tss_addr).map_err(|_| None)?;
     if tss[0] == 0 {
         return Err(None); // the interpreter is still starting
     }
@@ -135,6 +137,18 @@ fn thread_state(process: &PythonProcess) -> Result<u64, Option<Counter>> {
     read(fsbase + u64::from(process.tsd_offset) + u64::from(key) * 16 + 8)
 }
 
+/// Bytes of a frame up to the end of the last field the walk reads.
+fn frame_read(process: &PythonProcess) -> u32 {
+    let mut end = process
+        .frame_code
+        .max(process.frame_back)
+        .max(process.frame_instr);
+    if process.frame_owner != NO_OFFSET {
+        end = end.max(process.frame_owner & !7);
+    }
+    u32::from(end) + 8
+}
+
 /// The walk's state, passed to each `step` of a `bpf_loop`.
 #[repr(C)]
 struct Walk {
@@ -143,6 +157,9 @@ struct Walk {
     hash: u64,
     len: u32,
     flags: u32,
+    /// Bytes of each frame read: up to the last field used.
+    frame_read: u32,
+    _pad: u32,
 }
 
 fn walk(tgid: u32, process: &PythonProcess) -> Result<u64, Option<Counter>> {
@@ -165,6 +182,8 @@ fn walk(tgid: u32, process: &PythonProcess) -> Result<u64, Option<Counter>> {
             hash: 0xcbf2_9ce4_8422_2325,
             len: 0,
             flags: 0,
+            frame_read: frame_read(process),
+            _pad: 0,
         };
     }
     // NB: bpf_loop, not a loop: the verifier checks `step` once, where an
@@ -223,16 +242,21 @@ extern "C" fn step(_index: u64, _context: *mut core::ffi::c_void) -> i64 {
         count(Counter::PythonTruncated);
         return 1;
     }
-    // SAFETY: the buffer is plain words; bpf_probe_read_user_buf checks
+    // NB: only the bytes the offsets need: a frame near the end of the
+    // interpreter's data stack may be followed by a page not touched yet,
+    // which a BPF read cannot fault in. The mask bounds the size to the
+    // buffer for the verifier.
+    let size = ((walk.frame_read as usize).wrapping_sub(1) & (PYTHON_FRAME_READ - 1)) + 1;
+    // SAFETY: the buffer holds PYTHON_FRAME_READ bytes; the helper checks
     // the address read.
     let copied = unsafe {
-        let dst = core::slice::from_raw_parts_mut(
-            scratch.frame.as_mut_ptr().cast::<u8>(),
-            PYTHON_FRAME_READ,
-        );
-        bpf_probe_read_user_buf(walk.frame as *const u8, dst)
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            scratch.frame.as_mut_ptr().cast(),
+            size as u32,
+            walk.frame as *const core::ffi::c_void,
+        )
     };
-    if copied.is_err() {
+    if copied != 0 {
         count(Counter::PythonStackErrors);
         return 1;
     }

@@ -383,13 +383,17 @@ pub fn build_report(
         t.free_count += adjustment.free_count;
         t.free_bytes += adjustment.free_bytes;
     }
-    let mut frames_of = |key: &StackKey| match snapshot.stacks.get(&key.stack_id) {
-        Some(ips) if key.stack_id != UNKNOWN_STACK => trim_allocator_frames(symbolize(
-            key.tgid,
-            &with_caller(ips, key.caller),
-            snapshot.python_stacks.get(&key.python_stack),
-        )),
-        _ => vec![Frame::named("[unknown stack]")],
+    let mut frames_of = |key: &StackKey| {
+        let python = snapshot.python_stacks.get(&key.python_stack);
+        match snapshot.stacks.get(&key.stack_id) {
+            Some(ips) if key.stack_id != UNKNOWN_STACK => {
+                trim_allocator_frames(symbolize(key.tgid, &with_caller(ips, key.caller), python))
+            }
+            // The native walk failed (in CPython, which has no frame
+            // pointers, it often reads garbage); the Python stack stands.
+            _ if python.is_some() => symbolize(key.tgid, &[], python),
+            _ => vec![Frame::named("[unknown stack]")],
+        }
     };
     // Symbolize each (process, stack) once.
     let frames: BTreeMap<StackKey, Vec<Frame>> =

@@ -16,14 +16,6 @@ use memscope::{
 use crate::support::*;
 use service::{Attached, Gunicorn, PAYLOAD_MALLOC_BYTES, VenvState};
 
-/// TODO(#13): memscope does not walk Python frames yet. Until it does,
-/// CPython's stacks (no frame pointers) stop at the native frame that
-/// calls malloc, so every allocation of app.py over 512 bytes shares one
-/// site, and the test, sending only /analyze, finds the leak as the
-/// worker's largest. Flip this on with the Python frame walk: the site is
-/// then the one whose first frame is `analyze`, in app.py, at the line of
-/// the allocation.
-const PYTHON_FRAMES: bool = false;
 /// /analyze requests sent while memscope is attached, at least.
 const ANALYZE_REQUESTS: u64 = 40;
 /// Each worker serves at least this many of them, or more are sent.
@@ -129,37 +121,29 @@ fn analyze_until_both_workers_served(server: &Gunicorn) -> BTreeMap<u32, u64> {
     served
 }
 
-/// The worker's site of `analyze`'s payloads (see [`PYTHON_FRAMES`]).
+/// The worker's one site of `analyze`'s payloads: first frame `analyze`,
+/// in app.py, at the line of the allocation.
 fn analyze_site(worker: &ProcessReport, line: u32) -> &Site {
-    if PYTHON_FRAMES {
-        let matches: Vec<&Site> = worker
-            .sites
-            .iter()
-            .filter(|s| s.frames.first().is_some_and(|f| f.function == "analyze"))
-            .collect();
-        assert_eq!(matches.len(), 1, "one analyze site: {:#?}", worker.sites);
-        let frame = &matches[0].frames[0];
-        let file = frame.file.as_deref().map(Path::new);
-        assert_eq!(
-            (
-                file.and_then(Path::file_name).and_then(|f| f.to_str()),
-                frame.line
-            ),
-            (Some("app.py"), Some(line)),
-            "{frame:#?}"
-        );
-        matches[0]
-    } else {
-        let leak = worker
-            .sites
-            .iter()
-            .max_by_key(|s| s.live_bytes)
-            .unwrap_or_else(|| panic!("worker {} has no sites", worker.pid));
-        assert_eq!(
-            leak.frames.first().and_then(|f| f.module.as_deref()),
-            Some(service::PYTHON),
-            "today the leak's innermost frame is the interpreter's: {leak:#?}"
-        );
-        leak
-    }
+    let matches: Vec<&Site> = worker
+        .sites
+        .iter()
+        .filter(|s| s.frames.first().is_some_and(|f| f.function == "analyze"))
+        .collect();
+    assert_eq!(matches.len(), 1, "one analyze site: {:#?}", worker.sites);
+    let frame = &matches[0].frames[0];
+    let file = frame.file.as_deref().map(Path::new);
+    assert_eq!(
+        (
+            file.and_then(Path::file_name).and_then(|f| f.to_str()),
+            frame.line,
+            frame.language,
+        ),
+        (
+            Some("app.py"),
+            Some(line),
+            memscope::report::Language::Python
+        ),
+        "{frame:#?}"
+    );
+    matches[0]
 }

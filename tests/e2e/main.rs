@@ -17,6 +17,7 @@ mod output;
 mod process_trees;
 mod processes;
 mod python;
+mod python_frames;
 mod rust_fixture;
 mod scale;
 mod stopping;

@@ -87,7 +87,11 @@ fn python_site<'a>(report: &'a Report, function: &str, script: &Path, line: u32)
     let sites: Vec<&Site> = report
         .sites
         .iter()
-        .filter(|s| s.frames.first().is_some_and(|f| is_python(f, function, script, line)))
+        .filter(|s| {
+            s.frames
+                .first()
+                .is_some_and(|f| is_python(f, function, script, line))
+        })
         .collect();
     assert_eq!(
         sites.len(),
@@ -98,7 +102,12 @@ fn python_site<'a>(report: &'a Report, function: &str, script: &Path, line: u32)
             .sites
             .iter()
             .take(12)
-            .map(|s| s.frames.iter().take(3).map(Frame::label).collect::<Vec<_>>())
+            .map(|s| s
+                .frames
+                .iter()
+                .take(3)
+                .map(Frame::label)
+                .collect::<Vec<_>>())
             .collect::<Vec<_>>()
     );
     sites[0]
@@ -190,7 +199,9 @@ fn recursion_past_the_frame_limit_keeps_the_innermost_frames_and_is_counted() {
             "{name}: {site:#?}"
         );
         assert!(
-            site.frames[kept].function.contains("outer ones not recorded"),
+            site.frames[kept]
+                .function
+                .contains("outer ones not recorded"),
             "{name}: {site:#?}"
         );
         assert!(

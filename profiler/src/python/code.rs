@@ -74,6 +74,9 @@ struct ProcessCode {
     /// address can hold another, and a firstlineno that differs tells them
     /// apart (the BPF walk records it with each frame).
     code: HashMap<(u64, u32), Arc<CodeInfo>>,
+    /// Frames whose code object could not be read (freed, or the process
+    /// gone): tried once, not at every stack that holds them.
+    unreadable: std::collections::HashSet<(u64, u32)>,
 }
 
 /// Symbolizes recorded Python frames, per process.
@@ -96,6 +99,7 @@ impl PythonSymbolizer {
                 memory: ProcessMemory::new(pid),
                 layout: runtime.code,
                 code: HashMap::new(),
+                unreadable: std::collections::HashSet::new(),
             },
         );
     }
@@ -132,21 +136,27 @@ impl PythonSymbolizer {
         if let Some(info) = process.code.get(&key) {
             return info.location(&process.layout, frame.instr);
         }
+        if process.unreadable.contains(&key) {
+            return PythonLocation::unknown(frame.code);
+        }
+        if process.code.len() + process.unreadable.len() >= MAX_CACHED_CODE {
+            process.code.clear();
+            process.unreadable.clear();
+        }
         let info = match read_code(&process.memory, &process.layout, frame.code) {
             Ok(info) => Arc::new(info),
             Err(error) => {
                 tracing::debug!(pid, "python code object not read: {error}");
+                process.unreadable.insert(key);
                 return PythonLocation::unknown(frame.code);
             }
         };
-        if process.code.len() >= MAX_CACHED_CODE {
-            process.code.clear();
-        }
         process
             .code
             .insert((frame.code, info.firstlineno), Arc::clone(&info));
         if info.firstlineno != frame.firstlineno {
             // Another code object lives there now: the frame's was freed.
+            process.unreadable.insert(key);
             return PythonLocation::unknown(frame.code);
         }
         info.location(&process.layout, frame.instr)

@@ -18,10 +18,11 @@ use object::{
 
 use crate::process_maps::ProcessMaps;
 
-/// Called once by every way into CPython (`Py_BytesMain`,
+/// Called once by every way into CPython 3.8+ (`Py_BytesMain`,
 /// `Py_InitializeEx`, embedders), before any Python code runs, with
-/// libpython mapped.
-pub const START_SYMBOL: &str = "_PyRuntime_Initialize";
+/// libpython mapped; exported by every version (3.13 no longer exports
+/// `_PyRuntime_Initialize`, which 3.8 also calls again and again).
+pub const START_SYMBOL: &str = "Py_InitializeFromConfig";
 
 /// The loader's default directories (x86-64 Debian and others).
 const DEFAULT_DIRS: [&str; 6] = [
@@ -130,7 +131,8 @@ mod tests {
     use super::*;
 
     /// Check that pyenv's shared-libpython interpreters are resolved to the
-    /// library their loader maps, through their RUNPATH.
+    /// library their loader maps, through their RUNPATH, and that each
+    /// library has the start to stop at.
     #[test]
     fn finds_the_libpython_a_pyenv_interpreter_links() {
         let Ok(versions) = std::fs::read_dir("/root/.pyenv/versions") else {
@@ -156,12 +158,12 @@ mod tests {
                         .is_some_and(|n| n.starts_with("libpython3") && n.contains(".so."))
                 })
             });
-            assert_eq!(
-                linked_libpython(std::process::id(), &maps, &exe),
-                expected,
-                "{}",
-                exe.display()
-            );
+            let library = linked_libpython(std::process::id(), &maps, &exe);
+            assert_eq!(library, expected, "{}", exe.display());
+            // 3.8 brought Py_InitializeFromConfig (and the frames walked).
+            if let Some(library) = library.filter(|_| minor.parse::<u32>().is_ok_and(|m| m >= 8)) {
+                assert!(start_offset(&library).is_some(), "{}", library.display());
+            }
             found += 1;
         }
         eprintln!("resolved {found} pyenv interpreters");

@@ -72,11 +72,12 @@ impl Session {
             return;
         };
         let Some(library) = python::startup::linked_libpython(pid, maps, &exe) else {
+            tracing::debug!(pid, exe = %exe.display(), "links no libpython");
             return;
         };
         match attach::attach_python_start(&mut self.kernel.programs(), pid, maps, &library) {
             Ok(Some(link)) => self.links.entry(pid).or_default().push(link),
-            Ok(None) => {}
+            Ok(None) => tracing::debug!(pid, library = %library.display(), "no start to stop at"),
             Err(error) => tracing::warn!(
                 "pid {pid} links {}: {error}; its Python frames start at the next look",
                 library.display()
