@@ -90,6 +90,10 @@ pub struct ProfileArgs {
     /// Give each process (master, workers) its own site list in report.json.
     #[arg(long)]
     pub per_process: bool,
+    /// Native stacks only in CPython processes: no walk of the
+    /// interpreter's frames at each recorded allocation (docs/python.md).
+    #[arg(long)]
+    pub no_python_frames: bool,
     /// Where the allocator probes go. `process`: on each followed process
     /// (nothing else traps; each fork costs a ~3 ms hold while its probes go
     /// on). `image`: once on the allocator's file for every process that

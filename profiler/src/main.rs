@@ -102,6 +102,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         follow_children: !args.no_children,
         per_process_sites: args.per_process,
         follow_mode: args.follow_mode(),
+        python_frames: !args.no_python_frames,
     };
     let mut session = Session::start(&spec, &options)?;
     // The command line and library path are the target's to choose; escaped,

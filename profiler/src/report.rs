@@ -197,11 +197,13 @@ impl Frame {
 
     /// How tables and flame graphs name the frame: a Python frame with its
     /// file and line, `analyze (app.py:21)`, as Python's own tracebacks
-    /// place a function; a native one by its function.
+    /// place a function; a native one by its function. An installed
+    /// package's file is named from the package (`flask/app.py`), so it is
+    /// not taken for the service's own `app.py`.
     pub fn label(&self) -> String {
         match (self.language, &self.file) {
             (Language::Python, Some(file)) => {
-                let file = file.rsplit('/').next().unwrap_or(file);
+                let file = python_file_label(file);
                 match self.line {
                     Some(line) => format!("{} ({file}:{line})", self.function),
                     None => format!("{} ({file})", self.function),
@@ -210,6 +212,23 @@ impl Frame {
             _ => self.function.clone(),
         }
     }
+}
+
+/// A Python source file as a label names it: from its package when it is
+/// installed (site-packages, the standard library), else by file name.
+fn python_file_label(path: &str) -> &str {
+    for marker in ["/site-packages/", "/dist-packages/"] {
+        if let Some((_, rest)) = path.rsplit_once(marker) {
+            return rest;
+        }
+    }
+    // The standard library: /usr/lib/python3.11/json/decoder.py.
+    if let Some((_, rest)) = path.rsplit_once("/lib/python3.")
+        && let Some((_, rest)) = rest.split_once('/')
+    {
+        return rest;
+    }
+    path.rsplit('/').next().unwrap_or(path)
 }
 
 /// An allocating call stack and what it holds.
@@ -778,6 +797,41 @@ mod tests {
         // Only allocator frames: the last one stays.
         let frames = vec![Frame::named("malloc")];
         assert_eq!(names(&trim_allocator_frames(frames)), ["malloc"]);
+    }
+
+    #[test]
+    fn python_frames_are_labelled_by_package_file_and_line() {
+        let python = |file: &str, line| Frame {
+            function: "f".into(),
+            module: None,
+            file: Some(file.into()),
+            line,
+            language: Language::Python,
+        };
+        let labels = [
+            python("/srv/app/app.py", Some(41)),
+            python("/venv/lib/python3.11/site-packages/flask/app.py", Some(902)),
+            python("/usr/lib/python3/dist-packages/six.py", None),
+            python("/usr/lib/python3.11/json/decoder.py", Some(3)),
+            python("<frozen importlib._bootstrap>", Some(241)),
+        ]
+        .map(|f| f.label());
+        assert_eq!(
+            labels,
+            [
+                "f (app.py:41)",
+                "f (flask/app.py:902)",
+                "f (six.py)",
+                "f (json/decoder.py:3)",
+                "f (<frozen importlib._bootstrap>:241)",
+            ]
+        );
+        // A native frame keeps its bare name, file or not.
+        let native = Frame {
+            language: Language::Native,
+            ..python("/src/x.c", Some(1))
+        };
+        assert_eq!(native.label(), "f");
     }
 
     #[test]

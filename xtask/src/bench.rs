@@ -249,15 +249,18 @@ pub fn run(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
         }
     }
     let (fork_table, fork_json) = crate::fork_rate::run(workspace_root, &work, memscope_bin)?;
+    let (python_table, python_json) = crate::python_rate::run(workspace_root, &work, memscope_bin)?;
     let _ = fs::remove_dir_all(&work);
 
     let mut results = results_json(&ctx, &cells, started.elapsed());
     results["fork_rate"] = fork_json;
+    results["python"] = python_json;
     let path = out_dir.join("results.json");
     let text = serde_json::to_string_pretty(&results)?;
     fs::write(&path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
     print!("{}", render_table(&tools, &cells));
     print!("{fork_table}");
+    print!("{python_table}");
     println!(
         "\nbench: {} rounds in {:.0} s; results in {}",
         REPS,

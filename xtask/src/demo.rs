@@ -228,7 +228,7 @@ impl Traffic {
             sum(&self.churned) * CHURN_MALLOC_BYTES
         );
         println!(
-            "  all kept:  {} bytes (CPython has no frame pointers: until memscope walks Python frames these share one native site)",
+            "  all kept:  {} bytes",
             analyzed * PAYLOAD_MALLOC_BYTES
                 + lookups * LOOKUP_MALLOC_BYTES
                 + reports * REPORT_MALLOC_BYTES

@@ -11,6 +11,7 @@
 mod bench;
 mod demo;
 mod fork_rate;
+mod python_rate;
 mod setup;
 
 use std::{

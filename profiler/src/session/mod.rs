@@ -78,6 +78,8 @@ pub struct SessionOptions {
     /// Give each process its own site list in the report.
     pub per_process_sites: bool,
     pub follow_mode: FollowMode,
+    /// Walk CPython processes' frames (see `python`).
+    pub python_frames: bool,
 }
 
 impl Default for SessionOptions {
@@ -88,6 +90,7 @@ impl Default for SessionOptions {
             follow_children: true,
             per_process_sites: false,
             follow_mode: FollowMode::Process,
+            python_frames: true,
         }
     }
 }
@@ -274,6 +277,8 @@ pub struct Session {
     start_times: std::collections::HashMap<u32, u64>,
     adjustments: Adjustments,
     per_process_sites: bool,
+    /// See `SessionOptions::python_frames`.
+    python_frames: bool,
     warnings: Vec<String>,
     /// (process, image) pairs whose malloc family is probed.
     probed_images: std::collections::HashSet<(u32, std::path::PathBuf)>,
@@ -473,6 +478,7 @@ impl Session {
                 .collect(),
             adjustments: Adjustments::new(),
             per_process_sites: options.per_process_sites,
+            python_frames: options.python_frames,
             warnings,
             probed_images: std::collections::HashSet::new(),
             links,
@@ -641,6 +647,12 @@ impl Session {
             context,
         );
         report.warnings = self.warnings.clone();
+        if report.processes.iter().any(|p| p.python.is_some()) {
+            report.warnings.push(
+                "python: objects of 512 bytes or less come from CPython's arenas, counted as [mmap] sites charged to the Python stack that opened each; run the target with PYTHONMALLOC=malloc to count them one by one"
+                    .to_owned(),
+            );
+        }
         report.attach_costs = report::AttachCosts::of(&self.attach_costs);
         report
             .warnings

@@ -13,7 +13,7 @@ impl Session {
     /// version memscope cannot walk gets one warning; its stacks stay
     /// native.
     pub(super) fn discover_python(&mut self, pid: u32, maps: &ProcessMaps) {
-        if self.symbolizer.is_python(pid) {
+        if !self.python_frames || self.symbolizer.is_python(pid) {
             return;
         }
         self.python_looked.insert(pid, has_libpython(maps));
@@ -65,7 +65,7 @@ impl Session {
             record.python = None;
         }
         self.discover_python(pid, maps);
-        if self.symbolizer.is_python(pid) || self.tearing_down {
+        if !self.python_frames || self.symbolizer.is_python(pid) || self.tearing_down {
             return;
         }
         let Some(exe) = crate::allocator::executable(pid) else {
