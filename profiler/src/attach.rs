@@ -564,14 +564,25 @@ pub fn attach_exit_stop(
     pid: u32,
     maps: &ProcessMaps,
 ) -> Result<Option<ProbeLink>, AttachError> {
-    const PROGRAM: &str = "exit_enter";
-    const SYMBOL: &str = "_exit";
-    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::InvalidPid(pid))?);
     // The copy of memscope that will exec the command maps libc; without
     // it there is nothing to stop at.
     let Some(library) = maps.find_library("libc.so") else {
         return Ok(None);
     };
+    attach_exit_stop_at(programs, pid, maps, library)
+}
+
+/// As `attach_exit_stop`, on `library` (the libc a program just executed
+/// will map).
+pub fn attach_exit_stop_at(
+    programs: &mut Programs<'_>,
+    pid: u32,
+    maps: &ProcessMaps,
+    library: &Path,
+) -> Result<Option<ProbeLink>, AttachError> {
+    const PROGRAM: &str = "exit_enter";
+    const SYMBOL: &str = "_exit";
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(AttachError::InvalidPid(pid))?);
     let host_path = maps.host_path(library);
     if let Some(multi) = programs.multi {
         let Some(point) = programs.sites.sites(&host_path, library)?.exit else {

@@ -263,3 +263,76 @@ fn small_objects_are_attributed_to_the_function_whose_arenas_hold_them() {
         eprintln!("{name}: keep_small holds {arenas} bytes of arenas");
     }
 }
+
+#[test]
+fn python_reached_through_a_shell_env_or_the_pyenv_shim_is_walked() {
+    if !bpf_available() {
+        return;
+    }
+    let script = script("leak_here.py");
+    let line = line_of(&script, "LEAK");
+    let script_arg = script.to_string_lossy().into_owned();
+    let pyenv_312 = interpreters()
+        .into_iter()
+        .find(|(name, _)| name == "pyenv-3.12")
+        .map(|(_, exe)| exe)
+        .expect("pyenv's 3.12");
+    let shim = Path::new("/root/.pyenv/shims/python3");
+    let mut commands: Vec<(&str, Vec<String>)> = vec![
+        // dash forks the interpreter: a child of the command, not the
+        // command itself, stopped at its own exit to be read.
+        (
+            "sh -c",
+            vec![
+                "sh".into(),
+                "-c".into(),
+                format!("/usr/bin/python3.11 {script_arg}"),
+            ],
+        ),
+        // env executes a shared-libpython interpreter in place.
+        (
+            "env",
+            vec![
+                "env".into(),
+                pyenv_312.to_string_lossy().into_owned(),
+                script_arg.clone(),
+            ],
+        ),
+    ];
+    // .../versions/3.12.1/bin/python3.12 -> 3.12.1
+    let version = pyenv_312
+        .ancestors()
+        .nth(2)
+        .and_then(Path::file_name)
+        .map(|v| v.to_string_lossy().into_owned())
+        .expect("a pyenv version directory");
+    if shim.exists() {
+        // pyenv's shim: bash scripts that end in an exec of the interpreter.
+        commands.push((
+            "pyenv shim",
+            vec![
+                "env".into(),
+                format!("PYENV_VERSION={version}"),
+                shim.to_string_lossy().into_owned(),
+                script_arg.clone(),
+            ],
+        ));
+    }
+    for (name, command) in commands {
+        let argv: Vec<std::ffi::OsString> = command.iter().map(Into::into).collect();
+        let (report, output) =
+            run_command(&format!("py-via-{}", name.replace(' ', "-")), &argv, &[]);
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains("done"),
+            "{name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let site = python_site(&report, "leak_here", &script, line);
+        assert_eq!(
+            (site.live_count, site.live_bytes),
+            (20, 20 * ((1 << 20) + 1)),
+            "{name}: {site:#?}"
+        );
+        eprintln!("{name}: leak_here exact");
+    }
+}

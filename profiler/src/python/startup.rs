@@ -39,11 +39,17 @@ const DEFAULT_DIRS: [&str; 6] = [
 /// from the process's environment, then the default directories. The path
 /// is as the process sees it.
 pub fn linked_libpython(pid: u32, maps: &ProcessMaps, exe: &Path) -> Option<PathBuf> {
+    linked_library(pid, maps, exe, "libpython")
+}
+
+/// As `linked_libpython`, for the library whose name starts with `prefix`
+/// (`libc.so`).
+pub fn linked_library(pid: u32, maps: &ProcessMaps, exe: &Path, prefix: &str) -> Option<PathBuf> {
     let bytes = std::fs::read(maps.host_path(exe)).ok()?;
     let (needed, search) = dynamic_entries(&bytes)?;
     let name = needed
         .iter()
-        .find(|name| name.starts_with("libpython") && name.contains(".so"))?;
+        .find(|name| name.starts_with(prefix) && name.contains(".so"))?;
     let origin = exe.parent().unwrap_or(Path::new("/"));
     let mut dirs: Vec<PathBuf> = search
         .iter()

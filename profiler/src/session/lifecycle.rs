@@ -332,14 +332,14 @@ impl Session {
             started,
             following,
         ));
-        // A fork runs its parent's interpreter; a process found in the
-        // tree at attach is looked at.
-        if following == Following::Forked && self.symbolizer.is_python(ppid) {
-            self.python_forked(ppid, pid);
-        } else if let Some(maps) = &maps {
-            self.discover_python(pid, maps);
-        }
         if let Some(maps) = maps {
+            // A fork runs its parent's interpreter; a process found in the
+            // tree at attach is looked at.
+            if following == Following::Forked && self.symbolizer.is_python(ppid) {
+                self.python_forked(ppid, pid, &maps);
+            } else {
+                self.discover_python(pid, &maps);
+            }
             self.symbolizer.update_maps(maps);
         }
     }

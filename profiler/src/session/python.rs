@@ -40,6 +40,32 @@ impl Session {
         if let Some(record) = self.record_mut(pid) {
             record.python = Some(runtime.version.to_string());
         }
+        self.stop_python_at_exit(pid, maps);
+    }
+
+    /// With `run`, a Python process of the tree (a script run by a shell,
+    /// a multiprocessing worker) is stopped in `_exit` as the command
+    /// itself is, so its code objects are named before they go: a short
+    /// one would be gone before the next refresh. Not with `attach`: a
+    /// production service's processes are never held at their exit.
+    fn stop_python_at_exit(&mut self, pid: u32, maps: &ProcessMaps) {
+        if !self.is_child || pid == self.pid || self.tearing_down {
+            return;
+        }
+        // Just executed, it has not mapped its libc yet: the one it links.
+        let libc = match maps.find_library("libc.so") {
+            Some(libc) => Some(libc.to_path_buf()),
+            None => crate::allocator::executable(pid)
+                .and_then(|exe| python::startup::linked_library(pid, maps, &exe, "libc.so")),
+        };
+        let Some(libc) = libc else {
+            return;
+        };
+        match attach::attach_exit_stop_at(&mut self.kernel.programs(), pid, maps, &libc) {
+            Ok(Some(link)) => self.links.entry(pid).or_default().push(link),
+            Ok(None) => {}
+            Err(error) => tracing::debug!(pid, "no stop at exit: {error}"),
+        }
     }
 
     /// A libpython mapped since the last look (an interpreter started by
@@ -95,8 +121,9 @@ impl Session {
 
     /// A forked child runs its parent's interpreter (the kernel side copied
     /// its layout at the fork).
-    pub(super) fn python_forked(&mut self, parent: u32, child: u32) {
+    pub(super) fn python_forked(&mut self, parent: u32, child: u32, maps: &ProcessMaps) {
         self.symbolizer.fork_python(parent, child);
+        self.stop_python_at_exit(child, maps);
         let version = self
             .processes
             .iter()
