@@ -311,20 +311,7 @@ impl Gunicorn {
     /// SIGTERM to the master (gunicorn's graceful shutdown: it stops its
     /// workers, then exits) and waits for it.
     pub fn stop(mut self) -> Result<ExitStatus> {
-        signal(self.child.id() as i32, libc::SIGTERM);
-        let deadline = Instant::now() + STOP_DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "gunicorn did not stop within {}s of SIGTERM (killed)",
-                    STOP_DEADLINE.as_secs()
-                );
-            }
-            std::thread::sleep(POLL);
-        }
+        stop_child(&mut self.child, libc::SIGTERM, "gunicorn")
     }
 
     fn log_tail(&self) -> String {
@@ -469,20 +456,7 @@ impl Attached {
 
     /// SIGINT (memscope's Ctrl-C: it writes the report) and waits.
     pub fn stop(mut self) -> Result<ExitStatus> {
-        signal(self.child.id() as i32, libc::SIGINT);
-        let deadline = Instant::now() + STOP_DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "memscope did not stop within {}s of SIGINT (killed)",
-                    STOP_DEADLINE.as_secs()
-                );
-            }
-            std::thread::sleep(POLL);
-        }
+        stop_child(&mut self.child, libc::SIGINT, "memscope")
     }
 }
 
@@ -501,5 +475,24 @@ impl Drop for Attached {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Sends `sig` to `child` and waits for its exit, [`STOP_DEADLINE`] at
+/// most (the caller's drop guard kills it after that).
+fn stop_child(child: &mut std::process::Child, sig: i32, name: &str) -> Result<ExitStatus> {
+    signal(child.id() as i32, sig);
+    let deadline = Instant::now() + STOP_DEADLINE;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{name} did not stop within {}s of signal {sig} (killed)",
+                STOP_DEADLINE.as_secs()
+            );
+        }
+        std::thread::sleep(POLL);
     }
 }

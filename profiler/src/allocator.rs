@@ -78,7 +78,7 @@ pub fn locate(maps: &ProcessMaps, exe: Option<&Path>) -> Result<AllocatorImage, 
 }
 
 /// Directories the dynamic loader searches by default.
-const LIBRARY_DIRS: [&str; 6] = [
+pub(crate) const LIBRARY_DIRS: [&str; 6] = [
     "/lib/x86_64-linux-gnu",
     "/usr/lib/x86_64-linux-gnu",
     "/usr/local/lib",

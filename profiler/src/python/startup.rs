@@ -24,16 +24,6 @@ use crate::process_maps::ProcessMaps;
 /// `_PyRuntime_Initialize`, which 3.8 also calls again and again).
 pub const START_SYMBOL: &str = "Py_InitializeFromConfig";
 
-/// The loader's default directories (x86-64 Debian and others).
-const DEFAULT_DIRS: [&str; 6] = [
-    "/lib/x86_64-linux-gnu",
-    "/usr/lib/x86_64-linux-gnu",
-    "/usr/local/lib",
-    "/lib64",
-    "/usr/lib",
-    "/lib",
-];
-
 /// The libpython `exe` links (`DT_NEEDED`), where the dynamic loader will
 /// find it: `DT_RPATH`/`DT_RUNPATH` (with `$ORIGIN`), `LD_LIBRARY_PATH`
 /// from the process's environment, then the default directories. The path
@@ -58,7 +48,7 @@ pub fn linked_library(pid: u32, maps: &ProcessMaps, exe: &Path, prefix: &str) ->
         .map(|dir| PathBuf::from(dir.replace("$ORIGIN", &origin.to_string_lossy())))
         .collect();
     dirs.extend(library_path(pid));
-    dirs.extend(DEFAULT_DIRS.iter().map(PathBuf::from));
+    dirs.extend(crate::allocator::LIBRARY_DIRS.iter().map(PathBuf::from));
     dirs.into_iter()
         .map(|dir| dir.join(name))
         .find(|path| maps.host_path(path).exists())
