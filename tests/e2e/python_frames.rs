@@ -336,3 +336,44 @@ fn python_reached_through_a_shell_env_or_the_pyenv_shim_is_walked() {
         eprintln!("{name}: leak_here exact");
     }
 }
+
+#[test]
+fn a_thread_that_released_the_gil_gets_its_own_python_stack() {
+    if !bpf_available() {
+        return;
+    }
+    let script = script("gil_released.py");
+    let line = line_of(&script, "NOGIL");
+    for (name, interpreter) in interpreters() {
+        let report = run_python(&format!("py-gil-{name}"), &interpreter, &script);
+        assert_walked_everything(&report, &name);
+        // malloc is called by libffi, in the thread that let the GIL go
+        // while the main thread spins holding it: the native frames lead
+        // to that thread's Python stack, not the GIL holder's.
+        let sites: Vec<&Site> = report
+            .sites
+            .iter()
+            .filter(|s| {
+                s.frames
+                    .iter()
+                    .any(|f| is_python(f, "allocate_without_gil", &script, line))
+            })
+            .collect();
+        assert_eq!(sites.len(), 1, "{name}: {sites:#?}");
+        let site = sites[0];
+        assert_eq!(
+            (site.live_count, site.live_bytes),
+            (10, 10 * 300_000),
+            "{name}: {site:#?}"
+        );
+        assert_eq!(
+            site.frames[0].language,
+            Language::Native,
+            "{name}: {site:#?}"
+        );
+        assert!(
+            site.frames.iter().all(|f| f.function != "spin"),
+            "{name}: {site:#?}"
+        );
+    }
+}
