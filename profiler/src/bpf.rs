@@ -71,6 +71,8 @@ pub fn load(capacity: MapCapacity) -> Result<Ebpf, LoadError> {
     EbpfLoader::new()
         .map_max_entries(map_names::LIVE, capacity.max_live)
         .map_max_entries(map_names::STACKS, capacity.max_stacks)
+        // Not preallocated: kernel memory only for the stacks recorded.
+        .map_max_entries(map_names::PY_STACKS, capacity.max_stacks)
         .map_max_entries(
             map_names::STACK_TOTALS,
             capacity.max_stacks.saturating_mul(STACK_TOTALS_PER_STACK),

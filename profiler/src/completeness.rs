@@ -71,6 +71,13 @@ pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
             profiler_common::MAX_PROCESSES
         ));
     }
+    if c.python_stacks_full > 0 {
+        warnings.push(format!(
+            "the Python stack map ({} entries) was full; rerun with --max-stacks {}",
+            capacity.max_stacks,
+            capacity.max_stacks.saturating_mul(4)
+        ));
+    }
     if c.python_stack_errors + c.python_stacks_full > 0 {
         warnings.push(format!(
             "{} allocations in Python threads have native frames only: their Python stack could not be read ({}) or stored ({})",
