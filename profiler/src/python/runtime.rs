@@ -380,12 +380,17 @@ fn from_debug_offsets<'data, R: object::ReadRef<'data>>(
     let field = |index: usize, name: &str| {
         u16::try_from(words[index]).map_err(|_| bad(format!("{name} = {:#x}", words[index])))
     };
+    // NB: the BPF walk reads a frame as words: a pointer field must be
+    // 8-aligned (the owner byte need not be).
     let frame_field = |index: usize, name: &str| {
         let offset = field(index, name)?;
         if usize::from(offset) + 8 > PYTHON_FRAME_READ {
             return Err(bad(format!(
                 "{name} = {offset} is past the {PYTHON_FRAME_READ} bytes read per frame"
             )));
+        }
+        if offset % 8 != 0 && !name.ends_with("owner") {
+            return Err(bad(format!("{name} = {offset} is not 8-aligned")));
         }
         Ok(offset)
     };

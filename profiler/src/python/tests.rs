@@ -254,6 +254,10 @@ fn check_interpreter(python: &Path) {
     for offset in [p.frame_code, p.frame_back, p.frame_instr, p.frame_owner] {
         assert!(offset == NO_OFFSET || usize::from(offset) + 8 <= PYTHON_FRAME_READ);
     }
+    // The BPF walk reads a frame as words.
+    for offset in [p.frame_code, p.frame_back, p.frame_instr] {
+        assert_eq!(offset % 8, 0, "{what}: frame offset {offset} not 8-aligned");
+    }
     if let Some(start) = runtime.code.offsets.code_adaptive {
         assert_eq!(u32::from(start), printed.basicsize, "{what}: tp_basicsize");
     }
