@@ -101,9 +101,17 @@ pub fn hold(kind: u32, pid: u32, ppid: u32) -> bool {
     if kind == event_kind::PYTHON_START || kind == event_kind::EXITING {
         event.timestamp_ns += profiler_common::ONCE_PER_PROCESS_GRACE_NS;
     }
-    if HELD.insert(pid, event.timestamp_ns, 0).is_err() {
+    // NB: never over another hold's record. Whoever continues a process
+    // removes its record after the SIGCONT (so that a crash in between
+    // leaves it to the watchdog); a continued process can fork or exec
+    // again before that, and a record written over would then be removed
+    // as the old one: stopped, with nobody left to continue it. Such a
+    // new event goes unheld instead.
+    if HELD.insert(pid, event.timestamp_ns, BPF_NOEXIST as u64).is_err() {
         entry.discard(0);
-        count(Counter::LostChildren);
+        if kind == event_kind::FORK {
+            count(Counter::LostChildren);
+        }
         return false;
     }
     // SAFETY: signals the current process.

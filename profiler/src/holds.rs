@@ -46,6 +46,9 @@ impl Holds {
     }
 
     /// Removes `pid`'s record if it is still the hold of `since`.
+    /// NB: a check then a removal, not atomic: safe because the kernel side
+    /// never writes a record over another (`hold` in profiler-ebpf), so the
+    /// record checked is the one removed.
     fn forget(&mut self, pid: u32, since: Option<u64>) {
         if since.is_some() && self.held_since(pid) == since {
             let _ = self.map.remove(&pid);
