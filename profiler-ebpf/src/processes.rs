@@ -101,17 +101,12 @@ pub fn hold(kind: u32, pid: u32, ppid: u32) -> bool {
     if kind == event_kind::PYTHON_START || kind == event_kind::EXITING {
         event.timestamp_ns += profiler_common::ONCE_PER_PROCESS_GRACE_NS;
     }
-    // NB: never over another hold's record. Whoever continues a process
-    // removes its record after the SIGCONT (so that a crash in between
-    // leaves it to the watchdog); a continued process can fork or exec
-    // again before that, and a record written over would then be removed
-    // as the old one: stopped, with nobody left to continue it. Such a
-    // new event goes unheld instead.
-    if HELD.insert(pid, event.timestamp_ns, BPF_NOEXIST as u64).is_err() {
+    // NB: a record left by an earlier hold is written over: whoever
+    // continued the process takes that record out atomically and puts a
+    // newer one back (userspace `holds`), so neither hold is lost.
+    if HELD.insert(pid, event.timestamp_ns, 0).is_err() {
         entry.discard(0);
-        if kind == event_kind::FORK {
-            count(Counter::LostChildren);
-        }
+        count(Counter::LostChildren);
         return false;
     }
     // SAFETY: signals the current process.

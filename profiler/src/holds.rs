@@ -46,12 +46,27 @@ impl Holds {
     }
 
     /// Removes `pid`'s record if it is still the hold of `since`.
-    /// NB: a check then a removal, not atomic: safe because the kernel side
-    /// never writes a record over another (`hold` in profiler-ebpf), so the
-    /// record checked is the one removed.
+    /// NB: the process was continued just before, and may already have
+    /// forked or executed again, its new hold's record written over this
+    /// one. A check then a removal would take that record too, leaving a
+    /// stopped process nobody continues (a shell loop froze so once in 300
+    /// iterations): the record is taken out atomically, and a newer one put
+    /// back (the process is stopped for it, so no third can come between).
     fn forget(&mut self, pid: u32, since: Option<u64>) {
-        if since.is_some() && self.held_since(pid) == since {
-            let _ = self.map.remove(&pid);
+        let Some(since) = since else {
+            return;
+        };
+        match take(&self.map, pid) {
+            Ok(Some(newer)) if newer != since => {
+                let _ = self.map.insert(pid, newer, 0);
+            }
+            Ok(_) => {}
+            // Kernels before 5.14 cannot take from a hash map.
+            Err(_) => {
+                if self.held_since(pid) == Some(since) {
+                    let _ = self.map.remove(&pid);
+                }
+            }
         }
     }
 
@@ -103,6 +118,49 @@ fn wait_until_stopped(pid: u32) {
             Some('T' | 't') | None => return,
             Some(_) => std::thread::sleep(std::time::Duration::from_micros(200)),
         }
+    }
+}
+
+/// BPF_MAP_LOOKUP_AND_DELETE_ELEM: the record of `pid`, removed, in one
+/// step; `Ok(None)` when there was none.
+fn take(map: &BpfHashMap<MapData, u32, u64>, pid: u32) -> std::io::Result<Option<u64>> {
+    use aya::maps::IterableMap as _;
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    /// `union bpf_attr` for map element commands.
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut value = 0u64;
+    let attr = ElemAttr {
+        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: (&raw const pid) as u64,
+        value: (&raw mut value) as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is laid out as the kernel's bpf_attr for this command;
+    // key and value point to a u32 and a u64, the map's sizes.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &raw const attr,
+            size_of::<ElemAttr>(),
+        )
+    };
+    if ret == 0 {
+        return Ok(Some(value));
+    }
+    let error = std::io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::ENOENT) => Ok(None),
+        _ => Err(error),
     }
 }
 

@@ -136,10 +136,10 @@ fn prefork_workers_free_inherited_blocks_exactly_with_probes_on_the_image() {
 /// A shell loop forks and executes a child 1000 times, each stopped at its
 /// fork and again at its exec, back to back. A continued child can execute
 /// (a new hold) before the one who continued it removes the old hold's
-/// record: that record must not take the new hold's with it, or the child
-/// stays stopped for good. NB: a race, so a smoke test: before the fix the
-/// release build froze once in 300 iterations here, while two runs of this
-/// test (the debug build, slower) passed.
+/// record: that removal must not take the new hold's record with it, or
+/// the child stays stopped for good. NB: a race, so a smoke test: before
+/// the fix the release build froze once in 300 iterations here, while two
+/// runs of this test (the debug build, slower) passed.
 #[test]
 fn a_shell_loop_of_fork_and_exec_never_leaves_a_child_stopped() {
     if !bpf_available() {
