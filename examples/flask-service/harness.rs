@@ -166,7 +166,6 @@ impl Gunicorn {
         let port = free_port()?;
         let log_file =
             File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-        let parent = std::process::id();
         let mut command = Command::new(venv.join("bin/python"));
         command
             .args(["-m", "gunicorn", "-c"])
@@ -180,21 +179,10 @@ impl Gunicorn {
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .process_group(0);
-        // SAFETY: prctl and getppid are async-signal-safe.
-        unsafe {
-            command.pre_exec(move || {
-                // NB: the death signal follows the spawning *thread*: callers
-                // keep that thread alive while the server runs (the test's
-                // own thread, the demo's main thread).
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() as u32 != parent {
-                    return Err(std::io::Error::other("the parent already exited"));
-                }
-                Ok(())
-            })
-        };
+        // NB: the death signal follows the spawning *thread*: callers keep
+        // that thread alive while the server runs (the test's own thread,
+        // the demo's main thread).
+        sigterm_when_parent_dies(&mut command);
         let child = command
             .spawn()
             .with_context(|| format!("cannot start gunicorn from {}", venv.display()))?;
@@ -407,7 +395,6 @@ impl Attached {
     /// its probes are on every process of the tree (its banner, printed
     /// then); its other stderr lines are passed on, prefixed.
     pub fn start(memscope: &Path, pid: u32, args: &[&str], stdout: Stdio) -> Result<Self> {
-        let parent = std::process::id();
         let mut command = Command::new(memscope);
         command
             .arg("attach")
@@ -416,19 +403,8 @@ impl Attached {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::piped());
-        // SAFETY: prctl and getppid are async-signal-safe.
-        unsafe {
-            command.pre_exec(move || {
-                // If we die, memscope writes what it has and ends.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() as u32 != parent {
-                    return Err(std::io::Error::other("the parent already exited"));
-                }
-                Ok(())
-            })
-        };
+        // If we die, memscope writes what it has and ends.
+        sigterm_when_parent_dies(&mut command);
         let mut child = command
             .spawn()
             .with_context(|| format!("cannot start {}", memscope.display()))?;
@@ -495,4 +471,22 @@ fn stop_child(child: &mut std::process::Child, sig: i32, name: &str) -> Result<E
         }
         std::thread::sleep(POLL);
     }
+}
+
+/// The child gets SIGTERM when this process (the spawning thread) dies,
+/// and is not started at all if that happened already.
+fn sigterm_when_parent_dies(command: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: prctl and getppid are async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other("the parent already exited"));
+            }
+            Ok(())
+        })
+    };
 }
