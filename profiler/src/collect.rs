@@ -125,8 +125,9 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
         python_truncated: read(Counter::PythonTruncated)?,
         python_stacks_full: read(Counter::PythonStacksFull)?,
     };
-    let python_stacks =
-        read_python_stacks(ebpf, |hash| totals.keys().any(|k| k.python_stack == hash))?;
+    let referenced: std::collections::HashSet<u64> =
+        totals.keys().map(|k| k.python_stack).collect();
+    let python_stacks = read_python_stacks(ebpf, |hash| referenced.contains(&hash))?;
     let heap_map: BpfHashMap<&MapData, u32, HeapTop> =
         BpfHashMap::try_from(map(map_names::HEAP_TOPS)?)
             .map_err(map_error(map_names::HEAP_TOPS))?;

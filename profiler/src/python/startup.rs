@@ -35,8 +35,11 @@ pub fn linked_libpython(pid: u32, maps: &ProcessMaps, exe: &Path) -> Option<Path
 /// As `linked_libpython`, for the library whose name starts with `prefix`
 /// (`libc.so`).
 pub fn linked_library(pid: u32, maps: &ProcessMaps, exe: &Path, prefix: &str) -> Option<PathBuf> {
-    let bytes = std::fs::read(maps.host_path(exe)).ok()?;
-    let (needed, search) = dynamic_entries(&bytes)?;
+    // NB: only headers and the dynamic section are read: this runs while
+    // the process is held at its exec, and an executable can be large.
+    let file = std::fs::File::open(maps.host_path(exe)).ok()?;
+    let cache = object::ReadCache::new(file);
+    let (needed, search) = dynamic_entries(&cache)?;
     let name = needed
         .iter()
         .find(|name| name.starts_with(prefix) && name.contains(".so"))?;
@@ -76,8 +79,10 @@ pub fn start_offset(host_path: &Path) -> Option<u64> {
 }
 
 /// `DT_NEEDED` names and the `DT_RPATH`/`DT_RUNPATH` lists of an ELF file.
-fn dynamic_entries(bytes: &[u8]) -> Option<(Vec<String>, Vec<String>)> {
-    let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(bytes).ok()?;
+fn dynamic_entries<'data, R: object::ReadRef<'data>>(
+    bytes: R,
+) -> Option<(Vec<String>, Vec<String>)> {
+    let elf = object::read::elf::ElfFile64::<object::Endianness, R>::parse(bytes).ok()?;
     let endian = elf.endian();
     let dynstr = elf.section_by_name(".dynstr")?.data().ok()?;
     let string = |offset: u64| -> Option<String> {

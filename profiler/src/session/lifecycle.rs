@@ -333,12 +333,13 @@ impl Session {
             following,
         ));
         if let Some(maps) = maps {
-            // A fork runs its parent's interpreter; a process found in the
-            // tree at attach is looked at.
-            if following == Following::Forked && self.symbolizer.is_python(ppid) {
-                self.python_forked(ppid, pid, &maps);
-            } else {
+            // A fork runs its parent's interpreter, or none: nothing to look
+            // for while it is held (its exec, if any, is looked at then). A
+            // process found in the tree at attach is looked at.
+            if following != Following::Forked {
                 self.discover_python(pid, &maps);
+            } else if self.symbolizer.is_python(ppid) {
+                self.python_forked(ppid, pid, &maps);
             }
             self.symbolizer.update_maps(maps);
         }
