@@ -366,11 +366,15 @@ fn a_thread_that_released_the_gil_gets_its_own_python_stack() {
             (10, 10 * 300_000),
             "{name}: {site:#?}"
         );
-        assert_eq!(
-            site.frames[0].language,
-            Language::Native,
-            "{name}: {site:#?}"
-        );
+        // libffi's frame leads, unless the kernel's native walk failed
+        // (counted): then the Python stack stands alone (see build_report).
+        if report.completeness.stack_errors == 0 {
+            assert_eq!(
+                site.frames[0].language,
+                Language::Native,
+                "{name}: {site:#?}"
+            );
+        }
         assert!(
             site.frames.iter().all(|f| f.function != "spin"),
             "{name}: {site:#?}"
