@@ -90,12 +90,13 @@ pub mod event_kind {
 }
 
 /// Extra time a process may be held beyond the usual budget at the stops
-/// that come once in its life (`event_kind::PYTHON_START`, `EXITING`),
-/// not at every fork: its interpreter's layout is read from a large
-/// libpython, or its code objects one last time, meanwhile. Their record
-/// in `HELD` is dated this far ahead, so the watchdog's budget check needs
-/// no other case.
-pub const ONCE_PER_PROCESS_GRACE_NS: u64 = 200_000_000;
+/// that come once per program image (`event_kind::EXEC`, `PYTHON_START`,
+/// `EXITING`), not at every fork: the new image's probes go on and its
+/// interpreter's layout is read from a large executable or libpython (cold
+/// from disk on a fresh machine: 50 ms and more), or its code objects are
+/// read one last time. Their record in `HELD` is dated this far ahead, so
+/// the watchdog's budget check needs no other case.
+pub const ONCE_PER_IMAGE_GRACE_NS: u64 = 200_000_000;
 
 /// A process lifecycle event.
 #[repr(C)]
@@ -108,6 +109,10 @@ pub struct ProcessEvent {
     /// userspace to continue it (see `map_names::HELD`).
     pub held: u32,
     pub timestamp_ns: u64,
+    /// The hold's record in `HELD`, which whoever continues it matches:
+    /// `timestamp_ns`, plus `ONCE_PER_IMAGE_GRACE_NS` at the once-per-image
+    /// stops. Zero when not held.
+    pub hold_ns: u64,
 }
 
 /// Where a forked child's inherited blocks are: its parent's live set, as

@@ -72,6 +72,7 @@ fn event(kind: u32, pid: u32, ppid: u32) -> ProcessEvent {
         held: 0,
         // SAFETY: no preconditions.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        hold_ns: 0,
     }
 }
 
@@ -98,13 +99,14 @@ pub fn hold(kind: u32, pid: u32, ppid: u32) -> bool {
         held: 1,
         ..event(kind, pid, ppid)
     };
-    if kind == event_kind::PYTHON_START || kind == event_kind::EXITING {
-        event.timestamp_ns += profiler_common::ONCE_PER_PROCESS_GRACE_NS;
+    event.hold_ns = event.timestamp_ns;
+    if kind != event_kind::FORK {
+        event.hold_ns += profiler_common::ONCE_PER_IMAGE_GRACE_NS;
     }
     // NB: a record left by an earlier hold is written over: whoever
     // continued the process takes that record out atomically and puts a
     // newer one back (userspace `holds`), so neither hold is lost.
-    if HELD.insert(pid, event.timestamp_ns, 0).is_err() {
+    if HELD.insert(pid, event.hold_ns, 0).is_err() {
         entry.discard(0);
         count(Counter::LostChildren);
         return false;

@@ -83,8 +83,8 @@ impl Session {
                 if let Some(maps) = &maps {
                     self.python_executed(pid, maps);
                 }
-                if event.held != 0 {
-                    self.kernel.holds.release(pid, event.timestamp_ns);
+                if event.held != 0 && !self.kernel.holds.release(pid, event.hold_ns) {
+                    self.exec_let_go(pid, event.timestamp_ns);
                 }
                 // The old image's blocks, found by their timestamps, can go
                 // while the new one runs (a shell loop waits on each exec).
@@ -103,18 +103,31 @@ impl Session {
             event_kind::PYTHON_START => {
                 self.python_started(pid);
                 if event.held != 0 {
-                    self.kernel.holds.release(pid, event.timestamp_ns);
+                    self.kernel.holds.release(pid, event.hold_ns);
                 }
             }
             event_kind::EXITING => {
                 // Stopped in `_exit`: its mappings are read one last time.
                 self.refresh_maps();
                 if event.held != 0 {
-                    self.kernel.holds.release(pid, event.timestamp_ns);
+                    self.kernel.holds.release(pid, event.hold_ns);
                 }
             }
             event_kind::EXIT => self.exit_seen(pid),
             _ => {}
+        }
+    }
+
+    /// The watchdog continued `pid` at its exec before memscope was done
+    /// with it: the new program ran a while unprobed and without its
+    /// interpreter known, which its record says.
+    fn exec_let_go(&mut self, pid: u32, exec_ns: u64) {
+        let waited_ms = monotonic_ns().saturating_sub(exec_ns) / 1_000_000;
+        tracing::warn!("pid {pid} was continued by the watchdog at its exec, {waited_ms} ms later");
+        if let Some(record) = self.record_mut(pid) {
+            record.note = Some(format!(
+                "continued by the watchdog at its exec before memscope was done ({waited_ms} ms): its first allocations may be missed or lack Python frames"
+            ));
         }
     }
 
@@ -134,7 +147,7 @@ impl Session {
         }
         if self.tearing_down || self.alive.contains(&pid) {
             // Ending, or found already by the scan of the tree at attach.
-            self.kernel.holds.release(pid, event.timestamp_ns);
+            self.kernel.holds.release(pid, event.hold_ns);
             return;
         }
         let waited_ns = monotonic_ns().saturating_sub(event.timestamp_ns);
@@ -144,13 +157,13 @@ impl Session {
                 waited_ns / 1_000_000,
                 HOLD_BUDGET_NS / 1_000_000
             );
-            self.kernel.holds.release(pid, event.timestamp_ns);
+            self.kernel.holds.release(pid, event.hold_ns);
             self.unfollow(pid, ppid, note);
             return;
         }
         let started = Instant::now();
         let followed = self.follow_child(pid, ppid, event.timestamp_ns);
-        let still_held = self.kernel.holds.release(pid, event.timestamp_ns);
+        let still_held = self.kernel.holds.release(pid, event.hold_ns);
         // NB: past the budget the watchdog may have let it go already, its
         // SIGCONT sent but the map entry not yet removed: late, to be safe.
         let in_time = monotonic_ns().saturating_sub(event.timestamp_ns) < HOLD_BUDGET_NS;
