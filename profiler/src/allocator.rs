@@ -3,9 +3,12 @@
 //! malloc family and win symbol resolution), or the executable's own (a
 //! statically linked program).
 
-use std::path::{Path, PathBuf};
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
 
-use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+use object::{Object as _, ObjectSymbol as _, ReadCache};
 
 use crate::process_maps::ProcessMaps;
 
@@ -91,22 +94,22 @@ pub(crate) const LIBRARY_DIRS: [&str; 6] = [
 /// names are in .dynstr): at the exec stop it is not mapped yet, but it
 /// will serve malloc. Found in the default library directories only.
 pub fn linked_allocator(maps: &ProcessMaps, exe: &Path) -> Option<AllocatorImage> {
-    let bytes = std::fs::read(maps.host_path(exe)).ok()?;
-    let elf = object::File::parse(&*bytes).ok()?;
-    let dynstr = elf.section_by_name(".dynstr")?.data().ok()?;
-    dynstr.split(|&b| b == 0).find_map(|entry| {
-        let name = std::str::from_utf8(entry).ok()?;
-        let (_, allocator) = REPLACEMENT_ALLOCATORS
-            .iter()
-            .find(|(prefix, _)| name.starts_with(prefix) && name.contains(".so"))?;
-        LIBRARY_DIRS.iter().find_map(|dir| {
-            let path = Path::new(dir).join(name);
-            maps.host_path(&path).exists().then(|| AllocatorImage {
-                path: std::fs::canonicalize(&path).unwrap_or(path),
-                name: allocator,
-            })
+    REPLACEMENT_ALLOCATORS.iter().find_map(|(prefix, allocator)| {
+        let path = crate::python::startup::linked_library(maps.pid, maps, exe, prefix)?;
+        Some(AllocatorImage {
+            path: std::fs::canonicalize(&path).unwrap_or(path),
+            name: allocator,
         })
     })
+}
+
+/// Runs `read` on the ELF file at `path`, reading only the parts it looks
+/// at: the process may be held at its exec meanwhile, and an executable
+/// with a static libpython is megabytes, cold from disk on a fresh machine.
+fn with_elf<T>(path: &Path, read: impl FnOnce(&object::File<'_, &ReadCache<File>>) -> T) -> Option<T> {
+    let cache = ReadCache::new(File::open(path).ok()?);
+    let elf = object::File::parse(&cache).ok()?;
+    Some(read(&elf))
 }
 
 /// A mapped allocator library that replaces libc's malloc family.
@@ -144,18 +147,20 @@ pub fn preloaded_allocator(pid: u32) -> Option<AllocatorImage> {
 /// Warnings about allocations the probes on `image` cannot see.
 pub fn blind_spots(maps: &ProcessMaps, exe: Option<&Path>, image: &AllocatorImage) -> Vec<String> {
     let mut warnings = Vec::new();
-    if let Some(exe) = exe
-        && let Ok(bytes) = std::fs::read(maps.host_path(exe))
-        && let Ok(elf) = object::File::parse(&*bytes)
-    {
-        for (symbol, allocator) in PREFIXED_ALLOCATORS {
-            if defines(&elf, symbol) {
-                warnings.push(format!(
-                    "{} uses {allocator}: those allocations bypass {}'s malloc and are not seen",
-                    exe.display(),
-                    image.name
-                ));
-            }
+    if let Some(exe) = exe {
+        let prefixed = with_elf(&maps.host_path(exe), |elf| {
+            PREFIXED_ALLOCATORS
+                .iter()
+                .filter(|(symbol, _)| defines(elf, symbol))
+                .map(|(_, allocator)| *allocator)
+                .collect::<Vec<_>>()
+        });
+        for allocator in prefixed.into_iter().flatten() {
+            warnings.push(format!(
+                "{} uses {allocator}: those allocations bypass {}'s malloc and are not seen",
+                exe.display(),
+                image.name
+            ));
         }
     }
     if image.name != "glibc" {
@@ -169,17 +174,11 @@ pub fn blind_spots(maps: &ProcessMaps, exe: Option<&Path>, image: &AllocatorImag
 }
 
 fn defines_malloc(path: &Path) -> bool {
-    let Ok(bytes) = std::fs::read(path) else {
-        return false;
-    };
-    let Ok(elf) = object::File::parse(&*bytes) else {
-        return false;
-    };
-    defines(&elf, "malloc") && defines(&elf, "free")
+    with_elf(path, |elf| defines(elf, "malloc") && defines(elf, "free")).unwrap_or(false)
 }
 
 /// Whether the ELF defines function `name` (dynamic or static symbols).
-pub fn defines(elf: &object::File<'_>, name: &str) -> bool {
+pub fn defines<'data, R: object::ReadRef<'data>>(elf: &object::File<'data, R>, name: &str) -> bool {
     elf.dynamic_symbols()
         .chain(elf.symbols())
         .any(|s| s.is_definition() && s.kind() == object::SymbolKind::Text && s.name() == Ok(name))
