@@ -94,19 +94,24 @@ pub(crate) const LIBRARY_DIRS: [&str; 6] = [
 /// names are in .dynstr): at the exec stop it is not mapped yet, but it
 /// will serve malloc. Found in the default library directories only.
 pub fn linked_allocator(maps: &ProcessMaps, exe: &Path) -> Option<AllocatorImage> {
-    REPLACEMENT_ALLOCATORS.iter().find_map(|(prefix, allocator)| {
-        let path = crate::python::startup::linked_library(maps.pid, maps, exe, prefix)?;
-        Some(AllocatorImage {
-            path: std::fs::canonicalize(&path).unwrap_or(path),
-            name: allocator,
+    REPLACEMENT_ALLOCATORS
+        .iter()
+        .find_map(|(prefix, allocator)| {
+            let path = crate::python::startup::linked_library(maps.pid, maps, exe, prefix)?;
+            Some(AllocatorImage {
+                path: std::fs::canonicalize(&path).unwrap_or(path),
+                name: allocator,
+            })
         })
-    })
 }
 
 /// Runs `read` on the ELF file at `path`, reading only the parts it looks
 /// at: the process may be held at its exec meanwhile, and an executable
 /// with a static libpython is megabytes, cold from disk on a fresh machine.
-fn with_elf<T>(path: &Path, read: impl FnOnce(&object::File<'_, &ReadCache<File>>) -> T) -> Option<T> {
+fn with_elf<T>(
+    path: &Path,
+    read: impl FnOnce(&object::File<'_, &ReadCache<File>>) -> T,
+) -> Option<T> {
     let cache = ReadCache::new(File::open(path).ok()?);
     let elf = object::File::parse(&cache).ok()?;
     Some(read(&elf))

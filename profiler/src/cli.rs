@@ -94,6 +94,12 @@ pub struct ProfileArgs {
     /// interpreter's frames at each recorded allocation (docs/python.md).
     #[arg(long)]
     pub no_python_frames: bool,
+    /// Count CPython's small objects one by one, not by pymalloc arena:
+    /// with `run`, the command runs with PYTHONMALLOC=malloc (exact on
+    /// every build; malloc's speed and layout instead of pymalloc's). For
+    /// CI and tests, not a busy production worker (docs/python.md).
+    #[arg(long, conflicts_with = "no_python_frames")]
+    pub python_objects: bool,
     /// Where the allocator probes go. `process`: on each followed process
     /// (nothing else traps; each fork costs a ~3 ms hold while its probes go
     /// on). `image`: once on the allocator's file for every process that

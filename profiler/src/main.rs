@@ -103,6 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         per_process_sites: args.per_process,
         follow_mode: args.follow_mode(),
         python_frames: !args.no_python_frames,
+        python_objects: args.python_objects,
     };
     let mut session = Session::start(&spec, &options)?;
     // The command line and library path are the target's to choose; escaped,

@@ -27,6 +27,8 @@ pub struct ProcessRecord {
     pub heap_at_exit: Option<HeapTop>,
     /// The CPython version it runs, when memscope walks its frames.
     pub python: Option<String>,
+    /// How its Python objects are counted, when it runs CPython.
+    pub python_objects: Option<crate::report::PythonObjects>,
 }
 
 impl ProcessRecord {
@@ -45,6 +47,7 @@ impl ProcessRecord {
             started_s,
             exited_s: None,
             python: None,
+            python_objects: None,
             following,
             note: None,
             heap_at_exit: None,

@@ -66,7 +66,7 @@ impl AttachCosts {
 }
 
 /// One process of the session.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProcessReport {
     pub pid: u32,
     /// Absent for the target itself.
@@ -103,6 +103,9 @@ pub struct ProcessReport {
     /// The CPython version it runs, when its Python frames are walked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub python: Option<String>,
+    /// How its Python objects are counted, when it runs CPython.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python_objects: Option<PythonObjects>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,6 +185,18 @@ pub enum Language {
     #[default]
     Native,
     Python,
+}
+
+/// How a CPython process's small objects are counted (see
+/// `python::objects`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PythonObjects {
+    /// As the pymalloc arenas (mmap) that hold them, charged to the Python
+    /// stack that opened each.
+    Arenas,
+    /// One by one through malloc (`PYTHONMALLOC=malloc`).
+    Malloc,
 }
 
 impl Frame {
@@ -456,6 +471,7 @@ pub fn build_report(
                 following: p.following,
                 note: p.note.clone(),
                 python: p.python.clone(),
+                python_objects: p.python_objects,
             }
         })
         .collect();
@@ -762,6 +778,7 @@ mod tests {
                     heap_at_exit: None,
                     exited_s: None,
                     python: None,
+                    python_objects: None,
                 });
                 c
             },

@@ -160,10 +160,13 @@ pub struct SuspendedChild {
 }
 
 /// Forks a child that stops itself (SIGSTOP) and, once continued, executes
-/// `argv`. The child is a copy of memscope until it executes, mapping the
-/// same libc the command will load (dynamically linked commands; issue #4
-/// re-checks at exec).
-pub fn spawn_suspended(argv: &[OsString]) -> Result<SuspendedChild, TargetError> {
+/// `argv` in memscope's environment with `env` set over it. The child is a
+/// copy of memscope until it executes, mapping the same libc the command
+/// will load (dynamically linked commands; issue #4 re-checks at exec).
+pub fn spawn_suspended(
+    argv: &[OsString],
+    env: &[(&str, &str)],
+) -> Result<SuspendedChild, TargetError> {
     let (program, _) = argv.split_first().ok_or(TargetError::EmptyCommand)?;
     let command = argv
         .iter()
@@ -188,6 +191,12 @@ pub fn spawn_suspended(argv: &[OsString]) -> Result<SuspendedChild, TargetError>
         .collect::<Result<Vec<_>, _>>()?;
     let mut arg_ptrs: Vec<*const libc::c_char> = args_c.iter().map(|a| a.as_ptr()).collect();
     arg_ptrs.push(std::ptr::null());
+    let env_c = environment(env)
+        .iter()
+        .map(|var| to_cstring(var))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut env_ptrs: Vec<*const libc::c_char> = env_c.iter().map(|v| v.as_ptr()).collect();
+    env_ptrs.push(std::ptr::null());
 
     let mut fds = [0; 2];
     // SAFETY: fds is a valid 2-element array.
@@ -199,7 +208,7 @@ pub fn spawn_suspended(argv: &[OsString]) -> Result<SuspendedChild, TargetError>
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
 
     // SAFETY: the child only calls async-signal-safe functions (raise,
-    // execv, write, _exit) on memory prepared before the fork.
+    // execve, write, _exit) on memory prepared before the fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(TargetError::Spawn(std::io::Error::last_os_error()));
@@ -212,7 +221,7 @@ pub fn spawn_suspended(argv: &[OsString]) -> Result<SuspendedChild, TargetError>
             // std::process::Command does.
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             libc::raise(libc::SIGSTOP);
-            libc::execv(path_c.as_ptr(), arg_ptrs.as_ptr());
+            libc::execve(path_c.as_ptr(), arg_ptrs.as_ptr(), env_ptrs.as_ptr());
             let errno = *libc::__errno_location();
             libc::write(
                 write_end.as_raw_fd(),
@@ -232,6 +241,25 @@ pub fn spawn_suspended(argv: &[OsString]) -> Result<SuspendedChild, TargetError>
         path,
         exec_status: read_end,
     })
+}
+
+/// memscope's environment as `NAME=value` entries, with `overrides` set.
+fn environment(overrides: &[(&str, &str)]) -> Vec<OsString> {
+    let mut vars: Vec<OsString> = std::env::vars_os()
+        .filter(|(name, _)| !overrides.iter().any(|(set, _)| name == set))
+        .map(|(name, value)| {
+            let mut var = name;
+            var.push("=");
+            var.push(value);
+            var
+        })
+        .collect();
+    vars.extend(
+        overrides
+            .iter()
+            .map(|(name, value)| format!("{name}={value}").into()),
+    );
+    vars
 }
 
 impl SuspendedChild {

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use memscope::report::{Frame, Language, Report, Site};
+use memscope::report::{Frame, Language, PythonObjects, Report, Site};
 
 use crate::support::*;
 
@@ -258,9 +258,66 @@ fn small_objects_are_attributed_to_the_function_whose_arenas_hold_them() {
             })
             .map(|s| s.live_bytes)
             .sum();
-        // 100000 dicts of at least 48 bytes each, plus their keys.
+        // 100000 dicts of at least 48 bytes each.
         assert!(arenas >= 100_000 * 48, "{name}: {arenas} bytes");
+        assert_eq!(
+            report.processes[0].python_objects,
+            Some(PythonObjects::Arenas),
+            "{name}"
+        );
+        assert!(
+            report
+                .warnings
+                .iter()
+                .any(|w| w.contains("--python-objects")),
+            "{name}: the arenas are said, and how to count one by one: {:?}",
+            report.warnings
+        );
         eprintln!("{name}: keep_small holds {arenas} bytes of arenas");
+    }
+}
+
+#[test]
+fn python_objects_counts_each_small_object_exactly() {
+    if !bpf_available() {
+        return;
+    }
+    let script = script("small_objects.py");
+    let line = line_of(&script, "SMALL");
+    for (name, interpreter) in interpreters() {
+        let (report, output) = run_command(
+            &format!("py-objects-{name}"),
+            &[interpreter.into(), script.clone().into()],
+            &["--per-process", "--python-objects"],
+        );
+        // "done SIZE": sys.getsizeof({}), the bytes of one empty dict.
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let size: u64 = stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("done "))
+            .and_then(|size| size.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: {stdout}"));
+        assert_walked_everything(&report, &name);
+        let site = python_site(&report, "keep_small", &script, line);
+        assert_eq!(
+            (site.kind.as_str(), site.live_count, site.live_bytes),
+            ("malloc", 100_000, 100_000 * size),
+            "{name}: {site:#?}"
+        );
+        assert_eq!(
+            report.processes[0].python_objects,
+            Some(PythonObjects::Malloc),
+            "{name}"
+        );
+        // No arena: every object went through malloc.
+        assert!(
+            !report.sites.iter().any(|s| s.kind == "mmap"
+                && s.frames
+                    .iter()
+                    .any(|f| is_python(f, "keep_small", &script, line))),
+            "{name}"
+        );
+        eprintln!("{name}: 100000 dicts of {size} bytes, exact");
     }
 }
 

@@ -192,6 +192,7 @@ mod tests {
             following,
             note: (following == Following::Unfollowed).then(|| "held 60 ms".into()),
             python: None,
+            python_objects: None,
         }
     }
 

@@ -44,6 +44,7 @@
 mod code;
 mod linetable;
 mod memory;
+pub mod objects;
 pub mod offsets;
 mod runtime;
 pub mod startup;

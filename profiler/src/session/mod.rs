@@ -80,6 +80,8 @@ pub struct SessionOptions {
     pub follow_mode: FollowMode,
     /// Walk CPython processes' frames (see `python`).
     pub python_frames: bool,
+    /// Count CPython's small objects one by one (see `python::objects`).
+    pub python_objects: bool,
 }
 
 impl Default for SessionOptions {
@@ -91,6 +93,7 @@ impl Default for SessionOptions {
             per_process_sites: false,
             follow_mode: FollowMode::Process,
             python_frames: true,
+            python_objects: false,
         }
     }
 }
@@ -279,6 +282,8 @@ pub struct Session {
     per_process_sites: bool,
     /// See `SessionOptions::python_frames`.
     python_frames: bool,
+    /// See `SessionOptions::python_objects`.
+    python_objects: bool,
     warnings: Vec<String>,
     /// (process, image) pairs whose malloc family is probed.
     probed_images: std::collections::HashSet<(u32, std::path::PathBuf)>,
@@ -373,7 +378,14 @@ impl Session {
                 Ok(session)
             }
             TargetSpec::Run(argv) => {
-                let child = target::spawn_suspended(argv)?;
+                let mut env = Vec::new();
+                if options.python_objects {
+                    env.push((
+                        crate::python::objects::ALLOCATOR_VARIABLE,
+                        crate::python::objects::ONE_BY_ONE,
+                    ));
+                }
+                let child = target::spawn_suspended(argv, &env)?;
                 let attached = ProcessMaps::read(child.pid)
                     .map_err(|_| SessionError::from(TargetError::NoSuchProcess(child.pid)))
                     .and_then(|maps| {
@@ -407,6 +419,11 @@ impl Session {
                     maps,
                 };
                 let mut session = Self::new(kernel, target, options, (started, signals))?;
+                if options.python_objects {
+                    session
+                        .warnings
+                        .extend(crate::python::objects::replaced_setting());
+                }
                 session
                     .probed_images
                     .insert((session.kernel.probe_owner(pid), image.path));
@@ -479,6 +496,7 @@ impl Session {
             adjustments: Adjustments::new(),
             per_process_sites: options.per_process_sites,
             python_frames: options.python_frames,
+            python_objects: options.python_objects,
             warnings,
             probed_images: std::collections::HashSet::new(),
             links,
@@ -647,12 +665,13 @@ impl Session {
             context,
         );
         report.warnings = self.warnings.clone();
-        if report.processes.iter().any(|p| p.python.is_some()) {
-            report.warnings.push(
-                "python: objects of 512 bytes or less come from CPython's arenas, counted as [mmap] sites charged to the Python stack that opened each; run the target with PYTHONMALLOC=malloc to count them one by one"
-                    .to_owned(),
-            );
-        }
+        report
+            .warnings
+            .extend(crate::python::objects::counting_warning(
+                &report.processes,
+                self.python_objects,
+                self.is_child,
+            ));
         report.attach_costs = report::AttachCosts::of(&self.attach_costs);
         report
             .warnings

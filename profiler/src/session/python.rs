@@ -37,8 +37,10 @@ impl Session {
         }
         tracing::debug!(pid, version = %runtime.version, interpreter = %runtime.interpreter.display(), "python");
         self.symbolizer.add_python(pid, &runtime);
+        let objects = python::objects::counting_from_environment(pid);
         if let Some(record) = self.record_mut(pid) {
             record.python = Some(runtime.version.to_string());
+            record.python_objects = Some(objects);
         }
         self.stop_python_at_exit(pid, maps);
     }
@@ -89,6 +91,7 @@ impl Session {
         self.python_looked.remove(&pid);
         if let Some(record) = self.record_mut(pid) {
             record.python = None;
+            record.python_objects = None;
         }
         self.discover_python(pid, maps);
         if !self.python_frames || self.symbolizer.is_python(pid) || self.tearing_down {
@@ -124,14 +127,16 @@ impl Session {
     pub(super) fn python_forked(&mut self, parent: u32, child: u32, maps: &ProcessMaps) {
         self.symbolizer.fork_python(parent, child);
         self.stop_python_at_exit(child, maps);
-        let version = self
+        let (version, objects) = self
             .processes
             .iter()
             .rev()
             .find(|p| p.pid == parent)
-            .and_then(|p| p.python.clone());
+            .map(|p| (p.python.clone(), p.python_objects))
+            .unwrap_or_default();
         if let Some(record) = self.record_mut(child) {
             record.python = version;
+            record.python_objects = objects;
         }
     }
 
