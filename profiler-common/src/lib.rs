@@ -164,6 +164,16 @@ pub mod alloc_kind {
     pub const MREMAP: u32 = 11;
     /// free(ptr): the attach cookie of free's entry probe.
     pub const FREE: u32 = 12;
+    /// CPython's object allocator (`--python-objects` with `attach`): the
+    /// functions behind `PyObject_Malloc` and friends, whose first
+    /// argument is the allocator's context: `malloc(ctx, size)`,
+    /// `calloc(ctx, n, size)`, `realloc(ctx, ptr, size)`, `free(ctx, ptr)`.
+    /// Each has a return probe, so the libc calls and arena mmaps made
+    /// inside it are its own, not counted again.
+    pub const PY_MALLOC: u32 = 13;
+    pub const PY_CALLOC: u32 = 14;
+    pub const PY_REALLOC: u32 = 15;
+    pub const PY_FREE: u32 = 16;
 }
 
 /// What kind of memory a site holds: `StackKey::class`.

@@ -176,6 +176,18 @@ fn on_entry(ctx: &ProbeContext) -> bool {
             }
             return false;
         }
+        alloc_kind::PY_FREE => {
+            // The thread's slot is taken for the call, so the free and
+            // munmap pymalloc makes inside it are not counted again.
+            let ptr = arg(1);
+            if ptr != 0 && !in_allocator_call() {
+                live::record_free(ptr);
+            }
+            enter(0, ptr, kind);
+        }
+        alloc_kind::PY_MALLOC => enter(arg(1), 0, kind),
+        alloc_kind::PY_CALLOC => enter(arg(1).wrapping_mul(arg(2)), 0, kind),
+        alloc_kind::PY_REALLOC => enter(arg(2), arg(1), kind),
         // aligned_alloc(alignment, size), memalign(alignment, size).
         alloc_kind::ALIGNED_ALLOC | alloc_kind::MEMALIGN => enter(arg(1), 0, kind),
         // An overflowing product makes calloc fail: it returns NULL and
@@ -204,6 +216,18 @@ fn on_return(ctx: &RetProbeContext) {
     };
     match kind {
         alloc_kind::REALLOC | alloc_kind::REALLOCARRAY => realloc_return(ctx, call, kind),
+        alloc_kind::PY_FREE => {}
+        // pymalloc's realloc never frees on a size of 0: NULL is a failure,
+        // which leaves the old block live.
+        alloc_kind::PY_REALLOC => {
+            let addr: u64 = ctx.ret();
+            if addr != 0 {
+                if call.ptr != 0 {
+                    live::record_free(call.ptr);
+                }
+                live::record_alloc(ctx, addr, call.size, kind, 0);
+            }
+        }
         alloc_kind::POSIX_MEMALIGN => posix_memalign_return(ctx, call),
         _ => {
             let addr: u64 = ctx.ret();

@@ -639,6 +639,37 @@ pub fn attach_python_start(
     )))
 }
 
+/// Probes the functions behind CPython's object allocator in `pid`
+/// (`--python-objects` with `attach`), entry and return each, so what they
+/// do through malloc and mmap is theirs. Multi-uprobe kernels only: `None`
+/// elsewhere.
+pub fn attach_python_objects(
+    programs: &mut Programs<'_>,
+    pid: u32,
+    maps: &ProcessMaps,
+    allocator: &crate::python::objects::ObjectAllocator,
+) -> Result<Option<Vec<ProbeLink>>, AttachError> {
+    let Some(multi) = programs.multi else {
+        return Ok(None);
+    };
+    let host_path = maps.host_path(&allocator.path);
+    let points: Vec<ProbePoint> = allocator
+        .functions
+        .iter()
+        .map(|&(file_offset, kind)| ProbePoint {
+            file_offset,
+            cookie: u64::from(kind),
+        })
+        .collect();
+    let links = multi.attach(&host_path, &points, &points, pid)?;
+    Ok(Some(
+        links
+            .into_iter()
+            .map(|link| ProbeLink::multi(link, programs.handoff))
+            .collect(),
+    ))
+}
+
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), AttachError> {
     for name in [ENTRY_PROGRAM, RETURN_PROGRAM] {
         let program = uprobe(ebpf, name)?;

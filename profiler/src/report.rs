@@ -197,6 +197,9 @@ pub enum PythonObjects {
     Arenas,
     /// One by one through malloc (`PYTHONMALLOC=malloc`).
     Malloc,
+    /// One by one by probes on its object allocator (`--python-objects`
+    /// with `attach`).
+    Probes,
 }
 
 impl Frame {

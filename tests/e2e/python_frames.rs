@@ -4,7 +4,11 @@
 //! Scripts under tests/fixtures/python keep known blocks from known lines,
 //! marked `# NAME`; every figure is exact.
 
-use std::path::{Path, PathBuf};
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
 
 use memscope::report::{Frame, Language, PythonObjects, Report, Site};
 
@@ -319,6 +323,105 @@ fn python_objects_counts_each_small_object_exactly() {
         );
         eprintln!("{name}: 100000 dicts of {size} bytes, exact");
     }
+}
+
+#[test]
+fn python_objects_with_attach_probes_the_object_allocator_where_the_build_has_one() {
+    if !bpf_available() {
+        return;
+    }
+    let script = script("small_objects.py");
+    let line = line_of(&script, "SMALL");
+    for (name, interpreter) in interpreters() {
+        let (report, size) = attach_small_objects(
+            &format!("py-attach-objects-{name}"),
+            &interpreter,
+            &script,
+            &["--python-objects"],
+        );
+        let objects = report.processes[0].python_objects;
+        if name == "debian-3.11" {
+            // Its LTO build inlines pymalloc where it is called: no
+            // function to probe, and the report says so and what to do.
+            assert_eq!(objects, Some(PythonObjects::Arenas), "{name}");
+            assert!(
+                report
+                    .warnings
+                    .iter()
+                    .any(|w| w.contains("inlines pymalloc") && w.contains("run --python-objects")),
+                "{name}: {:?}",
+                report.warnings
+            );
+            continue;
+        }
+        assert_eq!(objects, Some(PythonObjects::Probes), "{name}");
+        let site = python_site(&report, "keep_small", &script, line);
+        assert_eq!(
+            (site.live_count, site.live_bytes, site.alloc_count),
+            (100_000, 100_000 * size, 100_000),
+            "{name}: {site:#?}"
+        );
+        let c = &report.completeness;
+        assert_eq!(
+            (c.missed_returns, c.live_map_full, c.in_flight_full),
+            (0, 0, 0),
+            "{name}: {c:?}"
+        );
+        eprintln!("{name}: attached, 100000 dicts of {size} bytes, exact");
+    }
+}
+
+/// Runs small_objects.py --wait under `interpreter`, attaches memscope
+/// with `args` before keep_small starts, and ends memscope (Ctrl-C) once it
+/// is done, while the interpreter still runs (its code objects are read).
+/// Returns the report and the size of one dict.
+fn attach_small_objects(
+    test: &str,
+    interpreter: &Path,
+    script: &Path,
+    args: &[&str],
+) -> (Report, u64) {
+    let mut target = Command::new(interpreter)
+        .arg(script)
+        .arg("--wait")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python starts");
+    let mut target_out = BufReader::new(target.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    target_out.read_line(&mut line).expect("handshake");
+    assert_eq!(line, "ready\n");
+    let dir = output_dir(test);
+    let mut memscope = Command::new(MEMSCOPE)
+        .arg("attach")
+        .arg("-o")
+        .arg(&dir)
+        .args(args)
+        .arg(target.id().to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("memscope starts");
+    let mut memscope_err = BufReader::new(memscope.stderr.take().expect("stderr"));
+    let mut banner = String::new();
+    memscope_err.read_line(&mut banner).expect("banner");
+    assert!(banner.starts_with("memscope: profiling pid"), "{banner}");
+    let mut stdin = target.stdin.take().expect("stdin");
+    stdin.write_all(b"go\n").expect("start keep_small");
+    line.clear();
+    target_out.read_line(&mut line).expect("done");
+    let size = line
+        .strip_prefix("done ")
+        .and_then(|size| size.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{test}: {line}"));
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(memscope.id() as i32, libc::SIGINT) };
+    let status = memscope.wait().expect("memscope exits");
+    assert!(status.success(), "{test}: memscope failed: {status}");
+    drop(stdin);
+    assert!(target.wait().expect("python exits").success());
+    (read_report(&dir), size)
 }
 
 #[test]

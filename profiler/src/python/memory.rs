@@ -82,7 +82,6 @@ impl ProcessMemory {
         Ok(())
     }
 
-    #[cfg(test)]
     pub fn read_u64(&self, addr: u64) -> Result<u64, MemoryError> {
         let mut word = [0u8; 8];
         self.read(addr, &mut word)?;

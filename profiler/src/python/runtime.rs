@@ -70,6 +70,9 @@ pub struct PythonRuntime {
     pub process: PythonProcess,
     /// What the symbolizer needs.
     pub(super) code: CodeLayout,
+    /// Where `interpreter` is loaded: its addresses in the process are its
+    /// link-time ones plus this.
+    pub(super) bias: u64,
 }
 
 impl PythonRuntime {
@@ -273,6 +276,7 @@ fn inspect(
         interpreter: path.to_path_buf(),
         process,
         code,
+        bias,
     }))
 }
 

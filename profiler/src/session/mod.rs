@@ -305,6 +305,10 @@ pub struct Session {
     /// Processes looked at for CPython, and whether a libpython was mapped
     /// then (see `discover_late_python`).
     python_looked: std::collections::HashMap<u32, bool>,
+    /// The object allocator probed in each process (`--python-objects`
+    /// with `attach`); kept across an exec, so the same one is not probed
+    /// twice.
+    object_allocators: std::collections::HashMap<u32, crate::python::objects::ObjectAllocator>,
 }
 
 impl Session {
@@ -507,6 +511,7 @@ impl Session {
             tearing_down: false,
             python_stacks_seen: std::collections::HashSet::new(),
             python_looked: std::collections::HashMap::new(),
+            object_allocators: std::collections::HashMap::new(),
         };
         // A command memscope starts is still memscope's own copy: its
         // interpreter, if any, is looked for at its exec.

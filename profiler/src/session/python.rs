@@ -5,6 +5,8 @@
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use profiler_common::{PythonProcess, map_names};
 
+use crate::report::PythonObjects;
+
 use super::Session;
 use crate::{attach, collect, process_maps::ProcessMaps, python};
 
@@ -21,10 +23,7 @@ impl Session {
             Ok(Some(runtime)) => runtime,
             Ok(None) => return,
             Err(error) => {
-                let warning = error.to_string();
-                if !self.warnings.contains(&warning) {
-                    self.warnings.push(warning);
-                }
+                self.warn_once(error.to_string());
                 return;
             }
         };
@@ -37,12 +36,75 @@ impl Session {
         }
         tracing::debug!(pid, version = %runtime.version, interpreter = %runtime.interpreter.display(), "python");
         self.symbolizer.add_python(pid, &runtime);
-        let objects = python::objects::counting_from_environment(pid);
+        let mut objects = python::objects::counting_from_environment(pid);
+        if objects == PythonObjects::Arenas && self.python_objects && !self.is_child {
+            objects = self.probe_python_objects(pid, maps, &runtime);
+        }
         if let Some(record) = self.record_mut(pid) {
             record.python = Some(runtime.version.to_string());
             record.python_objects = Some(objects);
         }
         self.stop_python_at_exit(pid, maps);
+    }
+
+    /// `--python-objects` with `attach`: probes on the functions behind the
+    /// interpreter's object allocator, where its build has them (see
+    /// `python::objects`); else its objects stay counted by arena, and the
+    /// warnings say why.
+    fn probe_python_objects(
+        &mut self,
+        pid: u32,
+        maps: &ProcessMaps,
+        runtime: &python::PythonRuntime,
+    ) -> PythonObjects {
+        match python::objects::find_object_allocator(runtime, maps) {
+            Ok(allocator) => self.attach_object_probes(pid, maps, allocator),
+            Err(error) => {
+                self.warn_once(error.to_string());
+                PythonObjects::Arenas
+            }
+        }
+    }
+
+    fn attach_object_probes(
+        &mut self,
+        pid: u32,
+        maps: &ProcessMaps,
+        allocator: python::objects::ObjectAllocator,
+    ) -> PythonObjects {
+        if self.object_allocators.get(&pid) == Some(&allocator) {
+            // Probed before its exec into the same interpreter: still on.
+            return PythonObjects::Probes;
+        }
+        if self.tearing_down {
+            return PythonObjects::Arenas;
+        }
+        match attach::attach_python_objects(&mut self.kernel.programs(), pid, maps, &allocator) {
+            Ok(Some(links)) => {
+                self.links.entry(pid).or_default().extend(links);
+                self.object_allocators.insert(pid, allocator);
+                PythonObjects::Probes
+            }
+            Ok(None) => {
+                self.warn_once(format!(
+                    "--python-objects with attach needs multi-uprobe links (Linux 6.6+): pid {pid}'s objects are counted by arena"
+                ));
+                PythonObjects::Arenas
+            }
+            Err(error) => {
+                self.warn_once(format!(
+                    "pid {pid}: the object allocator in {} cannot be probed ({error}): its objects are counted by arena",
+                    allocator.path.display()
+                ));
+                PythonObjects::Arenas
+            }
+        }
+    }
+
+    fn warn_once(&mut self, warning: String) {
+        if !self.warnings.contains(&warning) {
+            self.warnings.push(warning);
+        }
     }
 
     /// With `run`, a Python process of the tree (a script run by a shell,
@@ -127,13 +189,17 @@ impl Session {
     pub(super) fn python_forked(&mut self, parent: u32, child: u32, maps: &ProcessMaps) {
         self.symbolizer.fork_python(parent, child);
         self.stop_python_at_exit(child, maps);
-        let (version, objects) = self
+        let (version, mut objects) = self
             .processes
             .iter()
             .rev()
             .find(|p| p.pid == parent)
             .map(|p| (p.python.clone(), p.python_objects))
             .unwrap_or_default();
+        // Probes are per process: a gunicorn worker gets its own.
+        if let Some(allocator) = self.object_allocators.get(&parent).cloned() {
+            objects = Some(self.attach_object_probes(child, maps, allocator));
+        }
         if let Some(record) = self.record_mut(child) {
             record.python = version;
             record.python_objects = objects;
