@@ -168,8 +168,9 @@ pub mod alloc_kind {
     /// functions behind `PyObject_Malloc` and friends, whose first
     /// argument is the allocator's context: `malloc(ctx, size)`,
     /// `calloc(ctx, n, size)`, `realloc(ctx, ptr, size)`, `free(ctx, ptr)`.
-    /// Each has a return probe, so the libc calls and arena mmaps made
-    /// inside it are its own, not counted again.
+    /// The first three have a return probe, so the libc calls and arena
+    /// mmaps made inside them are theirs, not counted again; `PY_FREE` is
+    /// entry only, and marks the thread for the libc free it may make.
     pub const PY_MALLOC: u32 = 13;
     pub const PY_CALLOC: u32 = 14;
     pub const PY_REALLOC: u32 = 15;

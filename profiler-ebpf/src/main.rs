@@ -64,6 +64,11 @@ pub(crate) fn enter(size: u64, ptr: u64, kind: u32) {
         count(Counter::InFlightFull);
         return;
     };
+    // A mark left by PyObject_Free is no call (see `mark_python_free`).
+    if outer.kind == alloc_kind::PY_FREE {
+        let _ = IN_FLIGHT.insert(id, call, 0);
+        return;
+    }
     // The same function cannot be in flight twice on one thread, and no
     // allocator call lasts a second: such an entry lost its return and would
     // block the thread's slot for good.
@@ -105,11 +110,48 @@ pub(crate) fn forget_call() {
 pub(crate) fn in_allocator_call() -> bool {
     // SAFETY: read-only look-up.
     match unsafe { IN_FLIGHT.get(bpf_get_current_pid_tgid()) } {
-        // SAFETY: no preconditions.
-        Some(call) => {
-            unsafe { bpf_ktime_get_ns() }.wrapping_sub(call.timestamp_ns) <= STALE_CALL_NS
-        }
+        Some(call) => is_live_call(call),
         None => false,
+    }
+}
+
+fn is_live_call(call: &InFlightCall) -> bool {
+    // SAFETY: no preconditions.
+    call.kind != alloc_kind::PY_FREE
+        && unsafe { bpf_ktime_get_ns() }.wrapping_sub(call.timestamp_ns) <= STALE_CALL_NS
+}
+
+/// PyObject_Free has no return probe: its first instruction would be
+/// single-stepped (10 µs a call here). It frees its block at the entry and
+/// leaves this mark, since pymalloc hands a block it does not serve (over
+/// 512 bytes) to libc's free, which must not count it again. The next
+/// allocator call on the thread writes over the mark; the next free takes
+/// it (see `free_is_counted`).
+fn mark_python_free(ptr: u64) {
+    let mark = InFlightCall {
+        size: 0,
+        ptr,
+        // SAFETY: no preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        kind: alloc_kind::PY_FREE,
+        _pad: 0,
+    };
+    let _ = IN_FLIGHT.insert(bpf_get_current_pid_tgid(), mark, BPF_NOEXIST as u64);
+}
+
+/// Whether libc's free(ptr) is the program's own: not made inside another
+/// allocator call (realloc's), nor by PyObject_Free for the block it just
+/// freed. One look-up, as `in_allocator_call`.
+fn free_is_counted(ptr: u64) -> bool {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    match (unsafe { IN_FLIGHT.get(id) }).copied() {
+        None => true,
+        Some(mark) if mark.kind == alloc_kind::PY_FREE => {
+            let _ = IN_FLIGHT.remove(id);
+            mark.ptr != ptr
+        }
+        Some(call) => !is_live_call(&call),
     }
 }
 
@@ -171,19 +213,19 @@ fn on_entry(ctx: &ProbeContext) -> bool {
             // kernel can emulate them (userspace `probe_site`); `rdi` is
             // still the argument there.
             let ptr = arg(0);
-            if ptr != 0 && !in_allocator_call() {
+            if ptr != 0 && free_is_counted(ptr) {
                 live::record_free(ptr);
             }
             return false;
         }
         alloc_kind::PY_FREE => {
-            // The thread's slot is taken for the call, so the free and
-            // munmap pymalloc makes inside it are not counted again.
+            // Entry only, past the prologue like free's (see `probe_site`).
             let ptr = arg(1);
             if ptr != 0 && !in_allocator_call() {
                 live::record_free(ptr);
+                mark_python_free(ptr);
             }
-            enter(0, ptr, kind);
+            return false;
         }
         alloc_kind::PY_MALLOC => enter(arg(1), 0, kind),
         alloc_kind::PY_CALLOC => enter(arg(1).wrapping_mul(arg(2)), 0, kind),
@@ -216,7 +258,6 @@ fn on_return(ctx: &RetProbeContext) {
     };
     match kind {
         alloc_kind::REALLOC | alloc_kind::REALLOCARRAY => realloc_return(ctx, call, kind),
-        alloc_kind::PY_FREE => {}
         // pymalloc's realloc never frees on a size of 0: NULL is a failure,
         // which leaves the old block live.
         alloc_kind::PY_REALLOC => {

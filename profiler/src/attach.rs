@@ -640,8 +640,8 @@ pub fn attach_python_start(
 }
 
 /// Probes the functions behind CPython's object allocator in `pid`
-/// (`--python-objects` with `attach`), entry and return each, so what they
-/// do through malloc and mmap is theirs. Multi-uprobe kernels only: `None`
+/// (`--python-objects` with `attach`): entry and return, so what they do
+/// through malloc and mmap is theirs, but the free, entry only. Multi-uprobe kernels only: `None`
 /// elsewhere.
 pub fn attach_python_objects(
     programs: &mut Programs<'_>,
@@ -653,15 +653,22 @@ pub fn attach_python_objects(
         return Ok(None);
     };
     let host_path = maps.host_path(&allocator.path);
-    let points: Vec<ProbePoint> = allocator
+    let point = |offset: u64, kind: u32| ProbePoint {
+        file_offset: offset,
+        cookie: u64::from(kind),
+    };
+    let entries: Vec<ProbePoint> = allocator
         .functions
         .iter()
-        .map(|&(file_offset, kind)| ProbePoint {
-            file_offset,
-            cookie: u64::from(kind),
-        })
+        .map(|f| point(f.file_offset + f.entry_offset, f.kind))
         .collect();
-    let links = multi.attach(&host_path, &points, &points, pid)?;
+    let returns: Vec<ProbePoint> = allocator
+        .functions
+        .iter()
+        .filter(|f| f.has_return())
+        .map(|f| point(f.file_offset, f.kind))
+        .collect();
+    let links = multi.attach(&host_path, &entries, &returns, pid)?;
     Ok(Some(
         links
             .into_iter()

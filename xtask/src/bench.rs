@@ -165,6 +165,23 @@ struct Context<'a> {
     clk_tck: f64,
 }
 
+/// The Python rows alone (`cargo xtask bench --python`).
+pub fn run_python(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
+    let work = workspace_root.join("target/bench/tmp-python");
+    fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let (python_table, python_json) = crate::python_rate::run(workspace_root, &work, memscope_bin)?;
+    let (objects_table, objects_json) =
+        crate::python_objects_rate::run(workspace_root, &work, memscope_bin)?;
+    let _ = fs::remove_dir_all(&work);
+    let path = workspace_root.join("target/bench/python.json");
+    let results = serde_json::json!({ "python": python_json, "python_objects": objects_json });
+    fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    print!("{python_table}{objects_table}");
+    println!("\nbench: results in {}", path.display());
+    Ok(())
+}
+
 pub fn run(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
     let started = Instant::now();
     let out_dir = workspace_root.join("target/bench");
@@ -250,17 +267,21 @@ pub fn run(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
     }
     let (fork_table, fork_json) = crate::fork_rate::run(workspace_root, &work, memscope_bin)?;
     let (python_table, python_json) = crate::python_rate::run(workspace_root, &work, memscope_bin)?;
+    let (objects_table, objects_json) =
+        crate::python_objects_rate::run(workspace_root, &work, memscope_bin)?;
     let _ = fs::remove_dir_all(&work);
 
     let mut results = results_json(&ctx, &cells, started.elapsed());
     results["fork_rate"] = fork_json;
     results["python"] = python_json;
+    results["python_objects"] = objects_json;
     let path = out_dir.join("results.json");
     let text = serde_json::to_string_pretty(&results)?;
     fs::write(&path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
     print!("{}", render_table(&tools, &cells));
     print!("{fork_table}");
     print!("{python_table}");
+    print!("{objects_table}");
     println!(
         "\nbench: {} rounds in {:.0} s; results in {}",
         REPS,

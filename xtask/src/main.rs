@@ -11,6 +11,7 @@
 mod bench;
 mod demo;
 mod fork_rate;
+mod python_objects_rate;
 mod python_rate;
 mod setup;
 
@@ -49,7 +50,12 @@ enum Task {
         example: demo::Example,
     },
     /// Benchmark memscope against the untraced program and other tools.
-    Bench,
+    Bench {
+        /// Only the Python rows (frame walk, objects), into
+        /// target/bench/python.json.
+        #[arg(long)]
+        python: bool,
+    },
     /// cargo fmt --check and clippy with -D warnings.
     Lint,
 }
@@ -72,10 +78,14 @@ fn main() -> Result<()> {
             let memscope = build_release(&root)?;
             demo::run(&root, &memscope, example)
         }
-        Task::Bench => {
+        Task::Bench { python } => {
             setup::run(&root)?;
             let memscope = build_release(&root)?;
-            bench::run(&root, &memscope)
+            if python {
+                bench::run_python(&root, &memscope)
+            } else {
+                bench::run(&root, &memscope)
+            }
         }
         Task::Lint => {
             setup::run(&root)?;

@@ -31,6 +31,7 @@ use profiler_common::alloc_kind;
 
 use super::{PythonRuntime, memory::ProcessMemory};
 use crate::{
+    probe_site::entry_probe_site,
     process_maps::ProcessMaps,
     report::{ProcessReport, PythonObjects},
 };
@@ -77,8 +78,25 @@ const MAX_INSTRUCTIONS: usize = 16;
 pub struct ObjectAllocator {
     /// The file that holds them, as the process maps it.
     pub path: PathBuf,
-    /// File offset and kind (`alloc_kind::PY_*`) of each.
-    pub functions: Vec<(u64, u32)>,
+    pub functions: Vec<ObjectFunction>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectFunction {
+    /// `alloc_kind::PY_*`.
+    pub kind: u32,
+    /// Where the function starts in the file.
+    pub file_offset: u64,
+    /// Where its entry probe goes, from the start: the free has no return
+    /// probe, so its entry moves past a prologue instruction the kernel
+    /// would single-step (see `probe_site`); the others stay at 0.
+    pub entry_offset: u64,
+}
+
+impl ObjectFunction {
+    pub fn has_return(&self) -> bool {
+        self.kind != alloc_kind::PY_FREE
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +178,17 @@ pub fn find_object_allocator(
             return Err(unrecognised(function, "its pointers lead into two files"));
         }
         file = mapped;
-        functions.push((target - mapping.start + mapping.file_offset, kind));
+        let mut function = ObjectFunction {
+            kind,
+            file_offset: target - mapping.start + mapping.file_offset,
+            entry_offset: 0,
+        };
+        if !function.has_return()
+            && let Ok(code) = memory.read_vec(target, 32)
+        {
+            function.entry_offset = entry_probe_site(&code).offset;
+        }
+        functions.push(function);
     }
     Ok(ObjectAllocator {
         path: file.map(Path::to_path_buf).unwrap_or_else(|| path.clone()),
