@@ -130,11 +130,8 @@ pub fn replacement_library(maps: &ProcessMaps) -> Option<AllocatorImage> {
 /// An allocator library named in the process's LD_PRELOAD: at exec it is
 /// not mapped yet, but it will serve malloc.
 pub fn preloaded_allocator(pid: u32) -> Option<AllocatorImage> {
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let preload = environ
-        .split(|&b| b == 0)
-        .find_map(|var| var.strip_prefix(b"LD_PRELOAD="))?;
-    let preload = String::from_utf8_lossy(preload);
+    let preload = crate::target::environment_variable(pid, "LD_PRELOAD")?;
+    let preload = String::from_utf8_lossy(&preload);
     preload.split([':', ' ']).find_map(|entry| {
         let path = Path::new(entry);
         let file = path.file_name()?.to_str()?;

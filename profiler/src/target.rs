@@ -128,6 +128,16 @@ fn resolve_target_excluding(
     Ok(ResolvedTarget { pid: tgid, note })
 }
 
+/// The value of variable `name` in `pid`'s environment as it started.
+pub fn environment_variable(pid: u32, name: &str) -> Option<Vec<u8>> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ.split(|&b| b == 0).find_map(|var| {
+        var.strip_prefix(name.as_bytes())
+            .and_then(|rest| rest.strip_prefix(b"="))
+            .map(<[u8]>::to_vec)
+    })
+}
+
 /// The process's command line, space-joined, or its comm if it has none.
 pub fn command_line(pid: u32) -> String {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();

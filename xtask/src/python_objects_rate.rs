@@ -17,6 +17,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
+use crate::python_rate::{median, ns_per_op};
+
 const ROUNDS: usize = 3;
 /// Objects per run.
 const OPS: &str = "300000";
@@ -158,7 +160,7 @@ fn measure(
         .arg(OPS)
         .output()
         .context("cannot run the python loop")?;
-    figure(&String::from_utf8_lossy(&output.stdout)).with_context(|| {
+    ns_per_op(&String::from_utf8_lossy(&output.stdout)).with_context(|| {
         format!(
             "no figure: {}",
             String::from_utf8_lossy(&output.stderr).trim()
@@ -205,7 +207,7 @@ fn measure_attached(
         line.clear();
         out.read_line(&mut line)?;
         drop(stdin);
-        figure(&line).with_context(|| format!("no figure: {line}"))
+        ns_per_op(&line).with_context(|| format!("no figure: {line}"))
     })();
     // SAFETY: plain syscalls on our own children.
     unsafe {
@@ -215,19 +217,6 @@ fn measure_attached(
     let _ = memscope.wait();
     let _ = target.wait();
     result
-}
-
-fn figure(stdout: &str) -> Option<f64> {
-    stdout
-        .lines()
-        .find_map(|line| line.strip_prefix("ns per op: "))
-        .and_then(|value| value.trim().parse().ok())
-}
-
-fn median(values: &[f64]) -> Option<f64> {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied()
 }
 
 /// Each row against its interpreter's untraced row.

@@ -80,20 +80,23 @@ fn measure(
         .arg(depth.to_string())
         .output()
         .context("cannot run the python loop")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    ns_per_op(&String::from_utf8_lossy(&output.stdout)).with_context(|| {
+        format!(
+            "no figure: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+    })
+}
+
+/// The figure a Python bench fixture prints: `ns per op: N`.
+pub(crate) fn ns_per_op(stdout: &str) -> Option<f64> {
     stdout
         .lines()
         .find_map(|line| line.strip_prefix("ns per op: "))
         .and_then(|value| value.trim().parse().ok())
-        .with_context(|| {
-            format!(
-                "no figure: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            )
-        })
 }
 
-fn median(values: &[f64]) -> Option<f64> {
+pub(crate) fn median(values: &[f64]) -> Option<f64> {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted.get(sorted.len() / 2).copied()

@@ -52,12 +52,8 @@ pub fn counting_from_environment(pid: u32) -> PythonObjects {
 
 /// `PYTHONMALLOC` in `pid`'s environment as it started.
 fn allocator_setting(pid: u32) -> Option<String> {
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let prefix = format!("{ALLOCATOR_VARIABLE}=");
-    environ
-        .split(|&b| b == 0)
-        .find_map(|var| var.strip_prefix(prefix.as_bytes()))
-        .map(|value| String::from_utf8_lossy(value).into_owned())
+    crate::target::environment_variable(pid, ALLOCATOR_VARIABLE)
+        .map(|value| String::from_utf8_lossy(&value).into_owned())
 }
 
 /// The public functions, in the order of their pointers in CPython's

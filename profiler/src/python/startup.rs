@@ -111,12 +111,7 @@ fn dynamic_entries<'data, R: object::ReadRef<'data>>(
 
 /// `LD_LIBRARY_PATH` of a process, from its environment.
 fn library_path(pid: u32) -> Vec<PathBuf> {
-    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
-        return Vec::new();
-    };
-    environ
-        .split(|&b| b == 0)
-        .find_map(|var| var.strip_prefix(b"LD_LIBRARY_PATH="))
+    crate::target::environment_variable(pid, "LD_LIBRARY_PATH")
         .map(|value| {
             value
                 .split(|&b| b == b':')

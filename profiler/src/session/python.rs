@@ -5,10 +5,8 @@
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use profiler_common::{PythonProcess, map_names};
 
-use crate::report::PythonObjects;
-
 use super::Session;
-use crate::{attach, collect, process_maps::ProcessMaps, python};
+use crate::{attach, collect, process_maps::ProcessMaps, python, report::PythonObjects};
 
 impl Session {
     /// Finds CPython in `pid` and gives the kernel side its layout. A
