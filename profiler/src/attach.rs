@@ -641,8 +641,8 @@ pub fn attach_python_start(
 
 /// Probes the functions behind CPython's object allocator in `pid`
 /// (`--python-objects` with `attach`): entry and return, so what they do
-/// through malloc and mmap is theirs, but the free, entry only. Multi-uprobe kernels only: `None`
-/// elsewhere.
+/// through malloc and mmap is theirs, but the free, entry only.
+/// Multi-uprobe kernels only: `None` elsewhere.
 pub fn attach_python_objects(
     programs: &mut Programs<'_>,
     pid: u32,
