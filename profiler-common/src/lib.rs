@@ -41,6 +41,13 @@ pub mod map_names {
     pub const PY_PROCS: &str = "PY_PROCS";
     /// Python stacks by hash: `u64 -> PythonStack`.
     pub const PY_STACKS: &str = "PY_STACKS";
+    /// Live bytes of the malloc family and their high-water mark, per
+    /// process: `tgid -> ProcessPeak`.
+    pub const PEAKS: &str = "PEAKS";
+    /// The same, summed over every traced process: one `ProcessPeak` in an
+    /// mmapable array, which userspace adds to as well (a forked child's
+    /// inherited blocks).
+    pub const MERGED_PEAK: &str = "MERGED_PEAK";
 }
 
 /// Slots of the `CONFIG` array.
@@ -218,10 +225,45 @@ pub enum Counter {
     PythonTruncated = 9,
     /// The Python stack map was full: a stack kept its native frames only.
     PythonStacksFull = 10,
+    /// The per-process peak map was full: a process's live bytes and peak
+    /// are not known (its allocations are still counted).
+    PeakMapFull = 11,
+    /// A peak could not be raised within `PEAK_RAISE_TRIES` exchanges
+    /// (other CPUs raised it meanwhile): the peak may be low by the bytes
+    /// of that one allocation.
+    PeakRaceLost = 12,
 }
 
 /// Number of `Counter` slots.
-pub const COUNTER_SLOTS: u32 = 11;
+pub const COUNTER_SLOTS: u32 = 13;
+
+/// Live bytes (malloc family) and their high-water mark, for one process or
+/// for all (`map_names::PEAKS`, `map_names::MERGED_PEAK`).
+///
+/// `live_bytes` counts blocks allocated and freed under the probes;
+/// `inherited_bytes` is what userspace copied into a forked child's live set
+/// (constant once written, before the child runs). The process holds
+/// `inherited_bytes + live_bytes`, and `peak_bytes` is the highest that sum
+/// has been, at `peak_ns` (monotonic).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessPeak {
+    pub live_bytes: i64,
+    pub inherited_bytes: u64,
+    pub peak_bytes: u64,
+    pub peak_ns: u64,
+}
+
+impl ProcessPeak {
+    /// What the process holds now.
+    pub const fn held_bytes(&self) -> u64 {
+        let held = self.inherited_bytes as i64 + self.live_bytes;
+        if held < 0 { 0 } else { held as u64 }
+    }
+}
+
+/// Exchanges tried to raise a peak before giving up (`Counter::PeakRaceLost`).
+pub const PEAK_RAISE_TRIES: usize = 8;
 
 /// Movement of a process's heap top (brk), all calls included: glibc's
 /// main arena grows this way inside malloc.
@@ -320,6 +362,41 @@ pub struct StackTotals {
     pub alloc_bytes: u64,
     pub free_count: u64,
     pub free_bytes: u64,
+}
+
+impl StackTotals {
+    pub const fn live_count(&self) -> u64 {
+        self.alloc_count.saturating_sub(self.free_count)
+    }
+
+    pub const fn live_bytes(&self) -> u64 {
+        self.alloc_bytes.saturating_sub(self.free_bytes)
+    }
+
+    /// Adds `other` field by field.
+    pub const fn add(&mut self, other: &StackTotals) {
+        self.alloc_count += other.alloc_count;
+        self.alloc_bytes += other.alloc_bytes;
+        self.free_count += other.free_count;
+        self.free_bytes += other.free_bytes;
+    }
+
+    /// What happened between `earlier` and `self` (both cumulative totals
+    /// of one stack): never negative, so a totals entry that was removed and
+    /// started again counts from zero.
+    pub const fn since(&self, earlier: &StackTotals) -> StackTotals {
+        StackTotals {
+            alloc_count: self.alloc_count.saturating_sub(earlier.alloc_count),
+            alloc_bytes: self.alloc_bytes.saturating_sub(earlier.alloc_bytes),
+            free_count: self.free_count.saturating_sub(earlier.free_count),
+            free_bytes: self.free_bytes.saturating_sub(earlier.free_bytes),
+        }
+    }
+
+    /// Net change of live bytes these totals make.
+    pub const fn growth_bytes(&self) -> i64 {
+        self.alloc_bytes as i64 - self.free_bytes as i64
+    }
 }
 
 /// Arguments of an allocator call, saved at entry and consumed at return.
@@ -437,4 +514,5 @@ mod pod {
     unsafe impl aya::Pod for super::PythonProcess {}
     unsafe impl aya::Pod for super::PythonFrame {}
     unsafe impl aya::Pod for super::PythonStack {}
+    unsafe impl aya::Pod for super::ProcessPeak {}
 }

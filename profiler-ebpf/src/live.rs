@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use profiler_common::{
     Counter, DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS, INHERITANCE_DEPTH, LiveAllocation, LiveKey,
-    STACK_TOTALS_PER_STACK, StackKey, StackTotals, UNKNOWN_STACK,
+    STACK_TOTALS_PER_STACK, StackKey, StackTotals, UNKNOWN_STACK, site_class,
 };
 
 use crate::counters::count;
@@ -182,6 +182,9 @@ fn release(key: &LiveKey) -> bool {
 }
 
 fn add_totals(key: StackKey, alloc_count: u64, alloc_bytes: u64, free_count: u64, free_bytes: u64) {
+    if key.class == site_class::MALLOC && alloc_bytes != free_bytes {
+        crate::peak::add_live(key.tgid, alloc_bytes as i64 - free_bytes as i64);
+    }
     let totals = match STACK_TOTALS.get_ptr_mut(key) {
         Some(totals) => totals,
         None => {

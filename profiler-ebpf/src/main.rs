@@ -9,12 +9,13 @@
 #![feature(core_intrinsics)]
 #![expect(
     internal_features,
-    reason = "atomic_xadd: the BPF target lacks AtomicU64::fetch_add"
+    reason = "atomic_xadd and atomic_xchg: the BPF target offers no AtomicU64"
 )]
 
 mod counters;
 mod live;
 mod mapped;
+mod peak;
 mod processes;
 mod python;
 

@@ -196,6 +196,7 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
     }
     // A new address space: nothing of the parent's is in it.
     let _ = INHERITED.remove(tgid);
+    crate::peak::drop_live(tgid);
     crate::python::forget(tgid);
     // Unheld (with --follow image, or when it cannot be), the exec is
     // still reported: the old image's blocks go.
@@ -226,6 +227,7 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
         let _ = TRACED.remove(tgid);
         let _ = INHERITED.remove(tgid);
         crate::python::forget(tgid);
+        crate::peak::drop_live(tgid);
         emit(event_kind::EXIT, tgid, 0);
     }
     0

@@ -42,6 +42,14 @@ pub enum Command {
         /// Process id of the target.
         pid: u32,
     },
+    /// Close the current window of running memscope sessions now (a load
+    /// script cuts windows at its own boundaries); the same as SIGUSR2 to
+    /// memscope.
+    Mark {
+        /// The memscope session to mark [default: every one running].
+        #[arg(long, value_name = "PID")]
+        pid: Option<u32>,
+    },
     /// Internal: the watchdog memscope starts (see `memscope::watchdog`).
     #[command(name = "__watchdog", hide = true)]
     Watchdog {
@@ -78,6 +86,10 @@ pub struct ProfileArgs {
     /// Print report.json to stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Length of a window: what each one allocated, freed and kept is in
+    /// report.json's `windows` (`memscope mark` closes one early).
+    #[arg(short, long, value_parser = parse_duration, default_value = "10s", value_name = "DUR")]
+    pub window: Duration,
     /// Sites shown in the table.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub top: usize,

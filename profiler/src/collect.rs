@@ -8,8 +8,8 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, StackTraceMap},
 };
 use profiler_common::{
-    Counter, HeapTop, PythonFrame, PythonStack, StackKey, StackTotals, UNKNOWN_STACK, map_names,
-    python_stack_flags,
+    Counter, HeapTop, ProcessPeak, PythonFrame, PythonStack, StackKey, StackTotals, UNKNOWN_STACK,
+    map_names, python_stack_flags,
 };
 
 /// Everything the kernel side knows at one moment.
@@ -25,6 +25,10 @@ pub struct KernelSnapshot {
     pub heap_tops: BTreeMap<u32, HeapTop>,
     /// Python stacks by hash (`StackKey::python_stack`).
     pub python_stacks: HashMap<u64, RecordedPythonStack>,
+    /// Live bytes and their high-water mark per running process.
+    pub peaks: BTreeMap<u32, ProcessPeak>,
+    /// The same over all traced processes.
+    pub merged_peak: ProcessPeak,
 }
 
 /// A Python stack as the kernel side recorded it, innermost frame first.
@@ -62,6 +66,8 @@ pub struct LossCounters {
     pub python_stack_errors: u64,
     pub python_truncated: u64,
     pub python_stacks_full: u64,
+    pub peak_map_full: u64,
+    pub peak_race_lost: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,20 +82,48 @@ pub enum CollectError {
     },
 }
 
-/// Reads the maps. Stacks a totals entry names but the stack map lacks
-/// (evicted, or never walked) are simply absent from `stacks`.
-pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
-    let map_error = |name| move |source| CollectError::Map { name, source };
-    let map = |name: &'static str| ebpf.map(name).ok_or(CollectError::MissingMap(name));
+fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> CollectError {
+    move |source| CollectError::Map { name, source }
+}
 
+fn map<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, CollectError> {
+    ebpf.map(name).ok_or(CollectError::MissingMap(name))
+}
+
+/// The cumulative totals per (process, stack): all a window needs. The
+/// kernel keeps adding while they are read, so an entry is as of its own
+/// read; nothing is stopped or locked.
+pub fn read_totals(ebpf: &Ebpf) -> Result<BTreeMap<StackKey, StackTotals>, CollectError> {
     let totals_map: BpfHashMap<&MapData, StackKey, StackTotals> =
-        BpfHashMap::try_from(map(map_names::STACK_TOTALS)?)
+        BpfHashMap::try_from(map(ebpf, map_names::STACK_TOTALS)?)
             .map_err(map_error(map_names::STACK_TOTALS))?;
     let mut totals = BTreeMap::new();
     for entry in totals_map.iter() {
         let (key, value) = entry.map_err(map_error(map_names::STACK_TOTALS))?;
         totals.insert(key, value);
     }
+    Ok(totals)
+}
+
+/// Live bytes and peaks: per process, and merged.
+pub fn read_peaks(ebpf: &Ebpf) -> Result<(BTreeMap<u32, ProcessPeak>, ProcessPeak), CollectError> {
+    let peaks: BpfHashMap<&MapData, u32, ProcessPeak> =
+        BpfHashMap::try_from(map(ebpf, map_names::PEAKS)?).map_err(map_error(map_names::PEAKS))?;
+    let per_process = peaks.iter().filter_map(Result::ok).collect();
+    let merged: aya::maps::Array<&MapData, ProcessPeak> =
+        aya::maps::Array::try_from(map(ebpf, map_names::MERGED_PEAK)?)
+            .map_err(map_error(map_names::MERGED_PEAK))?;
+    let merged = merged
+        .get(&0, 0)
+        .map_err(map_error(map_names::MERGED_PEAK))?;
+    Ok((per_process, merged))
+}
+
+/// Reads the maps. Stacks a totals entry names but the stack map lacks
+/// (evicted, or never walked) are simply absent from `stacks`.
+pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
+    let map = |name: &'static str| map(ebpf, name);
+    let totals = read_totals(ebpf)?;
 
     let stack_map: StackTraceMap<&MapData> =
         StackTraceMap::try_from(map(map_names::STACKS)?).map_err(map_error(map_names::STACKS))?;
@@ -124,6 +158,8 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
         python_stack_errors: read(Counter::PythonStackErrors)?,
         python_truncated: read(Counter::PythonTruncated)?,
         python_stacks_full: read(Counter::PythonStacksFull)?,
+        peak_map_full: read(Counter::PeakMapFull)?,
+        peak_race_lost: read(Counter::PeakRaceLost)?,
     };
     let referenced: std::collections::HashSet<u64> =
         totals.keys().map(|k| k.python_stack).collect();
@@ -132,12 +168,15 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
         BpfHashMap::try_from(map(map_names::HEAP_TOPS)?)
             .map_err(map_error(map_names::HEAP_TOPS))?;
     let heap_tops = heap_map.iter().filter_map(Result::ok).collect();
+    let (peaks, merged_peak) = read_peaks(ebpf)?;
     Ok(KernelSnapshot {
         totals,
         stacks,
         counters,
         heap_tops,
         python_stacks,
+        peaks,
+        merged_peak,
     })
 }
 

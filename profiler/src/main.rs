@@ -94,6 +94,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             top,
         } => return show_saved_report(&path, output.as_deref(), json, top),
+        Command::Mark { pid } => return mark(pid),
         Command::Watchdog { .. } => return Ok(()),
     };
     let options = SessionOptions {
@@ -104,6 +105,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         follow_mode: args.follow_mode(),
         python_frames: !args.no_python_frames,
         python_objects: args.python_objects,
+        window: args.window,
     };
     let mut session = Session::start(&spec, &options)?;
     // The command line and library path are the target's to choose; escaped,
@@ -150,13 +152,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     print_result(&report, args.json, args.top)?;
     written.with_context(|| format!("cannot write the report to {}", dir.display()))?;
     eprintln!(
-        "memscope: {}; wrote {} ({}, {}) to {}",
+        "memscope: {}; wrote {} to {}",
         describe(reason),
-        output::REPORT_JSON,
-        output::INUSE_SVG,
-        output::STACKS_FOLDED,
+        output::FILES.join(", "),
         dir.display()
     );
+    Ok(())
+}
+
+/// `memscope mark`: SIGUSR2 to the running sessions.
+fn mark(pid: Option<u32>) -> anyhow::Result<()> {
+    let marked = memscope::mark::mark_sessions(pid)?;
+    let pids: Vec<String> = marked.iter().map(u32::to_string).collect();
+    eprintln!("memscope: closed the current window of {}", pids.join(", "));
     Ok(())
 }
 

@@ -29,6 +29,8 @@ pub struct ProcessRecord {
     pub python: Option<String>,
     /// How its Python objects are counted, when it runs CPython.
     pub python_objects: Option<crate::report::PythonObjects>,
+    /// Its live bytes and peak when it exited (taken out of the kernel map then).
+    pub peak_at_exit: Option<profiler_common::ProcessPeak>,
 }
 
 impl ProcessRecord {
@@ -51,6 +53,7 @@ impl ProcessRecord {
             following,
             note: None,
             heap_at_exit: None,
+            peak_at_exit: None,
         }
     }
 }
@@ -184,11 +187,7 @@ pub fn take_heap_top(ebpf: &mut Ebpf, pid: u32) -> Option<HeapTop> {
 /// Adds `more` into `into`.
 pub fn merge_adjustments(into: &mut Adjustments, more: Adjustments) {
     for (key, t) in more {
-        let entry = into.entry(key).or_default();
-        entry.alloc_count += t.alloc_count;
-        entry.alloc_bytes += t.alloc_bytes;
-        entry.free_count += t.free_count;
-        entry.free_bytes += t.free_bytes;
+        into.entry(key).or_default().add(&t);
     }
 }
 

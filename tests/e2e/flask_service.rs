@@ -77,8 +77,12 @@ fn flask_analyze_leak_is_found_to_the_byte_in_each_gunicorn_worker() {
         assert_eq!(worker.following, Following::Attached, "{worker:#?}");
         let leak = analyze_site(worker, line);
         assert_eq!(
-            (leak.kind.as_str(), leak.live_bytes, leak.live_count),
-            ("malloc", count * PAYLOAD_MALLOC_BYTES, count),
+            (leak.kind, leak.live_bytes, leak.live_count),
+            (
+                memscope::report::SiteKind::Malloc,
+                count * PAYLOAD_MALLOC_BYTES,
+                count
+            ),
             "worker {pid} served {count} /analyze: {leak:#?}"
         );
     }

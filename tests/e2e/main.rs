@@ -22,3 +22,4 @@ mod rust_fixture;
 mod scale;
 mod stopping;
 mod threads;
+mod windows;

@@ -1,18 +1,22 @@
 //! Anonymous mappings and the heap top, beside the malloc family.
 
-use memscope::report::{Report, Site};
+use memscope::report::{Report, Site, SiteKind};
 
 use crate::support::*;
 
 const MIB: u64 = 1 << 20;
 
-fn site_of_kind<'a>(report: &'a Report, kind: &str, function: &str) -> &'a Site {
+fn site_of_kind<'a>(report: &'a Report, kind: SiteKind, function: &str) -> &'a Site {
     let matches: Vec<&Site> = report
         .sites
         .iter()
         .filter(|s| s.kind == kind && s.frames[0].function == function)
         .collect();
-    assert_eq!(matches.len(), 1, "{kind} sites at {function}: {matches:#?}");
+    assert_eq!(
+        matches.len(),
+        1,
+        "{kind:?} sites at {function}: {matches:#?}"
+    );
     matches[0]
 }
 
@@ -23,37 +27,40 @@ fn anonymous_mappings_are_tracked_and_large_mallocs_counted_once() {
     }
     let (report, output) = run_fixture("mapped", "mapped", &[]);
     assert_eq!(report.target.exit_code, Some(0));
-    let leak = site_of_kind(&report, "mmap", "mmap_leak_site");
+    let leak = site_of_kind(&report, SiteKind::Mmap, "mmap_leak_site");
     assert_eq!(figures(leak), (5 * MIB, 5, 5 * MIB, 5));
     assert_eq!(
-        figures(site_of_kind(&report, "mmap", "mmap_churn_site")),
+        figures(site_of_kind(&report, SiteKind::Mmap, "mmap_churn_site")),
         (0, 0, 3 * MIB, 3)
     );
     // Half unmapped from the front: one mapping, 1 MiB live.
-    let split = site_of_kind(&report, "mmap", "mmap_split_site");
+    let split = site_of_kind(&report, SiteKind::Mmap, "mmap_split_site");
     assert_eq!(figures(split), (MIB, 1, 2 * MIB, 1));
     // Moved by mremap: freed at its first site, live at the new one.
     assert_eq!(
-        figures(site_of_kind(&report, "mmap", "mmap_to_move_site")),
+        figures(site_of_kind(&report, SiteKind::Mmap, "mmap_to_move_site")),
         (0, 0, MIB, 1)
     );
     assert!(
         report
             .sites
             .iter()
-            .any(|s| s.kind == "mmap" && s.live_bytes == 3 * MIB && s.live_count == 1),
+            .any(|s| s.kind == memscope::report::SiteKind::Mmap
+                && s.live_bytes == 3 * MIB
+                && s.live_count == 1),
         "the mremap'd mapping"
     );
     // glibc maps a 1 MiB malloc itself: one malloc site, no mmap site.
     assert_eq!(
-        figures(site_of_kind(&report, "malloc", "big_malloc_site")),
+        figures(site_of_kind(&report, SiteKind::Malloc, "big_malloc_site")),
         (MIB, 1, MIB, 1)
     );
     assert!(
         !report
             .sites
             .iter()
-            .any(|s| s.kind == "mmap" && s.frames[0].function == "big_malloc_site")
+            .any(|s| s.kind == memscope::report::SiteKind::Mmap
+                && s.frames[0].function == "big_malloc_site")
     );
     assert_eq!(
         report.totals.live_bytes, MIB,

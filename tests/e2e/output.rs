@@ -66,7 +66,7 @@ fn sudo_user_owns_the_output() {
         (m.uid(), m.gid(), m.mode() & 0o022)
     };
     assert_eq!(ids(&dir), (12345, 12345, 0), "directory");
-    for name in ["report.json", "stacks.folded", "inuse.svg"] {
+    for name in memscope::output::FILES {
         assert_eq!(ids(&dir.join(name)), (12345, 12345, 0), "{name}");
     }
 }

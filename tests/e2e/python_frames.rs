@@ -254,7 +254,7 @@ fn small_objects_are_attributed_to_the_function_whose_arenas_hold_them() {
         let arenas: u64 = report
             .sites
             .iter()
-            .filter(|s| s.kind == "mmap")
+            .filter(|s| s.kind == memscope::report::SiteKind::Mmap)
             .filter(|s| {
                 s.frames
                     .iter()
@@ -304,8 +304,8 @@ fn python_objects_counts_each_small_object_exactly() {
         assert_walked_everything(&report, &name);
         let site = python_site(&report, "keep_small", &script, line);
         assert_eq!(
-            (site.kind.as_str(), site.live_count, site.live_bytes),
-            ("malloc", 100_000, 100_000 * size),
+            (site.kind, site.live_count, site.live_bytes),
+            (memscope::report::SiteKind::Malloc, 100_000, 100_000 * size),
             "{name}: {site:#?}"
         );
         assert_eq!(
@@ -315,10 +315,13 @@ fn python_objects_counts_each_small_object_exactly() {
         );
         // No arena: every object went through malloc.
         assert!(
-            !report.sites.iter().any(|s| s.kind == "mmap"
-                && s.frames
-                    .iter()
-                    .any(|f| is_python(f, "keep_small", &script, line))),
+            !report
+                .sites
+                .iter()
+                .any(|s| s.kind == memscope::report::SiteKind::Mmap
+                    && s.frames
+                        .iter()
+                        .any(|f| is_python(f, "keep_small", &script, line))),
             "{name}"
         );
         eprintln!("{name}: 100000 dicts of {size} bytes, exact");

@@ -1,4 +1,5 @@
-//! The in-use flamegraph: live bytes by stack, rendered by inferno.
+//! The flamegraphs, rendered by inferno: live bytes by stack (in use), and
+//! what became live during the session and stayed (growth).
 
 use inferno::flamegraph::{
     self, Options,
@@ -10,31 +11,67 @@ use crate::report::Report;
 
 /// Renders inuse.svg. Deterministic: the same report gives the same bytes.
 pub fn render_inuse(report: &Report) -> Result<Vec<u8>, OutputError> {
-    let folded = folded::render(report);
+    let subtitle = format!(
+        "{} live bytes in {} allocations after {:.1}s",
+        report.totals.live_bytes, report.totals.live_count, report.duration_s
+    );
+    render(
+        report,
+        &folded::render(report),
+        ("live memory", subtitle),
+        super::INUSE_SVG,
+    )
+}
+
+/// Renders growth.svg: each site's live bytes less those forked children
+/// inherited (live before the session saw them).
+pub fn render_growth(report: &Report) -> Result<Vec<u8>, OutputError> {
+    let folded = folded::render_by(report, |site| site.growth_bytes);
+    let grown: i64 = report
+        .sites
+        .iter()
+        .map(|s| s.growth_bytes)
+        .filter(|g| *g > 0)
+        .sum();
+    let subtitle = format!(
+        "{grown} bytes became live during the {:.1}s and stayed",
+        report.duration_s
+    );
+    render(
+        report,
+        &folded,
+        ("memory growth", subtitle),
+        super::GROWTH_SVG,
+    )
+}
+
+fn render(
+    report: &Report,
+    folded: &str,
+    (what, subtitle): (&str, String),
+    file: &'static str,
+) -> Result<Vec<u8>, OutputError> {
     let mut options = Options::default();
     // NB: XML 1.0 forbids most control characters even as entities, so a
     // raw one in the target's command would make the SVG unreadable.
     options.title = format!(
-        "memscope: live memory of pid {} ({})",
+        "memscope: {what} of pid {} ({})",
         report.target.pid,
         escape_control(&report.target.command)
     );
-    options.subtitle = Some(format!(
-        "{} live bytes in {} allocations after {:.1}s",
-        report.totals.live_bytes, report.totals.live_count, report.duration_s
-    ));
+    options.subtitle = Some(subtitle);
     options.count_name = "bytes".into();
     options.name_type = "Function:".into();
     options.colors = Palette::Basic(BasicPalette::Mem);
     options.deterministic = true;
     if folded.is_empty() {
         // inferno treats an empty profile as an error and logs it.
-        return Ok(empty_svg(&options.title).into_bytes());
+        return Ok(empty_svg(&options.title, what).into_bytes());
     }
     let mut svg = Vec::new();
     flamegraph::from_lines(&mut options, folded.lines(), &mut svg).map_err(|error| {
         OutputError::Render {
-            what: super::INUSE_SVG,
+            what: file,
             message: error.to_string(),
         }
     })?;
@@ -42,7 +79,7 @@ pub fn render_inuse(report: &Report) -> Result<Vec<u8>, OutputError> {
 }
 
 /// A valid SVG that says there is nothing to draw.
-fn empty_svg(title: &str) -> String {
+fn empty_svg(title: &str, what: &str) -> String {
     let escaped = title
         .replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -51,7 +88,7 @@ fn empty_svg(title: &str) -> String {
         "<?xml version=\"1.0\" standalone=\"no\"?>\n\
          <svg version=\"1.1\" width=\"1200\" height=\"80\" xmlns=\"http://www.w3.org/2000/svg\">\n\
          <text x=\"600\" y=\"30\" text-anchor=\"middle\" font-family=\"Verdana\" font-size=\"17\">{escaped}</text>\n\
-         <text x=\"600\" y=\"60\" text-anchor=\"middle\" font-family=\"Verdana\" font-size=\"12\">no live memory at the end of the profile</text>\n\
+         <text x=\"600\" y=\"60\" text-anchor=\"middle\" font-family=\"Verdana\" font-size=\"12\">no {what} at the end of the profile</text>\n\
          </svg>\n"
     )
 }

@@ -1,16 +1,21 @@
 //! Folded stacks (`root;...;leaf bytes`), the input of flamegraph tools.
 
 use super::escape::escape_control;
-use crate::report::{Frame, Report};
+use crate::report::{Frame, Report, Site};
 
 /// One line per site holding live memory, root first, sorted so the output
 /// is the same for the same report.
 pub fn render(report: &Report) -> String {
+    render_by(report, |site| site.live_bytes as i64)
+}
+
+/// One line per site whose `weight` is positive.
+pub fn render_by(report: &Report, weight: impl Fn(&Site) -> i64) -> String {
     let mut lines: Vec<String> = report
         .sites
         .iter()
-        .filter(|site| site.live_bytes > 0)
-        .map(|site| format!("{} {}", stack_text(&site.frames), site.live_bytes))
+        .filter(|site| weight(site) > 0)
+        .map(|site| format!("{} {}", stack_text(&site.frames), weight(site)))
         .collect();
     lines.sort();
     let mut text = lines.join("\n");

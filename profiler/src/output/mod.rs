@@ -1,5 +1,5 @@
 //! Renderings of a report: the terminal table, folded stacks, the in-use
-//! flamegraph and report.json, and writing them atomically, as root, into
+//! and growth flamegraphs and report.json, and writing them atomically, as root, into
 //! a directory others may be able to write to.
 
 pub mod directory;
@@ -44,7 +44,10 @@ pub enum OutputError {
 /// File names inside the output directory.
 pub const REPORT_JSON: &str = "report.json";
 pub const INUSE_SVG: &str = "inuse.svg";
+pub const GROWTH_SVG: &str = "growth.svg";
 pub const STACKS_FOLDED: &str = "stacks.folded";
+/// Every file `write_all` writes, in the order the banner names them.
+pub const FILES: &[&str] = &[REPORT_JSON, INUSE_SVG, GROWTH_SVG, STACKS_FOLDED];
 
 /// Writes report.json, stacks.folded and inuse.svg into `dir` (created if
 /// needed, never through a symlink; see [`OutputDir`]). Each file appears
@@ -57,6 +60,7 @@ pub fn write_all(dir: &Path, report: &Report) -> Result<(), OutputError> {
     out.write_atomically(STACKS_FOLDED, folded.as_bytes())?;
     let svg = flamegraph::render_inuse(report)?;
     out.write_atomically(INUSE_SVG, &svg)?;
+    out.write_atomically(GROWTH_SVG, &flamegraph::render_growth(report)?)?;
     out.sync()
 }
 
@@ -94,9 +98,9 @@ mod tests {
     use super::*;
     use crate::report::tests_support::sample_report;
 
-    /// Check that write_all leaves exactly the three files, and no temporary.
+    /// Check that write_all leaves exactly its files, and no temporary.
     #[test]
-    fn write_all_leaves_exactly_the_three_files() {
+    fn write_all_leaves_exactly_its_files() {
         let dir = std::env::temp_dir().join(format!("memscope-write-all-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         write_all(&dir, &sample_report()).expect("write");
@@ -105,7 +109,9 @@ mod tests {
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        assert_eq!(names, [INUSE_SVG, REPORT_JSON, STACKS_FOLDED]);
+        let mut expected = FILES.to_vec();
+        expected.sort();
+        assert_eq!(names, expected);
         assert_eq!(
             std::fs::read(dir.join(STACKS_FOLDED)).expect("read"),
             folded::render(&sample_report()).as_bytes()

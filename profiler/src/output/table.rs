@@ -61,7 +61,10 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
             .map(|f| escape_control(&f.label()).into_owned())
             .collect::<Vec<_>>()
             .join(" <- ");
-        let kind = if site.kind == "malloc" { "" } else { "[mmap] " };
+        let kind = match site.kind {
+            crate::report::SiteKind::Malloc => "",
+            crate::report::SiteKind::Mmap => "[mmap] ",
+        };
         let more = if site.frames.len() > CHAIN_FRAMES {
             " <- ..."
         } else {
@@ -191,8 +194,7 @@ mod tests {
             sites: Vec::new(),
             following,
             note: (following == Following::Unfollowed).then(|| "held 60 ms".into()),
-            python: None,
-            python_objects: None,
+            ..ProcessReport::default()
         }
     }
 

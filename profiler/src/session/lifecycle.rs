@@ -30,9 +30,11 @@ impl Session {
         if self.alive.remove(&pid) {
             let now = self.started.elapsed().as_secs_f64();
             let heap = processes::take_heap_top(&mut self.kernel.ebpf, pid);
+            let peak = crate::peaks::take(&mut self.kernel.ebpf, pid);
             if let Some(record) = self.record_mut(pid) {
                 record.exited_s = Some(now);
                 record.heap_at_exit = heap;
+                record.peak_at_exit = peak;
             }
         }
     }
@@ -399,6 +401,20 @@ impl Session {
         let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
         self.probe_like_parent(pid, ppid, &maps)?;
         let inherited = processes::copy_live_set(&mut self.kernel.ebpf, ppid, pid, fork_ns)?;
+        let inherited_bytes = inherited
+            .iter()
+            .filter(|(key, _)| key.class == profiler_common::site_class::MALLOC)
+            .map(|(_, t)| t.alloc_bytes)
+            .sum();
+        if let Err(error) = crate::peaks::inherit(
+            &mut self.kernel.ebpf,
+            &self.merged_peak,
+            pid,
+            inherited_bytes,
+            fork_ns,
+        ) {
+            tracing::warn!("peak of {pid}: {error}");
+        }
         processes::merge_adjustments(&mut self.adjustments, inherited);
         self.track(pid, ppid, Some(maps), Following::Forked);
         Ok(())

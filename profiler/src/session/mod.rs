@@ -32,6 +32,7 @@ use crate::{
     follow::{self, FollowError},
     holds::{HOLD_BUDGET_NS, Holds},
     multi_uprobe::{self, MultiPrograms, MultiUprobeError},
+    peaks::{MergedPeak, PeakError},
     preflight::{self, PreflightError},
     process_maps::ProcessMaps,
     processes::{Adjustments, Following, LiveSetError, ProcessRecord},
@@ -39,6 +40,7 @@ use crate::{
     resources::{self, ResourceError},
     symbolize::StackSymbolizer,
     target::{self, TargetError},
+    timeline::{Timeline, WindowEnd},
     watchdog::{Watchdog, WatchdogError},
 };
 
@@ -82,7 +84,12 @@ pub struct SessionOptions {
     pub python_frames: bool,
     /// Count CPython's small objects one by one (see `python::objects`).
     pub python_objects: bool,
+    /// How long a window lasts (see `timeline`).
+    pub window: Duration,
 }
+
+/// `--window` unless given.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
 
 impl Default for SessionOptions {
     fn default() -> Self {
@@ -94,6 +101,7 @@ impl Default for SessionOptions {
             follow_mode: FollowMode::Process,
             python_frames: true,
             python_objects: false,
+            window: DEFAULT_WINDOW,
         }
     }
 }
@@ -131,6 +139,8 @@ pub enum SessionError {
     Resource(#[from] ResourceError),
     #[error(transparent)]
     Watchdog(#[from] WatchdogError),
+    #[error(transparent)]
+    Peak(#[from] PeakError),
     #[error("cannot watch pid {pid}: {source}")]
     Watch {
         pid: u32,
@@ -145,6 +155,8 @@ struct Signals {
     terminate: tokio::signal::unix::Signal,
     hangup: tokio::signal::unix::Signal,
     child_events: tokio::signal::unix::Signal,
+    /// SIGUSR2 (`memscope mark`): close the current window now.
+    mark: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -154,6 +166,7 @@ impl Signals {
             terminate: signal(SignalKind::terminate())?,
             hangup: signal(SignalKind::hangup())?,
             child_events: signal(SignalKind::child())?,
+            mark: signal(SignalKind::user_defined2())?,
         })
     }
 }
@@ -269,6 +282,15 @@ pub struct Session {
     symbolizer: StackSymbolizer,
     capacity: MapCapacity,
     started: Instant,
+    /// `started` on the kernel's clock (CLOCK_MONOTONIC).
+    started_ns: u64,
+    /// The windows so far.
+    timeline: Timeline,
+    window: Duration,
+    /// How long each window's snapshot took.
+    tick_costs: Vec<Duration>,
+    /// The merged live bytes, for a forked child's inherited blocks.
+    merged_peak: MergedPeak,
     exit_code: Option<i32>,
     /// Lifecycle events from the kernel.
     events: Option<AsyncFd<RingBuf<MapData>>>,
@@ -317,6 +339,7 @@ impl Session {
     pub fn start(spec: &TargetSpec, options: &SessionOptions) -> Result<Self, SessionError> {
         // The profile covers attach time too: probes go on one by one.
         let started = Instant::now();
+        let started_ns = crate::holds::monotonic_ns();
         // Before anything can be interrupted: a SIGTERM between attach and
         // wait() must end the session with a report, not kill memscope.
         let signals =
@@ -371,7 +394,8 @@ impl Session {
                     attached,
                     maps,
                 };
-                let mut session = Self::new(kernel, target, options, (started, signals))?;
+                let mut session =
+                    Self::new(kernel, target, options, (started, started_ns, signals))?;
                 session.attach_costs.push(attach_started.elapsed());
                 session
                     .probed_images
@@ -422,7 +446,8 @@ impl Session {
                     attached,
                     maps,
                 };
-                let mut session = Self::new(kernel, target, options, (started, signals))?;
+                let mut session =
+                    Self::new(kernel, target, options, (started, started_ns, signals))?;
                 if options.python_objects {
                     session
                         .warnings
@@ -443,9 +468,10 @@ impl Session {
         kernel: Kernel,
         target: AttachedTarget,
         options: &SessionOptions,
-        (started, signals): (Instant, Signals),
+        (started, started_ns, signals): (Instant, u64, Signals),
     ) -> Result<Self, SessionError> {
         let mut kernel = kernel;
+        let merged_peak = MergedPeak::map(&kernel.ebpf)?;
         let AttachedTarget {
             pid,
             command,
@@ -483,6 +509,11 @@ impl Session {
             symbolizer,
             capacity: options.capacity,
             started,
+            started_ns,
+            timeline: Timeline::default(),
+            window: options.window,
+            tick_costs: Vec::new(),
+            merged_peak,
             exit_code: None,
             events: Some(events),
             processes: vec![ProcessRecord::new(
@@ -549,6 +580,7 @@ impl Session {
             mut terminate,
             mut hangup,
             mut child_events,
+            mut mark,
         } = self.signals.take().ok_or_else(|| {
             watch_error(std::io::Error::other("the session was already waited for"))
         })?;
@@ -556,6 +588,9 @@ impl Session {
             tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::from(u32::MAX))));
         tokio::pin!(deadline);
         let mut refresh = tokio::time::interval(MAPS_REFRESH);
+        let mut window =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.window, self.window);
+        window.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let mut events = self.events.take();
         // A stop or exit of our child before the SIGCHLD stream existed was
@@ -586,6 +621,12 @@ impl Session {
                 _ = &mut deadline => break StopReason::DurationElapsed,
                 _ = child_events.recv(), if self.is_child => {
                     self.handle_child_event(&mut events);
+                }
+                _ = window.tick() => self.close_window(WindowEnd::Timer),
+                _ = mark.recv() => {
+                    self.close_window(WindowEnd::Mark);
+                    // The next window is a whole one.
+                    window.reset();
                 }
                 _ = refresh.tick() => {
                     self.refresh_maps();
@@ -644,12 +685,71 @@ impl Session {
         self.probe_late_allocators(seen);
     }
 
+    /// Closes the current window: the kernel's totals now, read while the
+    /// target runs (no map is locked, nothing waits on memscope).
+    fn close_window(&mut self, closed_by: WindowEnd) {
+        let began = Instant::now();
+        let totals = match collect::read_totals(&self.kernel.ebpf) {
+            Ok(totals) => totals,
+            Err(error) => {
+                tracing::warn!("window not closed: {error}");
+                return;
+            }
+        };
+        let cumulative = report::combined_totals(&totals, &self.adjustments);
+        let rss_bytes = self.resident_bytes();
+        let at_s = self.started.elapsed().as_secs_f64();
+        let index = self.timeline.windows().len();
+        if let Some(window) = self.timeline.close(at_s, cumulative, rss_bytes, closed_by) {
+            let change = window.malloc_changes();
+            // Said where a load script that marks can wait for it.
+            if closed_by == WindowEnd::Mark {
+                eprintln!(
+                    "memscope: window {index} closed at {:.3}s: {:+} bytes, {} live",
+                    window.end_s,
+                    change.growth_bytes(),
+                    window.live_bytes
+                );
+            }
+            tracing::debug!(
+                "window {:.1}-{:.1}s ({closed_by:?}): +{} -{} bytes, live {}, rss {}; {} stacks read in {:?}",
+                window.start_s,
+                window.end_s,
+                change.alloc_bytes,
+                change.free_bytes,
+                window.live_bytes,
+                window.rss_bytes,
+                totals.len(),
+                began.elapsed()
+            );
+        }
+        self.tick_costs.push(began.elapsed());
+    }
+
+    /// Resident memory of the running followed processes.
+    fn resident_bytes(&self) -> u64 {
+        let page = procfs::page_size();
+        self.alive
+            .iter()
+            .filter_map(|pid| procfs::process::Process::new(pid as i32).ok()?.statm().ok())
+            .map(|statm| statm.resident * page)
+            .sum()
+    }
+
     /// Reads the kernel maps and builds the report of everything so far.
     pub fn report(&mut self) -> Result<Report, SessionError> {
         // Processes forked since the end (with --follow image they count).
         self.drain_pending_events();
         self.refresh_maps();
         let snapshot = collect::read_snapshot(&self.kernel.ebpf)?;
+        let cumulative = report::combined_totals(&snapshot.totals, &self.adjustments);
+        let rss_bytes = self.resident_bytes();
+        self.timeline.close(
+            self.started.elapsed().as_secs_f64(),
+            cumulative,
+            rss_bytes,
+            WindowEnd::End,
+        );
         let symbolizer = &mut self.symbolizer;
         let context = ReportContext {
             target: Some(TargetInfo {
@@ -663,6 +763,8 @@ impl Session {
             processes: self.processes.clone(),
             adjustments: self.adjustments.clone(),
             per_process_sites: self.per_process_sites,
+            windows: self.timeline.windows().to_vec(),
+            started_ns: self.started_ns,
         };
         let mut report = report::build_report(
             &snapshot,
@@ -678,6 +780,7 @@ impl Session {
                 self.is_child,
             ));
         report.attach_costs = report::AttachCosts::of(&self.attach_costs);
+        report.tick_costs = report::TickCosts::of(&self.tick_costs);
         report
             .warnings
             .extend(completeness::loss_warnings(&report, self.capacity));

@@ -1,6 +1,8 @@
 //! Addresses to frames, with blazesym, from cached process mappings: a
 //! target that has exited can still be symbolized.
 
+pub mod trim;
+
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},

@@ -1,0 +1,480 @@
+//! Builds the report from a kernel snapshot: totals per class, sites (stacks
+//! with equal frames merged), processes and completeness.
+
+use std::collections::BTreeMap;
+
+use profiler_common::{StackKey, StackTotals, UNKNOWN_STACK, site_class};
+
+use super::{
+    Completeness, Frame, HeapReport, PeakReport, ProcessPeakReport, ProcessReport, Report, SCHEMA,
+    Site, SiteKind, TargetInfo, Totals, WindowReport, WindowSite,
+};
+use crate::{
+    attach::AttachedProbe,
+    collect::{KernelSnapshot, RecordedPythonStack},
+    processes::{Adjustments, Following, ProcessRecord},
+    symbolize::trim::trim_allocator_frames,
+    timeline::{self, RecordedWindow},
+};
+
+/// What the report needs besides the snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct ReportContext {
+    pub target: Option<TargetInfo>,
+    pub duration_s: f64,
+    pub probes: Vec<AttachedProbe>,
+    pub warnings: Vec<String>,
+    pub processes: Vec<ProcessRecord>,
+    /// Userspace changes to the live set (inheritance at fork, release at exec).
+    pub adjustments: Adjustments,
+    /// Whether each process gets its own site list.
+    pub per_process_sites: bool,
+    /// The session's windows, the last one ending with the snapshot.
+    pub windows: Vec<RecordedWindow>,
+    /// CLOCK_MONOTONIC at the session's start, to place kernel times.
+    pub started_ns: u64,
+}
+
+/// Sites listed per window, and at the peak.
+pub const WINDOW_TOP_SITES: usize = 5;
+pub const PEAK_TOP_SITES: usize = 10;
+
+/// Builds the report. `symbolize(tgid, ips, python)` turns a raw stack,
+/// with the allocating thread's Python stack if it had one, into frames,
+/// innermost first.
+pub fn build_report(
+    snapshot: &KernelSnapshot,
+    mut symbolize: impl FnMut(u32, &[u64], Option<&RecordedPythonStack>) -> Vec<Frame>,
+    context: ReportContext,
+) -> Report {
+    let combined = combined_totals(&snapshot.totals, &context.adjustments);
+    let mut frames_of = |key: &StackKey| {
+        let python = snapshot.python_stacks.get(&key.python_stack);
+        match snapshot.stacks.get(&key.stack_id) {
+            Some(ips) if key.stack_id != UNKNOWN_STACK => {
+                trim_allocator_frames(symbolize(key.tgid, &with_caller(ips, key.caller), python))
+            }
+            // The native walk failed (in CPython, which has no frame
+            // pointers, it often reads garbage); the Python stack stands.
+            _ if python.is_some() => symbolize(key.tgid, &[], python),
+            _ => vec![Frame::named("[unknown stack]")],
+        }
+    };
+    // Symbolize each (process, stack) once.
+    let mut frames: BTreeMap<StackKey, Vec<Frame>> =
+        combined.keys().map(|k| (*k, frames_of(k))).collect();
+    for window in &context.windows {
+        for key in window.changes.keys() {
+            if !frames.contains_key(key) {
+                frames.insert(*key, frames_of(key));
+            }
+        }
+    }
+    let seconds = |ns: u64| ns.saturating_sub(context.started_ns) as f64 / 1e9;
+
+    let (totals, mapped) = class_totals(combined.iter());
+    let sites = sites_of(combined.iter(), &frames, &context.adjustments);
+    let peak_of = |p: &ProcessRecord| {
+        p.peak_at_exit
+            .or_else(|| snapshot.peaks.get(&p.pid).copied())
+            .filter(|peak| peak.peak_bytes > 0)
+    };
+    let processes: Vec<ProcessReport> = context
+        .processes
+        .iter()
+        .map(|p| {
+            let own = || combined.iter().filter(|(k, _)| k.tgid == p.pid);
+            let (totals, mapped) = class_totals(own());
+            let (inherited_count, inherited_bytes) = context
+                .adjustments
+                .iter()
+                .filter(|(k, _)| k.tgid == p.pid && k.class == site_class::MALLOC)
+                .fold((0, 0), |(c, b), (_, t)| {
+                    (c + t.alloc_count, b + t.alloc_bytes)
+                });
+            ProcessReport {
+                pid: p.pid,
+                ppid: p.ppid,
+                command: p.command.clone(),
+                started_s: p.started_s,
+                exited_s: p.exited_s,
+                totals,
+                mapped,
+                heap: p
+                    .heap_at_exit
+                    .or_else(|| snapshot.heap_tops.get(&p.pid).copied())
+                    .map(HeapReport::from),
+                inherited_count,
+                inherited_bytes,
+                growth_bytes: totals.live_bytes as i64 - inherited_bytes as i64,
+                sites: if context.per_process_sites {
+                    sites_of(own(), &frames, &context.adjustments)
+                } else {
+                    Vec::new()
+                },
+                following: p.following,
+                note: p.note.clone(),
+                python: p.python.clone(),
+                python_objects: p.python_objects,
+                peak_bytes: peak_of(p).map(|peak| peak.peak_bytes),
+                peak_s: peak_of(p).map(|peak| seconds(peak.peak_ns)),
+            }
+        })
+        .collect();
+    let following_count = |state| {
+        context
+            .processes
+            .iter()
+            .filter(|p| p.following == state)
+            .count() as u64
+    };
+
+    let c = snapshot.counters;
+    let completeness = Completeness {
+        map_full: c.live_map_full + c.totals_map_full + c.in_flight_full,
+        stack_errors: c.stack_errors,
+        unknown_frees: c.unknown_frees,
+        missed_returns: c.missed_returns,
+        live_map_full: c.live_map_full,
+        totals_map_full: c.totals_map_full,
+        in_flight_full: c.in_flight_full,
+        lost_children: c.lost_children,
+        heap_map_full: c.heap_map_full,
+        unfollowed_processes: following_count(Following::Unfollowed),
+        late_processes: following_count(Following::Late),
+        python_stack_errors: c.python_stack_errors,
+        python_truncated: c.python_truncated,
+        python_stacks_full: c.python_stacks_full,
+        peak_map_full: c.peak_map_full,
+        peak_race_lost: c.peak_race_lost,
+    };
+    let windows = windows_of(&context.windows, &frames);
+    let peak = peak_report(snapshot, &context, &processes, &frames, seconds);
+    Report {
+        schema: SCHEMA.to_owned(),
+        target: context.target.unwrap_or(TargetInfo {
+            pid: 0,
+            command: String::new(),
+            exit_code: None,
+        }),
+        duration_s: context.duration_s,
+        totals,
+        mapped,
+        sites,
+        completeness,
+        probes: context.probes,
+        warnings: context.warnings,
+        memscope_version: env!("CARGO_PKG_VERSION").to_owned(),
+        windows,
+        peak,
+        processes,
+        attach_costs: None,
+        tick_costs: None,
+    }
+}
+
+fn windows_of(
+    windows: &[RecordedWindow],
+    frames: &BTreeMap<StackKey, Vec<Frame>>,
+) -> Vec<WindowReport> {
+    windows
+        .iter()
+        .enumerate()
+        .map(|(index, window)| {
+            let malloc = window.malloc_changes();
+            WindowReport {
+                index,
+                start_s: window.start_s,
+                end_s: window.end_s,
+                closed_by: window.closed_by,
+                alloc_bytes: malloc.alloc_bytes,
+                alloc_count: malloc.alloc_count,
+                free_bytes: malloc.free_bytes,
+                free_count: malloc.free_count,
+                growth_bytes: malloc.growth_bytes(),
+                live_bytes: window.live_bytes,
+                rss_bytes: window.rss_bytes,
+                top_sites: top_growing(window, frames),
+            }
+        })
+        .collect()
+}
+
+/// The sites that grew most in a window (stacks with equal frames merged).
+fn top_growing(
+    window: &RecordedWindow,
+    frames: &BTreeMap<StackKey, Vec<Frame>>,
+) -> Vec<WindowSite> {
+    let mut by_frames: BTreeMap<(u32, &[Frame]), StackTotals> = BTreeMap::new();
+    for (key, change) in &window.changes {
+        if let Some(frames) = frames.get(key) {
+            by_frames
+                .entry((key.class, frames))
+                .or_default()
+                .add(change);
+        }
+    }
+    let mut sites: Vec<WindowSite> = by_frames
+        .into_iter()
+        .filter(|(_, t)| t.growth_bytes() > 0)
+        .map(|((class, frames), t)| WindowSite {
+            kind: SiteKind::of_class(class),
+            frames: frames.to_vec(),
+            growth_bytes: t.growth_bytes(),
+            alloc_bytes: t.alloc_bytes,
+            alloc_count: t.alloc_count,
+            free_bytes: t.free_bytes,
+            free_count: t.free_count,
+        })
+        .collect();
+    sites.sort_by(|a, b| {
+        b.growth_bytes
+            .cmp(&a.growth_bytes)
+            .then_with(|| a.frames.cmp(&b.frames))
+    });
+    sites.truncate(WINDOW_TOP_SITES);
+    sites
+}
+
+/// The merged peak, each process's, and the sites at the window end
+/// nearest to it.
+fn peak_report(
+    snapshot: &KernelSnapshot,
+    context: &ReportContext,
+    processes: &[ProcessReport],
+    frames: &BTreeMap<StackKey, Vec<Frame>>,
+    seconds: impl Fn(u64) -> f64,
+) -> Option<PeakReport> {
+    let merged = snapshot.merged_peak;
+    if merged.peak_bytes == 0 {
+        return None;
+    }
+    let at_s = seconds(merged.peak_ns);
+    let window = timeline::nearest_end(&context.windows, at_s);
+    let top_sites = window
+        .map(|index| {
+            // Windows hold the userspace adjustments already.
+            let then = timeline::totals_at(&context.windows, index);
+            let mut sites = sites_of(
+                then.iter().filter(|(k, _)| k.class == site_class::MALLOC),
+                frames,
+                &context.adjustments,
+            );
+            sites.retain(|s| s.live_bytes > 0);
+            sites.truncate(PEAK_TOP_SITES);
+            sites
+        })
+        .unwrap_or_default();
+    Some(PeakReport {
+        live_bytes: merged.peak_bytes,
+        at_s,
+        processes: processes
+            .iter()
+            .filter_map(|p| {
+                Some(ProcessPeakReport {
+                    pid: p.pid,
+                    live_bytes: p.peak_bytes?,
+                    at_s: p.peak_s?,
+                })
+            })
+            .collect(),
+        window,
+        top_sites,
+    })
+}
+
+/// A stack taken at a system call lacks the wrapper's caller (see
+/// `StackKey::caller`): put it back after the wrapper's frame.
+fn with_caller(ips: &[u64], caller: u64) -> Vec<u64> {
+    match ips.split_first() {
+        Some((first, rest)) if caller != 0 && rest.first() != Some(&caller) => {
+            let mut out = Vec::with_capacity(ips.len() + 1);
+            out.push(*first);
+            out.push(caller);
+            out.extend_from_slice(rest);
+            out
+        }
+        _ => ips.to_vec(),
+    }
+}
+
+/// The kernel's totals with userspace's changes to the live set added.
+pub fn combined_totals(
+    kernel: &BTreeMap<StackKey, StackTotals>,
+    adjustments: &Adjustments,
+) -> BTreeMap<StackKey, StackTotals> {
+    let mut combined = kernel.clone();
+    for (key, adjustment) in adjustments {
+        combined.entry(*key).or_default().add(adjustment);
+    }
+    combined
+}
+
+/// Totals of the malloc family and of mapped memory.
+fn class_totals<'a>(
+    entries: impl Iterator<Item = (&'a StackKey, &'a StackTotals)>,
+) -> (Totals, Totals) {
+    let (mut malloc, mut mapped) = (StackTotals::default(), StackTotals::default());
+    for (key, t) in entries {
+        if key.class == site_class::MMAP {
+            mapped.add(t);
+        } else {
+            malloc.add(t);
+        }
+    }
+    (malloc.into(), mapped.into())
+}
+
+/// Sites from per-(process, stack) totals: stacks with equal frames (after
+/// trimming, or in different processes) are one site.
+/// `inherited` holds the blocks forked children got from their parents,
+/// which were live before and are no growth.
+fn sites_of<'a>(
+    entries: impl Iterator<Item = (&'a StackKey, &'a StackTotals)>,
+    frames: &BTreeMap<StackKey, Vec<Frame>>,
+    inherited: &Adjustments,
+) -> Vec<Site> {
+    let mut by_frames: BTreeMap<(u32, &[Frame]), (StackTotals, u64)> = BTreeMap::new();
+    for (key, t) in entries {
+        let Some(frames) = frames.get(key) else {
+            continue;
+        };
+        let site = by_frames.entry((key.class, frames)).or_default();
+        site.0.add(t);
+        site.1 += inherited.get(key).map_or(0, |i| i.alloc_bytes);
+    }
+    let mut sites: Vec<Site> = by_frames
+        .into_iter()
+        .map(|((class, frames), (t, inherited))| Site {
+            growth_bytes: t.live_bytes() as i64 - inherited as i64,
+            kind: SiteKind::of_class(class),
+            frames: frames.to_vec(),
+            live_bytes: t.live_bytes(),
+            live_count: t.live_count(),
+            alloc_bytes: t.alloc_bytes,
+            alloc_count: t.alloc_count,
+            free_bytes: t.free_bytes,
+            free_count: t.free_count,
+        })
+        .collect();
+    // Stable order for equal live bytes keeps outputs deterministic.
+    sites.sort_by(|a, b| {
+        b.live_bytes
+            .cmp(&a.live_bytes)
+            .then(b.alloc_bytes.cmp(&a.alloc_bytes))
+            .then_with(|| a.frames.cmp(&b.frames))
+    });
+    sites
+}
+
+#[cfg(test)]
+mod tests {
+
+    use super::*;
+
+    fn totals(alloc_count: u64, alloc_bytes: u64, free_count: u64, free_bytes: u64) -> StackTotals {
+        StackTotals {
+            alloc_count,
+            alloc_bytes,
+            free_count,
+            free_bytes,
+        }
+    }
+
+    fn names(frames: &[Frame]) -> Vec<&str> {
+        frames.iter().map(|f| f.function.as_str()).collect()
+    }
+
+    #[test]
+    fn sites_sort_by_live_bytes_and_merge_equal_stacks() {
+        let mut snapshot = KernelSnapshot::default();
+        snapshot
+            .totals
+            .insert(StackKey::new(1, 1), totals(10, 1000, 10, 1000));
+        snapshot
+            .totals
+            .insert(StackKey::new(1, 2), totals(3, 300, 1, 100));
+        // Same frames after trimming as stack 2: merged.
+        snapshot
+            .totals
+            .insert(StackKey::new(1, 3), totals(1, 50, 0, 0));
+        snapshot.stacks.insert(1, vec![0x10]);
+        snapshot.stacks.insert(2, vec![0x20]);
+        snapshot.stacks.insert(3, vec![0x30]);
+        let report = build_report(
+            &snapshot,
+            |_, ips, _| match ips[0] {
+                0x10 => vec![Frame::named("churn"), Frame::named("main")],
+                0x20 => vec![Frame::named("leak"), Frame::named("main")],
+                _ => vec![
+                    Frame::named("malloc"),
+                    Frame::named("leak"),
+                    Frame::named("main"),
+                ],
+            },
+            ReportContext::default(),
+        );
+        assert_eq!(report.sites.len(), 2);
+        assert_eq!(names(&report.sites[0].frames), ["leak", "main"]);
+        assert_eq!(report.sites[0].live_bytes, 250);
+        assert_eq!(report.sites[0].live_count, 3);
+        assert_eq!(report.sites[1].live_bytes, 0);
+        assert_eq!(report.totals.live_bytes, 250);
+        assert_eq!(report.totals.alloc_count, 14);
+    }
+
+    #[test]
+    fn unwalkable_stacks_keep_their_bytes() {
+        let mut snapshot = KernelSnapshot::default();
+        snapshot
+            .totals
+            .insert(StackKey::new(1, UNKNOWN_STACK), totals(2, 64, 0, 0));
+        snapshot.counters.stack_errors = 2;
+        let report = build_report(&snapshot, |_, _, _| Vec::new(), ReportContext::default());
+        assert_eq!(names(&report.sites[0].frames), ["[unknown stack]"]);
+        assert_eq!(report.sites[0].live_bytes, 64);
+        assert!(report.completeness.lost_anything());
+    }
+
+    #[test]
+    fn syscall_stacks_get_their_callers_back() {
+        assert_eq!(with_caller(&[1, 3, 4], 2), [1, 2, 3, 4]);
+        assert_eq!(with_caller(&[1, 2, 4], 2), [1, 2, 4], "already there");
+        assert_eq!(with_caller(&[1, 3], 0), [1, 3]);
+        assert!(with_caller(&[], 2).is_empty());
+    }
+
+    #[test]
+    fn mapped_memory_is_totalled_apart() {
+        let mut snapshot = KernelSnapshot::default();
+        snapshot
+            .totals
+            .insert(StackKey::new(1, 1), totals(1, 100, 0, 0));
+        let mmap_key = StackKey {
+            class: site_class::MMAP,
+            ..StackKey::new(1, 2)
+        };
+        snapshot.totals.insert(mmap_key, totals(2, 8192, 1, 4096));
+        let report = build_report(
+            &snapshot,
+            |_, ips, _| vec![Frame::named(&format!("f{}", ips[0]))],
+            {
+                let mut c = ReportContext::default();
+                c.processes.push(ProcessRecord::new(
+                    1,
+                    None,
+                    "x".into(),
+                    0.0,
+                    Following::Started,
+                ));
+                c
+            },
+        );
+        snapshot.stacks.clear();
+        assert_eq!(report.totals.live_bytes, 100);
+        assert_eq!(report.mapped.live_bytes, 4096);
+        assert_eq!(report.processes[0].mapped.live_bytes, 4096);
+        let kinds: Vec<SiteKind> = report.sites.iter().map(|s| s.kind).collect();
+        assert_eq!(kinds, [SiteKind::Mmap, SiteKind::Malloc]);
+    }
+}

@@ -1,0 +1,610 @@
+//! The report.json model (`memscope.report/1`). Later versions only add
+//! fields. `build` makes one from a kernel snapshot.
+
+mod build;
+
+use profiler_common::{HeapTop, StackTotals, site_class};
+use serde::{Deserialize, Serialize};
+
+pub use self::build::{ReportContext, build_report, combined_totals};
+use crate::{attach::AttachedProbe, processes::Following};
+
+pub const SCHEMA: &str = "memscope.report/1";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub schema: String,
+    pub target: TargetInfo,
+    pub duration_s: f64,
+    /// The malloc family. glibc's own mmaps for large blocks happen inside
+    /// malloc and are counted here, once.
+    pub totals: Totals,
+    /// Anonymous private mappings made outside the allocator (`kind: mmap` sites).
+    #[serde(default)]
+    pub mapped: Totals,
+    /// Sorted by live bytes, largest first.
+    pub sites: Vec<Site>,
+    pub completeness: Completeness,
+    /// Where each allocator function was probed.
+    #[serde(default)]
+    pub probes: Vec<AttachedProbe>,
+    /// Things the reader should know about this profile (loss, coverage).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    #[serde(default)]
+    pub memscope_version: String,
+    /// The target and the children it forked.
+    #[serde(default)]
+    pub processes: Vec<ProcessReport>,
+    /// What putting the probes on each followed process cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach_costs: Option<AttachCosts>,
+    /// What closing each window cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tick_costs: Option<TickCosts>,
+    /// The session cut in windows (`--window`, `memscope mark`), oldest first.
+    #[serde(default)]
+    pub windows: Vec<WindowReport>,
+    /// The most the followed processes held at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak: Option<PeakReport>,
+}
+
+/// One window of the session: what it allocated, freed and kept.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WindowReport {
+    pub index: usize,
+    /// Seconds after the session started.
+    pub start_s: f64,
+    pub end_s: f64,
+    pub closed_by: crate::timeline::WindowEnd,
+    /// The malloc family, as `totals`.
+    pub alloc_bytes: u64,
+    pub alloc_count: u64,
+    pub free_bytes: u64,
+    pub free_count: u64,
+    /// alloc_bytes - free_bytes: what the window added to the live bytes.
+    pub growth_bytes: i64,
+    /// At the window's end.
+    pub live_bytes: u64,
+    pub rss_bytes: u64,
+    /// The sites that grew most in the window (malloc and mmap), largest first.
+    pub top_sites: Vec<WindowSite>,
+}
+
+/// A site's part in one window.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSite {
+    pub kind: SiteKind,
+    pub frames: Vec<Frame>,
+    pub growth_bytes: i64,
+    pub alloc_bytes: u64,
+    pub alloc_count: u64,
+    pub free_bytes: u64,
+    pub free_count: u64,
+}
+
+/// The high-water mark of live bytes (malloc family), kept exactly in the
+/// kernel: over all followed processes at once, and per process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeakReport {
+    pub live_bytes: u64,
+    /// Seconds after the session started.
+    pub at_s: f64,
+    pub processes: Vec<ProcessPeakReport>,
+    /// The window whose end is nearest to the peak, and what the sites held
+    /// then, largest first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<usize>,
+    #[serde(default)]
+    pub top_sites: Vec<Site>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessPeakReport {
+    pub pid: u32,
+    pub live_bytes: u64,
+    pub at_s: f64,
+}
+
+/// Time spent probing the followed processes (for a forked child: from its
+/// event to its probes on and its live set copied), while each waited.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttachCosts {
+    pub processes: u64,
+    pub median_ms: f64,
+    pub max_ms: f64,
+}
+
+impl AttachCosts {
+    pub fn of(costs: &[std::time::Duration]) -> Option<Self> {
+        let (median_ms, max_ms) = median_and_max_ms(costs)?;
+        Some(Self {
+            processes: costs.len() as u64,
+            median_ms,
+            max_ms,
+        })
+    }
+}
+
+/// Time spent reading the kernel's totals at each window's end (the
+/// target runs meanwhile).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TickCosts {
+    pub ticks: u64,
+    pub median_ms: f64,
+    pub max_ms: f64,
+}
+
+impl TickCosts {
+    pub fn of(costs: &[std::time::Duration]) -> Option<Self> {
+        let (median_ms, max_ms) = median_and_max_ms(costs)?;
+        Some(Self {
+            ticks: costs.len() as u64,
+            median_ms,
+            max_ms,
+        })
+    }
+}
+
+fn median_and_max_ms(costs: &[std::time::Duration]) -> Option<(f64, f64)> {
+    let mut ms: Vec<f64> = costs.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    Some((*ms.get(ms.len() / 2)?, *ms.last()?))
+}
+
+/// One process of the session.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessReport {
+    pub pid: u32,
+    /// Absent for the target itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ppid: Option<u32>,
+    pub command: String,
+    /// Seconds after the session started.
+    pub started_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exited_s: Option<f64>,
+    /// Includes `inherited_*`: a forked child starts with its parent's live blocks.
+    pub totals: Totals,
+    #[serde(default)]
+    pub mapped: Totals,
+    /// Movement of the heap top (brk), inside malloc or not; absent if the
+    /// process never called brk while traced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heap: Option<HeapReport>,
+    #[serde(default)]
+    pub inherited_count: u64,
+    #[serde(default)]
+    pub inherited_bytes: u64,
+    /// Live bytes minus inherited bytes (malloc family): what this process added.
+    #[serde(default)]
+    pub growth_bytes: i64,
+    /// This process's sites (with `--per-process`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<Site>,
+    #[serde(default)]
+    pub following: Following,
+    /// Why it is not, or only partly, followed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// The CPython version it runs, when its Python frames are walked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<String>,
+    /// How its Python objects are counted, when it runs CPython.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python_objects: Option<PythonObjects>,
+    /// The most it held at once (malloc family, inherited blocks included),
+    /// and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_s: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    pub pid: u32,
+    pub command: String,
+    /// Exit code of a command started by `memscope run` (128+signal when
+    /// killed); absent while it runs or for `attach`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub alloc_count: u64,
+    pub alloc_bytes: u64,
+    pub free_count: u64,
+    pub free_bytes: u64,
+    pub live_count: u64,
+    pub live_bytes: u64,
+}
+
+impl From<StackTotals> for Totals {
+    fn from(t: StackTotals) -> Self {
+        Self {
+            alloc_count: t.alloc_count,
+            alloc_bytes: t.alloc_bytes,
+            free_count: t.free_count,
+            free_bytes: t.free_bytes,
+            live_count: t.live_count(),
+            live_bytes: t.live_bytes(),
+        }
+    }
+}
+
+/// A process's heap top (program break).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeapReport {
+    /// The break when first seen and at the end.
+    pub first: u64,
+    pub current: u64,
+    /// Bytes it moved up and down, summed over all brk calls.
+    pub grown_bytes: u64,
+    pub shrunk_bytes: u64,
+}
+
+impl From<HeapTop> for HeapReport {
+    fn from(h: HeapTop) -> Self {
+        Self {
+            first: h.first,
+            current: h.current,
+            grown_bytes: h.grown,
+            shrunk_bytes: h.shrunk,
+        }
+    }
+}
+
+/// One source location in a call stack.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Frame {
+    pub function: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+    #[serde(default)]
+    pub language: Language,
+}
+
+/// What a frame runs: machine code, or a Python function the interpreter
+/// runs (its `function` is the qualified name, `file` the source file).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    #[default]
+    Native,
+    Python,
+}
+
+/// How a CPython process's small objects are counted (see
+/// `python::objects`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PythonObjects {
+    /// As the pymalloc arenas (mmap) that hold them, charged to the Python
+    /// stack that opened each.
+    Arenas,
+    /// One by one through malloc (`PYTHONMALLOC=malloc`).
+    Malloc,
+    /// One by one by probes on its object allocator (`--python-objects`
+    /// with `attach`).
+    Probes,
+}
+
+impl Frame {
+    pub fn named(function: &str) -> Self {
+        Self {
+            function: function.to_owned(),
+            module: None,
+            file: None,
+            line: None,
+            language: Language::Native,
+        }
+    }
+
+    /// How tables and flame graphs name the frame: a Python frame with its
+    /// file and line, `analyze (app.py:21)`, as Python's own tracebacks
+    /// place a function; a native one by its function. An installed
+    /// package's file is named from the package (`flask/app.py`), so it is
+    /// not taken for the service's own `app.py`.
+    pub fn label(&self) -> String {
+        match (self.language, &self.file) {
+            (Language::Python, Some(file)) => {
+                let file = python_file_label(file);
+                match self.line {
+                    Some(line) => format!("{} ({file}:{line})", self.function),
+                    None => format!("{} ({file})", self.function),
+                }
+            }
+            _ => self.function.clone(),
+        }
+    }
+}
+
+/// A Python source file as a label names it: from its package when it is
+/// installed (site-packages, the standard library), else by file name.
+fn python_file_label(path: &str) -> &str {
+    for marker in ["/site-packages/", "/dist-packages/"] {
+        if let Some((_, rest)) = path.rsplit_once(marker) {
+            return rest;
+        }
+    }
+    // The standard library: /usr/lib/python3.11/json/decoder.py.
+    if let Some((_, rest)) = path.rsplit_once("/lib/python3.")
+        && let Some((_, rest)) = rest.split_once('/')
+    {
+        return rest;
+    }
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// What a site allocates with.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SiteKind {
+    /// The malloc family (glibc's own mmaps for large blocks included).
+    #[default]
+    Malloc,
+    /// Anonymous mappings made outside the allocator.
+    Mmap,
+}
+
+impl SiteKind {
+    pub fn of_class(class: u32) -> Self {
+        match class {
+            site_class::MMAP => Self::Mmap,
+            _ => Self::Malloc,
+        }
+    }
+}
+
+/// An allocating call stack and what it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Site {
+    #[serde(default)]
+    pub kind: SiteKind,
+    /// Innermost first: `frames[0]` called the allocator.
+    pub frames: Vec<Frame>,
+    pub live_bytes: u64,
+    pub live_count: u64,
+    pub alloc_bytes: u64,
+    pub alloc_count: u64,
+    #[serde(default)]
+    pub free_bytes: u64,
+    #[serde(default)]
+    pub free_count: u64,
+    /// Live bytes that became live during the session: `live_bytes` less
+    /// what forked children inherited from their parents (live before).
+    /// What growth.svg draws.
+    #[serde(default)]
+    pub growth_bytes: i64,
+}
+
+impl Site {
+    /// What the site's counts add up to.
+    pub fn totals(&self) -> StackTotals {
+        StackTotals {
+            alloc_count: self.alloc_count,
+            alloc_bytes: self.alloc_bytes,
+            free_count: self.free_count,
+            free_bytes: self.free_bytes,
+        }
+    }
+}
+
+/// What the kernel side could not record. All zero means the figures are exact.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completeness {
+    /// Allocations not tracked because a map was full (sum of the three below).
+    pub map_full: u64,
+    /// Stacks that could not be walked or stored; their bytes are under an
+    /// "[unknown stack]" site.
+    pub stack_errors: u64,
+    /// Frees of blocks allocated before memscope attached (or lost to a full map).
+    pub unknown_frees: u64,
+    /// Return probes that fired without their entry.
+    pub missed_returns: u64,
+    #[serde(default)]
+    pub live_map_full: u64,
+    #[serde(default)]
+    pub totals_map_full: u64,
+    #[serde(default)]
+    pub in_flight_full: u64,
+    /// Forked children that could not be followed.
+    #[serde(default)]
+    pub lost_children: u64,
+    /// Processes whose heap top (brk) could not be tracked.
+    #[serde(default)]
+    pub heap_map_full: u64,
+    /// Processes of the tree that run without probes (see `processes[]`
+    /// for each one's reason).
+    #[serde(default)]
+    pub unfollowed_processes: u64,
+    /// Forked processes continued before their probes were on.
+    #[serde(default)]
+    pub late_processes: u64,
+    /// Allocations in a Python thread whose frame chain could not be read:
+    /// their stacks have native frames only.
+    #[serde(default)]
+    pub python_stack_errors: u64,
+    /// Python stacks deeper than memscope records: the outermost frames
+    /// are missing (the innermost are kept).
+    #[serde(default)]
+    pub python_truncated: u64,
+    /// Python stacks not stored (the map was full): native frames only.
+    #[serde(default)]
+    pub python_stacks_full: u64,
+    /// Processes whose peak was not tracked (the map was full).
+    #[serde(default)]
+    pub peak_map_full: u64,
+    /// Raises of a peak lost to other CPUs raising it at once: the peak
+    /// may be low by one allocation each.
+    #[serde(default)]
+    pub peak_race_lost: u64,
+}
+
+impl Completeness {
+    /// Whether anything was lost (unknown frees are not a loss: they are
+    /// memory memscope never saw allocated).
+    pub fn lost_anything(&self) -> bool {
+        self.map_full
+            + self.stack_errors
+            + self.missed_returns
+            + self.lost_children
+            + self.unfollowed_processes
+            + self.late_processes
+            + self.python_stack_errors
+            + self.python_truncated
+            + self.python_stacks_full
+            + self.peak_map_full
+            + self.peak_race_lost
+            > 0
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    fn frame(function: &str, file: &str, line: u32) -> Frame {
+        Frame {
+            function: function.into(),
+            module: Some("/opt/app/server".into()),
+            file: Some(file.into()),
+            line: Some(line),
+            language: Language::Native,
+        }
+    }
+
+    fn site(frames: Vec<Frame>, alloc: (u64, u64), free: (u64, u64)) -> Site {
+        Site {
+            kind: SiteKind::Malloc,
+            frames,
+            live_bytes: alloc.1 - free.1,
+            live_count: alloc.0 - free.0,
+            alloc_bytes: alloc.1,
+            alloc_count: alloc.0,
+            free_bytes: free.1,
+            free_count: free.0,
+            growth_bytes: (alloc.1 - free.1) as i64,
+        }
+    }
+
+    /// A fixed report for golden-file tests of the renderings.
+    pub(crate) fn sample_report() -> Report {
+        let main = frame("main", "server.c", 80);
+        let sites = vec![
+            site(
+                vec![
+                    frame("leak_site", "server.c", 12),
+                    frame("handle_request", "server.c", 40),
+                    main.clone(),
+                ],
+                (1000, 4_096_000),
+                (0, 0),
+            ),
+            site(
+                vec![
+                    frame("cache_insert", "cache.c", 7),
+                    frame("handle_request", "server.c", 44),
+                    main.clone(),
+                ],
+                (64, 65_536),
+                (32, 32_768),
+            ),
+            site(
+                vec![frame("parse_body", "server.c", 30), main],
+                (5000, 640_000),
+                (5000, 640_000),
+            ),
+        ];
+        let mut totals = StackTotals::default();
+        for s in &sites {
+            totals.add(&s.totals());
+        }
+        let totals = Totals::from(totals);
+        Report {
+            schema: SCHEMA.into(),
+            target: TargetInfo {
+                pid: 4242,
+                command: "./server --port 8080".into(),
+                exit_code: Some(0),
+            },
+            duration_s: 12.5,
+            totals,
+            mapped: Totals::default(),
+            sites,
+            completeness: Completeness::default(),
+            probes: Vec::new(),
+            warnings: Vec::new(),
+            memscope_version: "0.1.0".into(),
+            processes: Vec::new(),
+            attach_costs: None,
+            tick_costs: None,
+            windows: Vec::new(),
+            peak: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_frames_are_labelled_by_package_file_and_line() {
+        let python = |file: &str, line| Frame {
+            function: "f".into(),
+            module: None,
+            file: Some(file.into()),
+            line,
+            language: Language::Python,
+        };
+        let labels = [
+            python("/srv/app/app.py", Some(41)),
+            python("/venv/lib/python3.11/site-packages/flask/app.py", Some(902)),
+            python("/usr/lib/python3/dist-packages/six.py", None),
+            python("/usr/lib/python3.11/json/decoder.py", Some(3)),
+            python("<frozen importlib._bootstrap>", Some(241)),
+        ]
+        .map(|f| f.label());
+        assert_eq!(
+            labels,
+            [
+                "f (app.py:41)",
+                "f (flask/app.py:902)",
+                "f (six.py)",
+                "f (json/decoder.py:3)",
+                "f (<frozen importlib._bootstrap>:241)",
+            ]
+        );
+        // A native frame keeps its bare name, file or not.
+        let native = Frame {
+            language: Language::Native,
+            ..python("/src/x.c", Some(1))
+        };
+        assert_eq!(native.label(), "f");
+    }
+
+    #[test]
+    fn report_json_round_trips() {
+        let report = build_report(
+            &crate::collect::KernelSnapshot::default(),
+            |_, _, _| Vec::new(),
+            ReportContext::default(),
+        );
+        let text = serde_json::to_string(&report).expect("serialize");
+        let back: Report = serde_json::from_str(&text).expect("parse");
+        assert_eq!(back, report);
+        assert!(text.contains("\"schema\":\"memscope.report/1\""));
+    }
+}

@@ -1,0 +1,252 @@
+//! Kernel snapshots on a tick, kept as windows: what each window allocated
+//! and freed per (process, stack). The kernel's totals are cumulative, so a
+//! window is the difference of the snapshots at its two ends.
+
+use std::collections::BTreeMap;
+
+use profiler_common::{StackKey, StackTotals, site_class};
+use serde::{Deserialize, Serialize};
+
+/// What closed a window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowEnd {
+    /// `--window` elapsed.
+    #[default]
+    Timer,
+    /// `memscope mark`, or SIGUSR2 to memscope.
+    Mark,
+    /// The session ended.
+    End,
+}
+
+/// One window as collected, before symbolization.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RecordedWindow {
+    /// Seconds since the session started.
+    pub start_s: f64,
+    pub end_s: f64,
+    pub closed_by: WindowEnd,
+    /// What changed in the window, per (process, stack); unchanged stacks
+    /// are absent.
+    pub changes: BTreeMap<StackKey, StackTotals>,
+    /// Live bytes of the malloc family at the window's end.
+    pub live_bytes: u64,
+    /// Resident memory of the followed processes at the window's end.
+    pub rss_bytes: u64,
+}
+
+impl RecordedWindow {
+    /// The window's changes summed, malloc family only (as `totals`).
+    pub fn malloc_changes(&self) -> StackTotals {
+        let mut sum = StackTotals::default();
+        for (key, t) in &self.changes {
+            if key.class == site_class::MALLOC {
+                sum.add(t);
+            }
+        }
+        sum
+    }
+}
+
+/// The windows so far and the snapshot the next one starts from.
+#[derive(Clone, Debug, Default)]
+pub struct Timeline {
+    last: BTreeMap<StackKey, StackTotals>,
+    last_s: f64,
+    windows: Vec<RecordedWindow>,
+}
+
+/// Windows shorter than this are not kept when they change nothing (a mark
+/// right after a tick, the end right after one).
+const EMPTY_WINDOW_S: f64 = 0.001;
+
+impl Timeline {
+    /// Closes the window that ends now, `at_s` into the session, given the
+    /// cumulative totals then (userspace adjustments included). Returns it,
+    /// or None when it would be empty and instantaneous.
+    pub fn close(
+        &mut self,
+        at_s: f64,
+        cumulative: BTreeMap<StackKey, StackTotals>,
+        rss_bytes: u64,
+        closed_by: WindowEnd,
+    ) -> Option<&RecordedWindow> {
+        let changes = changes_between(&self.last, &cumulative);
+        if changes.is_empty() && at_s - self.last_s < EMPTY_WINDOW_S {
+            return None;
+        }
+        let live_bytes = cumulative
+            .iter()
+            .filter(|(key, _)| key.class == site_class::MALLOC)
+            .map(|(_, t)| t.live_bytes())
+            .sum();
+        self.windows.push(RecordedWindow {
+            start_s: self.last_s,
+            end_s: at_s,
+            closed_by,
+            changes,
+            live_bytes,
+            rss_bytes,
+        });
+        self.last = cumulative;
+        self.last_s = at_s;
+        self.windows.last()
+    }
+
+    pub fn windows(&self) -> &[RecordedWindow] {
+        &self.windows
+    }
+}
+
+/// What happened between two cumulative snapshots, per key; keys whose
+/// totals did not move are left out.
+pub fn changes_between(
+    earlier: &BTreeMap<StackKey, StackTotals>,
+    later: &BTreeMap<StackKey, StackTotals>,
+) -> BTreeMap<StackKey, StackTotals> {
+    later
+        .iter()
+        .filter_map(|(key, now)| {
+            let change = match earlier.get(key) {
+                Some(before) => now.since(before),
+                None => *now,
+            };
+            (change != StackTotals::default()).then_some((*key, change))
+        })
+        .collect()
+}
+
+/// Cumulative totals at the end of window `index`: its changes and those
+/// of every window before it.
+pub fn totals_at(windows: &[RecordedWindow], index: usize) -> BTreeMap<StackKey, StackTotals> {
+    let mut totals: BTreeMap<StackKey, StackTotals> = BTreeMap::new();
+    for window in windows.iter().take(index + 1) {
+        for (key, change) in &window.changes {
+            totals.entry(*key).or_default().add(change);
+        }
+    }
+    totals
+}
+
+/// The window whose end is nearest to `at_s`.
+pub fn nearest_end(windows: &[RecordedWindow], at_s: f64) -> Option<usize> {
+    windows
+        .iter()
+        .enumerate()
+        .min_by(|(_, a), (_, b)| (a.end_s - at_s).abs().total_cmp(&(b.end_s - at_s).abs()))
+        .map(|(index, _)| index)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn totals(alloc: u64, free: u64) -> StackTotals {
+        StackTotals {
+            alloc_count: alloc,
+            alloc_bytes: alloc * 100,
+            free_count: free,
+            free_bytes: free * 100,
+        }
+    }
+
+    fn snapshot(entries: &[(u32, StackTotals)]) -> BTreeMap<StackKey, StackTotals> {
+        entries
+            .iter()
+            .map(|(stack, t)| (StackKey::new(1, *stack), *t))
+            .collect()
+    }
+
+    /// Check that a window holds only what moved, and a new stack whole.
+    #[test]
+    fn a_window_is_the_difference_of_its_ends() {
+        let mut timeline = Timeline::default();
+        timeline.close(1.0, snapshot(&[(1, totals(3, 1))]), 10, WindowEnd::Timer);
+        let window = timeline
+            .close(
+                2.0,
+                snapshot(&[(1, totals(3, 1)), (2, totals(5, 0))]),
+                20,
+                WindowEnd::Mark,
+            )
+            .cloned()
+            .expect("a window");
+        assert_eq!(window.changes, snapshot(&[(2, totals(5, 0))]));
+        assert_eq!((window.start_s, window.end_s), (1.0, 2.0));
+        assert_eq!(window.live_bytes, 200 + 500);
+        assert_eq!(window.rss_bytes, 20);
+        assert_eq!(window.closed_by, WindowEnd::Mark);
+    }
+
+    #[test]
+    fn an_instant_empty_window_is_not_kept() {
+        let mut timeline = Timeline::default();
+        let now = snapshot(&[(1, totals(3, 1))]);
+        assert!(
+            timeline
+                .close(1.0, now.clone(), 0, WindowEnd::Timer)
+                .is_some()
+        );
+        assert!(
+            timeline
+                .close(1.0, now.clone(), 0, WindowEnd::End)
+                .is_none()
+        );
+        // Long enough, it is a window in which nothing happened.
+        assert!(timeline.close(2.0, now, 0, WindowEnd::End).is_some());
+        assert_eq!(timeline.windows().len(), 2);
+    }
+
+    #[test]
+    fn the_nearest_window_end_is_found() {
+        let windows: Vec<RecordedWindow> = [1.0, 2.0, 4.0]
+            .iter()
+            .map(|end| RecordedWindow {
+                end_s: *end,
+                ..RecordedWindow::default()
+            })
+            .collect();
+        assert_eq!(nearest_end(&windows, 2.9), Some(1));
+        assert_eq!(nearest_end(&windows, 3.1), Some(2));
+        assert_eq!(nearest_end(&windows, 0.0), Some(0));
+        assert_eq!(nearest_end(&[], 1.0), None);
+    }
+
+    proptest! {
+        /// Check that the windows add up to the last snapshot, whatever the
+        /// order in which stacks appear and grow.
+        #[test]
+        fn windows_add_up_to_the_cumulative_totals(
+            steps in prop::collection::vec(
+                prop::collection::vec((0u32..6, 0u64..50, 0u64..50), 0..8),
+                1..12,
+            )
+        ) {
+            let mut timeline = Timeline::default();
+            let mut cumulative: BTreeMap<StackKey, StackTotals> = BTreeMap::new();
+            for (i, step) in steps.iter().enumerate() {
+                for (stack, alloc, free) in step {
+                    let t = cumulative.entry(StackKey::new(1, *stack)).or_default();
+                    t.add(&totals(*alloc, (*free).min(*alloc)));
+                }
+                timeline.close(i as f64 + 1.0, cumulative.clone(), 0, WindowEnd::Timer);
+            }
+            let windows = timeline.windows();
+            let summed = totals_at(windows, windows.len() - 1);
+            let nonzero: BTreeMap<_, _> = cumulative
+                .into_iter()
+                .filter(|(_, t)| *t != StackTotals::default())
+                .collect();
+            prop_assert_eq!(summed, nonzero);
+            let live: u64 = windows.last().map(|w| w.live_bytes).unwrap_or(0);
+            let expected: u64 = totals_at(windows, windows.len() - 1)
+                .values()
+                .map(StackTotals::live_bytes)
+                .sum();
+            prop_assert_eq!(live, expected);
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Windows and the peak: a fixture allocates in phases on the test's word,
+//! and the test cuts a window after each phase, with `memscope mark` and
+//! with SIGUSR2.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use memscope::{report::SiteKind, timeline::WindowEnd};
+
+use crate::support::*;
+
+const HELD_BYTES: u64 = 50 << 20;
+const GROWN_BYTES: u64 = 10 * (64 << 10);
+
+/// Lines of a child's stream, as they come.
+fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (send, receive) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            eprintln!("| {line}");
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receive
+}
+
+fn wait_for(lines: &mpsc::Receiver<String>, wanted: impl Fn(&str) -> bool, what: &str) -> String {
+    loop {
+        match lines.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if wanted(&line) => return line,
+            Ok(_) => {}
+            Err(error) => panic!("no {what}: {error}"),
+        }
+    }
+}
+
+/// Check that the peak is the 50 MiB held at once though the fixture ends
+/// holding 640 KiB, and that each mark closes a window with exactly what
+/// its phase did.
+#[test]
+fn peak_is_exact_and_marks_cut_windows() {
+    if !bpf_available() {
+        return;
+    }
+    let dir = output_dir("windows_peak");
+    let mut memscope = Command::new(MEMSCOPE)
+        .args(["run", "--window", "1h", "-o"])
+        .arg(&dir)
+        .arg("--")
+        .arg(fixture("phases"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("memscope starts");
+    let pid = memscope.id();
+    let mut to_fixture = memscope.stdin.take().expect("stdin");
+    let from_fixture = lines(memscope.stdout.take().expect("stdout"));
+    let said = lines(memscope.stderr.take().expect("stderr"));
+    wait_for(&from_fixture, |l| l == "ready", "ready");
+    let phase = |to_fixture: &mut std::process::ChildStdin, command: &str| {
+        writeln!(to_fixture, "{command}").expect("fixture reads");
+        wait_for(&from_fixture, |l| l == "done", command);
+    };
+    let marked = |index: usize| {
+        wait_for(
+            &said,
+            |l| l.starts_with(&format!("memscope: window {index} closed")),
+            "window closed",
+        )
+    };
+
+    phase(&mut to_fixture, "hold");
+    let status = Command::new(MEMSCOPE)
+        .args(["mark", "--pid", &pid.to_string()])
+        .status()
+        .expect("memscope mark runs");
+    assert!(status.success());
+    marked(0);
+    phase(&mut to_fixture, "release");
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGUSR2) };
+    marked(1);
+    phase(&mut to_fixture, "grow");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGUSR2) };
+    marked(2);
+    writeln!(to_fixture, "quit").expect("fixture reads");
+    drop(to_fixture);
+    assert!(memscope.wait().expect("memscope ends").success());
+
+    let report = read_report(&dir);
+    assert_nothing_lost(&report);
+    let windows = &report.windows;
+    assert!(windows.len() >= 3, "{windows:#?}");
+    let figures = |i: usize| {
+        let w = &windows[i];
+        (
+            w.alloc_bytes,
+            w.free_bytes,
+            w.growth_bytes,
+            w.live_bytes,
+            w.closed_by,
+        )
+    };
+    assert_eq!(
+        figures(0),
+        (
+            HELD_BYTES,
+            0,
+            HELD_BYTES as i64,
+            HELD_BYTES,
+            WindowEnd::Mark
+        )
+    );
+    assert_eq!(
+        figures(1),
+        (0, HELD_BYTES, -(HELD_BYTES as i64), 0, WindowEnd::Mark)
+    );
+    assert_eq!(
+        figures(2),
+        (
+            GROWN_BYTES,
+            0,
+            GROWN_BYTES as i64,
+            GROWN_BYTES,
+            WindowEnd::Mark
+        )
+    );
+    assert_eq!(windows.last().map(|w| w.closed_by), Some(WindowEnd::End));
+    assert_eq!(windows[0].top_sites[0].frames[0].function, "hold_site");
+    assert_eq!(windows[0].top_sites[0].growth_bytes, HELD_BYTES as i64);
+    assert!(
+        windows[1].top_sites.is_empty(),
+        "{:?}",
+        windows[1].top_sites
+    );
+    assert_eq!(windows[2].top_sites[0].frames[0].function, "grow_site");
+    assert!(windows[2].rss_bytes > 0);
+    for pair in windows.windows(2) {
+        assert_eq!(pair[0].end_s, pair[1].start_s, "windows tile the session");
+    }
+
+    let peak = report.peak.as_ref().expect("a peak");
+    assert_eq!(peak.live_bytes, HELD_BYTES);
+    assert_eq!(peak.window, Some(0));
+    assert!(
+        peak.at_s > 0.0 && peak.at_s <= windows[0].end_s,
+        "peak at {} in window 0 ending {}",
+        peak.at_s,
+        windows[0].end_s
+    );
+    assert_eq!(peak.top_sites[0].frames[0].function, "hold_site");
+    assert_eq!(peak.top_sites[0].live_bytes, HELD_BYTES);
+    assert_eq!(peak.top_sites[0].kind, SiteKind::Malloc);
+    assert_eq!(peak.processes.len(), 1);
+    assert_eq!(peak.processes[0].live_bytes, HELD_BYTES);
+    assert_eq!(report.processes[0].peak_bytes, Some(HELD_BYTES));
+    assert_eq!(report.totals.live_bytes, GROWN_BYTES);
+
+    let growth = std::fs::read_to_string(dir.join("growth.svg")).expect("growth.svg");
+    assert!(growth.contains("grow_site"), "growth.svg names grow_site");
+    assert!(!growth.contains("hold_site"), "hold_site kept nothing");
+}
+
+/// Check that the timer closes windows on its own, and that they add up to
+/// the session's totals.
+#[test]
+fn timed_windows_add_up_to_the_totals() {
+    if !bpf_available() {
+        return;
+    }
+    let (report, _) = run_fixture("windows_timer", "leak_basic", &["--window", "50ms"]);
+    let alloc: u64 = report.windows.iter().map(|w| w.alloc_bytes).sum();
+    let free: u64 = report.windows.iter().map(|w| w.free_bytes).sum();
+    assert_eq!(
+        (alloc, free),
+        (report.totals.alloc_bytes, report.totals.free_bytes)
+    );
+    assert_eq!(
+        report.windows.last().map(|w| w.live_bytes),
+        Some(report.totals.live_bytes)
+    );
+    // At most one churn block (128 bytes) is live beside the leak, and
+    // stdout's buffer may come later.
+    assert_eq!(
+        report.peak.as_ref().map(|p| p.live_bytes),
+        Some(report.totals.live_bytes.max(4_096_000 + 128))
+    );
+    let ticks = report.tick_costs.expect("tick costs");
+    assert!(ticks.ticks >= 1);
+}
