@@ -8,8 +8,8 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, StackTraceMap},
 };
 use profiler_common::{
-    Counter, HeapTop, ProcessPeak, PythonFrame, PythonStack, StackKey, StackTotals, UNKNOWN_STACK,
-    map_names, python_stack_flags,
+    Counter, HeapTop, LiveAllocation, LiveKey, ProcessPeak, PythonFrame, PythonStack, StackKey,
+    StackTotals, UNKNOWN_STACK, map_names, python_stack_flags,
 };
 
 /// Everything the kernel side knows at one moment.
@@ -74,6 +74,12 @@ pub struct LossCounters {
 pub enum CollectError {
     #[error("BPF map {0} is missing (build bug)")]
     MissingMap(&'static str),
+    #[error("cannot read BPF map {name} in batches: {source}")]
+    Batch {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read BPF map {name}: {source}")]
     Map {
         name: &'static str,
@@ -94,15 +100,41 @@ fn map<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, Col
 /// kernel keeps adding while they are read, so an entry is as of its own
 /// read; nothing is stopped or locked.
 pub fn read_totals(ebpf: &Ebpf) -> Result<BTreeMap<StackKey, StackTotals>, CollectError> {
-    let totals_map: BpfHashMap<&MapData, StackKey, StackTotals> =
-        BpfHashMap::try_from(map(ebpf, map_names::STACK_TOTALS)?)
-            .map_err(map_error(map_names::STACK_TOTALS))?;
+    let name = map_names::STACK_TOTALS;
+    let fd = map(ebpf, name).map(crate::multi_uprobe::map_fd)?;
+    let fd = fd.ok_or(CollectError::MissingMap(name))?;
     let mut totals = BTreeMap::new();
-    for entry in totals_map.iter() {
-        let (key, value) = entry.map_err(map_error(map_names::STACK_TOTALS))?;
-        totals.insert(key, value);
-    }
+    crate::map_batch::for_each(fd, |key: &StackKey, value: &StackTotals| {
+        totals.insert(*key, *value);
+    })
+    .map_err(|source| CollectError::Batch { name, source })?;
     Ok(totals)
+}
+
+/// The live blocks' bytes per (process, stack), by the window each was
+/// allocated in (`window_of` maps an allocation time to its window): how
+/// much of each window's allocations survives. One pass over the live map,
+/// which the kernel changes meanwhile: a block freed during the pass may
+/// still be counted, one allocated during it may be missed.
+pub fn read_survivors(
+    ebpf: &Ebpf,
+    windows: usize,
+    window_of: impl Fn(u64) -> usize,
+) -> Result<BTreeMap<StackKey, Vec<u64>>, CollectError> {
+    let name = map_names::LIVE;
+    let fd = map(ebpf, name).map(crate::multi_uprobe::map_fd)?;
+    let fd = fd.ok_or(CollectError::MissingMap(name))?;
+    let mut survivors: BTreeMap<StackKey, Vec<u64>> = BTreeMap::new();
+    crate::map_batch::for_each(fd, |key: &LiveKey, block: &LiveAllocation| {
+        let by_window = survivors
+            .entry(block.stack_key(key.tgid))
+            .or_insert_with(|| vec![0; windows]);
+        if let Some(bytes) = by_window.get_mut(window_of(block.timestamp_ns)) {
+            *bytes += block.size;
+        }
+    })
+    .map_err(|source| CollectError::Batch { name, source })?;
+    Ok(survivors)
 }
 
 /// Live bytes and peaks: per process, and merged.

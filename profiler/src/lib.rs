@@ -25,11 +25,13 @@
 pub mod allocator;
 pub mod attach;
 pub mod bpf;
+pub mod classify;
 pub mod collect;
 pub mod completeness;
 pub mod follow;
 pub mod holds;
 pub mod kernel_btf;
+pub mod map_batch;
 pub mod mark;
 pub mod multi_uprobe;
 pub mod output;

@@ -192,8 +192,11 @@ fn show_saved_report(
     };
     let text = std::fs::read_to_string(&file)
         .with_context(|| format!("cannot read {}", file.display()))?;
-    let report: memscope::report::Report = serde_json::from_str(&text)
+    let mut report: memscope::report::Report = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a memscope report.json", file.display()))?;
+    // Verdicts are derived from the saved histories again, by this
+    // version's rule.
+    memscope::classify::classify_sites(&mut report);
     if let Some(dir) = output {
         output::write_all(dir, &report)
             .with_context(|| format!("cannot write to {}", dir.display()))?;

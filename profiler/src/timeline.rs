@@ -26,6 +26,9 @@ pub struct RecordedWindow {
     /// Seconds since the session started.
     pub start_s: f64,
     pub end_s: f64,
+    /// `end_s` on the kernel's clock (CLOCK_MONOTONIC), to place blocks by
+    /// their allocation time.
+    pub end_ns: u64,
     pub closed_by: WindowEnd,
     /// What changed in the window, per (process, stack); unchanged stacks
     /// are absent.
@@ -67,7 +70,7 @@ impl Timeline {
     /// or None when it would be empty and instantaneous.
     pub fn close(
         &mut self,
-        at_s: f64,
+        (at_s, at_ns): (f64, u64),
         cumulative: BTreeMap<StackKey, StackTotals>,
         rss_bytes: u64,
         closed_by: WindowEnd,
@@ -84,6 +87,7 @@ impl Timeline {
         self.windows.push(RecordedWindow {
             start_s: self.last_s,
             end_s: at_s,
+            end_ns: at_ns,
             closed_by,
             changes,
             live_bytes,
@@ -129,6 +133,14 @@ pub fn totals_at(windows: &[RecordedWindow], index: usize) -> BTreeMap<StackKey,
     totals
 }
 
+/// The window a block allocated at `ns` (kernel clock) belongs to: the
+/// first whose end is not before it.
+pub fn window_of(windows: &[RecordedWindow], ns: u64) -> usize {
+    windows
+        .partition_point(|w| w.end_ns < ns)
+        .min(windows.len().saturating_sub(1))
+}
+
 /// The window whose end is nearest to `at_s`.
 pub fn nearest_end(windows: &[RecordedWindow], at_s: f64) -> Option<usize> {
     windows
@@ -164,10 +176,15 @@ mod tests {
     #[test]
     fn a_window_is_the_difference_of_its_ends() {
         let mut timeline = Timeline::default();
-        timeline.close(1.0, snapshot(&[(1, totals(3, 1))]), 10, WindowEnd::Timer);
+        timeline.close(
+            (1.0, 0),
+            snapshot(&[(1, totals(3, 1))]),
+            10,
+            WindowEnd::Timer,
+        );
         let window = timeline
             .close(
-                2.0,
+                (2.0, 0),
                 snapshot(&[(1, totals(3, 1)), (2, totals(5, 0))]),
                 20,
                 WindowEnd::Mark,
@@ -187,16 +204,16 @@ mod tests {
         let now = snapshot(&[(1, totals(3, 1))]);
         assert!(
             timeline
-                .close(1.0, now.clone(), 0, WindowEnd::Timer)
+                .close((1.0, 0), now.clone(), 0, WindowEnd::Timer)
                 .is_some()
         );
         assert!(
             timeline
-                .close(1.0, now.clone(), 0, WindowEnd::End)
+                .close((1.0, 0), now.clone(), 0, WindowEnd::End)
                 .is_none()
         );
         // Long enough, it is a window in which nothing happened.
-        assert!(timeline.close(2.0, now, 0, WindowEnd::End).is_some());
+        assert!(timeline.close((2.0, 0), now, 0, WindowEnd::End).is_some());
         assert_eq!(timeline.windows().len(), 2);
     }
 
@@ -232,7 +249,7 @@ mod tests {
                     let t = cumulative.entry(StackKey::new(1, *stack)).or_default();
                     t.add(&totals(*alloc, (*free).min(*alloc)));
                 }
-                timeline.close(i as f64 + 1.0, cumulative.clone(), 0, WindowEnd::Timer);
+                timeline.close((i as f64 + 1.0, 0), cumulative.clone(), 0, WindowEnd::Timer);
             }
             let windows = timeline.windows();
             let summed = totals_at(windows, windows.len() - 1);

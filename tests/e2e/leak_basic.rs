@@ -67,10 +67,6 @@ fn flamegraph_and_folded_stacks_show_the_leak() {
     assert!(svg.trim_end().ends_with("</svg>"));
 }
 
-fn output_dir_path(test: &str) -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("out-{test}"))
-}
-
 #[test]
 fn json_flag_prints_the_report_on_stdout() {
     if !bpf_available() {

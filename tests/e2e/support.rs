@@ -107,6 +107,11 @@ pub fn output_dir(test: &str) -> PathBuf {
     dir
 }
 
+/// Where `output_dir(test)` put a test's outputs, left as they are.
+pub fn output_dir_path(test: &str) -> PathBuf {
+    scratch().join(format!("out-{test}"))
+}
+
 pub fn read_report(dir: &Path) -> Report {
     let text = std::fs::read_to_string(dir.join("report.json")).expect("report.json written");
     serde_json::from_str(&text).expect("report.json parses")

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use memscope::{report::SiteKind, timeline::WindowEnd};
+use memscope::{classify::Verdict, report::SiteKind, timeline::WindowEnd};
 
 use crate::support::*;
 
@@ -195,4 +195,58 @@ fn timed_windows_add_up_to_the_totals() {
     );
     let ticks = report.tick_costs.expect("tick costs");
     assert!(ticks.ticks >= 1);
+}
+
+/// Check the verdicts on a fixture that leaks, caches, queues, churns and
+/// initialises lazily at once, over about a dozen windows: the leak is the
+/// one leak.
+#[test]
+fn verdicts_tell_the_leak_from_the_cache_the_queue_and_the_churn() {
+    if !bpf_available() {
+        return;
+    }
+    let (report, _) = run_fixture("windows_verdicts", "patterns", &["--window", "250ms"]);
+    assert!(
+        report.windows.len() >= 8,
+        "{} windows",
+        report.windows.len()
+    );
+    let verdict = |function: &str| {
+        site(&report, function)
+            .classification
+            .as_ref()
+            .map(|c| c.verdict)
+    };
+    assert_eq!(verdict("leak_site"), Some(Verdict::Leak));
+    assert_eq!(verdict("cache_insert"), Some(Verdict::Bounded));
+    assert_eq!(verdict("lazy_init_site"), Some(Verdict::Bounded));
+    assert_eq!(verdict("churn_site"), Some(Verdict::Temporary));
+    assert_eq!(verdict("queue_push"), Some(Verdict::Temporary));
+    let leaks: Vec<&str> = report
+        .sites
+        .iter()
+        .filter(|s| s.classification.as_ref().map(|c| c.verdict) == Some(Verdict::Leak))
+        .map(|s| s.frames[0].function.as_str())
+        .collect();
+    assert_eq!(leaks, ["leak_site"]);
+    let leak = site(&report, "leak_site");
+    assert_eq!(leak.live_bytes, 300 * 512);
+    let history = leak.history.as_ref().expect("history");
+    assert_eq!(history.live_bytes.last(), Some(&(300 * 512)));
+    assert_eq!(history.surviving_bytes.iter().sum::<u64>(), 300 * 512);
+    assert_eq!(history.alloc_bytes.iter().sum::<u64>(), 300 * 512);
+    let cache = site(&report, "cache_insert");
+    assert_eq!(cache.live_bytes, 32 * 768);
+    let saved = output_dir_path("windows_verdicts");
+    let again = std::process::Command::new(MEMSCOPE)
+        .args(["report", "--json"])
+        .arg(&saved)
+        .output()
+        .expect("memscope report runs");
+    let again: memscope::report::Report =
+        serde_json::from_slice(&again.stdout).expect("report --json parses");
+    assert_eq!(
+        again.sites, report.sites,
+        "verdicts re-derived from the saved file"
+    );
 }

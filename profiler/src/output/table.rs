@@ -4,6 +4,7 @@ use std::io::{self, Write};
 
 use super::escape::escape_control;
 use crate::{
+    classify::Verdict,
     processes::Following,
     report::{ProcessReport, Report},
     units::format_bytes,
@@ -35,6 +36,16 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
         t.free_bytes,
         t.free_count
     )?;
+    if let Some(peak) = &report.peak {
+        writeln!(
+            out,
+            "peak: {} bytes ({}) at {:.1}s; {} windows",
+            peak.live_bytes,
+            format_bytes(peak.live_bytes),
+            peak.at_s,
+            report.windows.len()
+        )?;
+    }
     let m = &report.mapped;
     if m.alloc_count > 0 {
         writeln!(
@@ -48,10 +59,16 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
         )?;
     }
     writeln!(out)?;
+    // Verdicts once there are windows enough to give them.
+    let verdicts = report.windows.len() >= crate::classify::MIN_WINDOWS;
     writeln!(
         out,
-        "{:>14} {:>10} {:>14} {:>10}  SITE (allocating function <- callers)",
-        "LIVE BYTES", "LIVE", "ALLOC BYTES", "ALLOCS"
+        "{:>14} {:>10} {:>14} {:>10}  {}SITE (allocating function <- callers)",
+        "LIVE BYTES",
+        "LIVE",
+        "ALLOC BYTES",
+        "ALLOCS",
+        if verdicts { "VERDICT    " } else { "" }
     )?;
     for site in report.sites.iter().take(limit) {
         let chain = site
@@ -70,9 +87,13 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
         } else {
             ""
         };
+        let verdict = match &site.classification {
+            Some(c) if verdicts => format!("{:<11}", verdict_word(c.verdict)),
+            _ => String::new(),
+        };
         writeln!(
             out,
-            "{:>14} {:>10} {:>14} {:>10}  {kind}{chain}{more}",
+            "{:>14} {:>10} {:>14} {:>10}  {verdict}{kind}{chain}{more}",
             site.live_bytes, site.live_count, site.alloc_bytes, site.alloc_count
         )?;
     }
@@ -151,6 +172,16 @@ fn render_processes(report: &Report, limit: usize, out: &mut impl Write) -> io::
         )?;
     }
     Ok(())
+}
+
+fn verdict_word(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Leak => "LEAK",
+        Verdict::Growing => "growing",
+        Verdict::Bounded => "bounded",
+        Verdict::Temporary => "temporary",
+        Verdict::Unknown => "unknown",
+    }
 }
 
 fn following_word(following: Following) -> &'static str {

@@ -7,7 +7,7 @@ use profiler_common::{StackKey, StackTotals, UNKNOWN_STACK, site_class};
 
 use super::{
     Completeness, Frame, HeapReport, PeakReport, ProcessPeakReport, ProcessReport, Report, SCHEMA,
-    Site, SiteKind, TargetInfo, Totals, WindowReport, WindowSite,
+    Site, SiteHistory, SiteKind, TargetInfo, Totals, WindowReport, WindowSite,
 };
 use crate::{
     attach::AttachedProbe,
@@ -33,6 +33,8 @@ pub struct ReportContext {
     pub windows: Vec<RecordedWindow>,
     /// CLOCK_MONOTONIC at the session's start, to place kernel times.
     pub started_ns: u64,
+    /// Live bytes per (process, stack) by the window they were allocated in.
+    pub survivors: BTreeMap<StackKey, Vec<u64>>,
 }
 
 /// Sites listed per window, and at the peak.
@@ -73,7 +75,17 @@ pub fn build_report(
     let seconds = |ns: u64| ns.saturating_sub(context.started_ns) as f64 / 1e9;
 
     let (totals, mapped) = class_totals(combined.iter());
-    let sites = sites_of(combined.iter(), &frames, &context.adjustments);
+    let mut sites = sites_of(combined.iter(), &frames, &context.adjustments);
+    let histories = site_histories(&context.windows, &context.survivors, &frames);
+    for site in &mut sites {
+        if site.live_bytes > 0 {
+            site.history = histories.get(&(site.kind, site.frames.as_slice())).cloned();
+        }
+        site.classification = Some(crate::classify::classify(
+            site.live_bytes,
+            site.history.as_ref(),
+        ));
+    }
     let peak_of = |p: &ProcessRecord| {
         p.peak_at_exit
             .or_else(|| snapshot.peaks.get(&p.pid).copied())
@@ -236,6 +248,67 @@ fn top_growing(
     sites
 }
 
+/// Each site's live bytes at every window's end, what it allocated in each
+/// and how much of that survives.
+fn site_histories<'a>(
+    windows: &[RecordedWindow],
+    survivors: &BTreeMap<StackKey, Vec<u64>>,
+    frames: &'a BTreeMap<StackKey, Vec<Frame>>,
+) -> BTreeMap<(SiteKind, &'a [Frame]), SiteHistory> {
+    type Series<'f> = BTreeMap<(SiteKind, &'f [Frame]), (Vec<i64>, SiteHistory)>;
+    fn site<'s, 'f>(
+        growth: &'s mut Series<'f>,
+        frames: &'f BTreeMap<StackKey, Vec<Frame>>,
+        key: &StackKey,
+        n: usize,
+    ) -> Option<&'s mut (Vec<i64>, SiteHistory)> {
+        let frames = frames.get(key)?;
+        Some(
+            growth
+                .entry((SiteKind::of_class(key.class), frames.as_slice()))
+                .or_insert_with(|| {
+                    let zeros = vec![0; n];
+                    (
+                        vec![0; n],
+                        SiteHistory {
+                            live_bytes: zeros.clone(),
+                            alloc_bytes: zeros.clone(),
+                            surviving_bytes: zeros,
+                        },
+                    )
+                }),
+        )
+    }
+    let n = windows.len();
+    let mut growth: Series<'a> = BTreeMap::new();
+    for (index, window) in windows.iter().enumerate() {
+        for (key, change) in &window.changes {
+            if let Some((grown, history)) = site(&mut growth, frames, key, n) {
+                grown[index] += change.growth_bytes();
+                history.alloc_bytes[index] += change.alloc_bytes;
+            }
+        }
+    }
+    for (key, by_window) in survivors {
+        if let Some((_, history)) = site(&mut growth, frames, key, n) {
+            for (into, bytes) in history.surviving_bytes.iter_mut().zip(by_window) {
+                *into += bytes;
+            }
+        }
+    }
+    growth
+        .into_iter()
+        .map(|(site, (grown, mut history))| {
+            let mut live = 0i64;
+            for (into, step) in history.live_bytes.iter_mut().zip(grown) {
+                live += step;
+                *into = live.max(0) as u64;
+            }
+            (site, history)
+        })
+        .collect()
+}
+
 /// The merged peak, each process's, and the sites at the window end
 /// nearest to it.
 fn peak_report(
@@ -347,6 +420,8 @@ fn sites_of<'a>(
         .into_iter()
         .map(|((class, frames), (t, inherited))| Site {
             growth_bytes: t.live_bytes() as i64 - inherited as i64,
+            history: None,
+            classification: None,
             kind: SiteKind::of_class(class),
             frames: frames.to_vec(),
             live_bytes: t.live_bytes(),

@@ -387,6 +387,23 @@ pub struct Site {
     /// What growth.svg draws.
     #[serde(default)]
     pub growth_bytes: i64,
+    /// Its figures at each window, for a site live at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<SiteHistory>,
+    /// What its memory is doing: leak, growing, bounded, temporary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classification: Option<crate::classify::Classification>,
+}
+
+/// A site across the session's windows (`windows[]`), oldest first.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteHistory {
+    /// Live bytes at each window's end.
+    pub live_bytes: Vec<u64>,
+    /// Bytes allocated in each window.
+    pub alloc_bytes: Vec<u64>,
+    /// Of the bytes allocated in each window, those still live at the end.
+    pub surviving_bytes: Vec<u64>,
 }
 
 impl Site {
@@ -496,6 +513,8 @@ pub(crate) mod tests_support {
             free_bytes: free.1,
             free_count: free.0,
             growth_bytes: (alloc.1 - free.1) as i64,
+            history: None,
+            classification: None,
         }
     }
 

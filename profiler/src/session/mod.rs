@@ -698,9 +698,11 @@ impl Session {
         };
         let cumulative = report::combined_totals(&totals, &self.adjustments);
         let rss_bytes = self.resident_bytes();
-        let at_s = self.started.elapsed().as_secs_f64();
         let index = self.timeline.windows().len();
-        if let Some(window) = self.timeline.close(at_s, cumulative, rss_bytes, closed_by) {
+        if let Some(window) = self
+            .timeline
+            .close(self.now(), cumulative, rss_bytes, closed_by)
+        {
             let change = window.malloc_changes();
             // Said where a load script that marks can wait for it.
             if closed_by == WindowEnd::Mark {
@@ -726,6 +728,14 @@ impl Session {
         self.tick_costs.push(began.elapsed());
     }
 
+    /// Now, in seconds into the session and on the kernel's clock.
+    fn now(&self) -> (f64, u64) {
+        (
+            self.started.elapsed().as_secs_f64(),
+            crate::holds::monotonic_ns(),
+        )
+    }
+
     /// Resident memory of the running followed processes.
     fn resident_bytes(&self) -> u64 {
         let page = procfs::page_size();
@@ -744,12 +754,12 @@ impl Session {
         let snapshot = collect::read_snapshot(&self.kernel.ebpf)?;
         let cumulative = report::combined_totals(&snapshot.totals, &self.adjustments);
         let rss_bytes = self.resident_bytes();
-        self.timeline.close(
-            self.started.elapsed().as_secs_f64(),
-            cumulative,
-            rss_bytes,
-            WindowEnd::End,
-        );
+        self.timeline
+            .close(self.now(), cumulative, rss_bytes, WindowEnd::End);
+        let windows = self.timeline.windows();
+        let survivors = collect::read_survivors(&self.kernel.ebpf, windows.len(), |ns| {
+            crate::timeline::window_of(windows, ns)
+        })?;
         let symbolizer = &mut self.symbolizer;
         let context = ReportContext {
             target: Some(TargetInfo {
@@ -765,6 +775,7 @@ impl Session {
             per_process_sites: self.per_process_sites,
             windows: self.timeline.windows().to_vec(),
             started_ns: self.started_ns,
+            survivors,
         };
         let mut report = report::build_report(
             &snapshot,
