@@ -3,7 +3,11 @@
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use memscope::{bpf::MapCapacity, session::FollowMode, units::parse_duration};
+use memscope::{
+    bpf::MapCapacity,
+    session::FollowMode,
+    units::{parse_duration, parse_size},
+};
 use profiler_common::{DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS};
 
 #[derive(Debug, Parser)]
@@ -120,6 +124,25 @@ pub struct ProfileArgs {
     /// call: for dedicated hosts, CI and containers).
     #[arg(long, value_enum, default_value_t = Follow::Process, value_name = "MODE")]
     pub follow: Follow,
+    /// Alert when a window grows the live bytes by more than this (4096,
+    /// 64KB, 50MB, 1GB).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub alert_growth: Option<u64>,
+    /// RSS alert levels, percent of the memory limit: warning, critical,
+    /// emergency.
+    #[arg(long, value_parser = parse_levels, default_value = "60,75,85", value_name = "W,C,E")]
+    pub alert_rss: memscope::alert::RssLevels,
+    /// The memory limit RSS levels are shares of [default: the target's
+    /// cgroup memory.max, else the host's MemTotal].
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub memory_limit: Option<u64>,
+    /// POST each alert's JSON to this http:// URL (timeouts, 3 tries, never
+    /// holding collection up).
+    #[arg(long, value_name = "URL")]
+    pub alert_webhook: Option<String>,
+    /// Run `sh -c CMD` for each alert, with its JSON on standard input.
+    #[arg(long, value_name = "CMD")]
+    pub alert_exec: Option<String>,
     /// Distinct call stacks recorded (kernel memory: about 1.8 KiB each: the
     /// trace, and room for 8 processes' totals of it).
     #[arg(long, default_value_t = DEFAULT_MAX_STACKS, value_name = "N")]
@@ -145,5 +168,24 @@ impl ProfileArgs {
             max_live: self.max_live,
             max_stacks: self.max_stacks,
         }
+    }
+}
+
+/// `60,75,85`: three rising percentages.
+fn parse_levels(input: &str) -> Result<memscope::alert::RssLevels, String> {
+    let error =
+        || format!("invalid levels {input:?}: expected three rising percentages, like 60,75,85");
+    let levels: Vec<f64> = input
+        .split(',')
+        .map(|p| p.trim().trim_end_matches('%').parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| error())?;
+    match levels[..] {
+        [w, c, e] if 0.0 < w && w < c && c < e && e <= 100.0 => Ok(memscope::alert::RssLevels {
+            warning: w / 100.0,
+            critical: c / 100.0,
+            emergency: e / 100.0,
+        }),
+        _ => Err(error()),
     }
 }

@@ -212,6 +212,23 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
     })
 }
 
+/// One user stack, by id (None when the stack map has none).
+pub fn read_stack(ebpf: &Ebpf, stack_id: u32) -> Option<Vec<u64>> {
+    let stacks: StackTraceMap<&MapData> =
+        StackTraceMap::try_from(ebpf.map(map_names::STACKS)?).ok()?;
+    let trace = stacks.get(&stack_id, 0).ok()?;
+    Some(trace.frames().iter().map(|f| f.ip).collect())
+}
+
+/// One recorded Python stack, by hash.
+pub fn read_python_stack(ebpf: &Ebpf, hash: u64) -> Option<RecordedPythonStack> {
+    let map: BpfHashMap<&MapData, u64, PythonStack> =
+        BpfHashMap::try_from(ebpf.map(map_names::PY_STACKS)?).ok()?;
+    map.get(&hash, 0)
+        .ok()
+        .map(|stack| RecordedPythonStack::from(&stack))
+}
+
 /// The recorded Python stacks whose hash `wanted` accepts.
 pub fn read_python_stacks(
     ebpf: &Ebpf,

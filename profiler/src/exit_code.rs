@@ -33,6 +33,12 @@ pub fn for_error(error: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<OutputError>().is_some() {
             return OUTPUT_FAILED;
         }
+        if cause
+            .downcast_ref::<memscope::alert::WebhookError>()
+            .is_some()
+        {
+            return USAGE;
+        }
         match cause.downcast_ref::<memscope::mark::MarkError>() {
             Some(memscope::mark::MarkError::Signal { .. }) => return NOT_PERMITTED,
             Some(_) => return NO_SUCH_PROCESS,

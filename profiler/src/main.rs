@@ -4,7 +4,7 @@ mod cli;
 mod exit_code;
 
 use std::{
-    io::{self, Write as _},
+    io::{self, IsTerminal as _, Write as _},
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -107,6 +107,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         python_objects: args.python_objects,
         window: args.window,
     };
+    if let Some(url) = &args.alert_webhook {
+        memscope::alert::check_webhook(url)?;
+    }
     let mut session = Session::start(&spec, &options)?;
     // The command line and library path are the target's to choose; escaped,
     // they cannot send escape sequences to the terminal of root running this.
@@ -139,16 +142,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         );
     }
-    let reason = session.wait(options.duration).await?;
-    let ended = std::time::Instant::now();
-    let report = session.report()?;
-    tracing::info!("report built in {:?}", ended.elapsed());
     let dir = args
         .output
         .clone()
         .unwrap_or_else(|| default_output_dir(session.pid()));
+    // Opened now: alerts.jsonl is written while the session runs.
+    let out = output::OutputDir::create(&dir, output::Owner::from_sudo())
+        .with_context(|| format!("cannot write the report to {}", dir.display()))?;
+    session.set_alerts(alert_rules(&args, session.pid()), alert_sinks(&args, &out)?);
+    if io::stderr().is_terminal() {
+        session.show_status();
+    }
+    let reason = session.wait(options.duration).await?;
+    let ended = std::time::Instant::now();
+    let report = session.report()?;
+    tracing::info!("report built in {:?}", ended.elapsed());
     // The table first: if the files cannot be written, it is all the user gets.
-    let written = output::write_all(&dir, &report);
+    let written = output::write_into(&out, &report);
     print_result(&report, args.json, args.top)?;
     written.with_context(|| format!("cannot write the report to {}", dir.display()))?;
     eprintln!(
@@ -158,6 +168,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+fn alert_rules(args: &cli::ProfileArgs, pid: u32) -> memscope::alert::AlertRules {
+    let memory_limit = match args.memory_limit {
+        Some(bytes) => Some(memscope::alert::limit::MemoryLimit {
+            bytes,
+            source: "--memory-limit".into(),
+        }),
+        None => memscope::alert::limit::of_process(pid),
+    };
+    memscope::alert::AlertRules {
+        growth_per_window: args.alert_growth,
+        rss_levels: args.alert_rss,
+        memory_limit,
+    }
+}
+
+fn alert_sinks(
+    args: &cli::ProfileArgs,
+    out: &output::OutputDir,
+) -> anyhow::Result<Vec<Box<dyn memscope::alert::Sink>>> {
+    use memscope::alert::{ExecSink, JsonLinesSink, StderrSink, WebhookSink};
+    let jsonl = out
+        .create_for_appending(output::ALERTS_JSONL)
+        .context("cannot create alerts.jsonl")?;
+    let mut sinks: Vec<Box<dyn memscope::alert::Sink>> =
+        vec![Box::new(StderrSink), Box::new(JsonLinesSink::new(jsonl))];
+    if let Some(url) = &args.alert_webhook {
+        sinks.push(Box::new(WebhookSink::new(url)?));
+    }
+    if let Some(command) = &args.alert_exec {
+        sinks.push(Box::new(ExecSink::new(command.clone())));
+    }
+    Ok(sinks)
 }
 
 /// `memscope mark`: SIGUSR2 to the running sessions.

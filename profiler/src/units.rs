@@ -32,6 +32,42 @@ pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
     Duration::try_from_secs_f64(seconds).map_err(|_| error())
 }
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "invalid size {input:?}: expected bytes with an optional unit, like 4096, 64KB, 50MB, 1.5GiB"
+)]
+pub struct SizeError {
+    input: String,
+}
+
+/// Parses `4096`, `64K`, `50MB`, `1.5GiB`: K/M/G/T with or without `B`
+/// or `iB` are powers of 1024, as memory limits are.
+pub fn parse_size(input: &str) -> Result<u64, SizeError> {
+    let error = || SizeError {
+        input: input.to_owned(),
+    };
+    let text = input.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| error())?;
+    let unit = unit.trim().to_ascii_uppercase();
+    let scale = match unit.trim_end_matches('B').trim_end_matches('I') {
+        "" => 1u64,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(error()),
+    };
+    let bytes = value * scale as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(error());
+    }
+    Ok(bytes as u64)
+}
+
 /// Formats a byte count with a binary unit: `3.9 MiB`.
 pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -65,6 +101,18 @@ mod tests {
     fn durations_reject_nonsense() {
         for bad in ["", "s", "10x", "-5s", "0s", "abc"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64KB"), Ok(65536));
+        assert_eq!(parse_size("50MB"), Ok(50 << 20));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        for bad in ["", "MB", "10X", "-5", "0", "1KBB"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} was accepted");
         }
     }
 

@@ -125,6 +125,51 @@ impl OutputDir {
         self.write_through(name, &temp, contents)
     }
 
+    /// Creates the file `name`, empty, to be written to as things happen
+    /// (alerts.jsonl): made under a temporary name and renamed into place
+    /// like every other file, so it is never a file someone else put there.
+    pub fn create_for_appending(&self, name: &str) -> Result<File, OutputError> {
+        let error = |source| self.write_error(name, source);
+        let temp = temp_name(name).map_err(error)?;
+        let file = self.open_new(&temp).map_err(error)?;
+        self.give(&file, &self.path.join(name));
+        let name_c = c_name(OsStr::new(name)).map_err(error)?;
+        let temp_c = c_name(OsStr::new(&temp)).map_err(error)?;
+        let dir_fd = self.dir.as_raw_fd();
+        // SAFETY: dir_fd is open, both names are NUL-terminated.
+        if let Err(source) =
+            check(unsafe { libc::renameat(dir_fd, temp_c.as_ptr(), dir_fd, name_c.as_ptr()) })
+        {
+            // SAFETY: as above; the temporary name is this call's own.
+            unsafe { libc::unlinkat(dir_fd, temp_c.as_ptr(), 0) };
+            return Err(error(source));
+        }
+        Ok(file)
+    }
+
+    /// Opens a new file in the directory. O_EXCL|O_NOFOLLOW: a file or
+    /// symlink already at the name fails the open instead of being written
+    /// through.
+    fn open_new(&self, name: &str) -> io::Result<File> {
+        let name_c = c_name(OsStr::new(name))?;
+        // SAFETY: the directory's descriptor is open for as long as self,
+        // name_c is NUL-terminated, and the mode is the variadic argument
+        // O_CREAT reads.
+        let fd = unsafe {
+            libc::openat(
+                self.dir.as_raw_fd(),
+                name_c.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                FILE_MODE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just opened here and nothing else owns it.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
     /// Makes the renames durable: they live in the directory's own data.
     pub fn sync(&self) -> Result<(), OutputError> {
         self.dir.sync_all().map_err(|source| OutputError::Write {
@@ -138,23 +183,7 @@ impl OutputDir {
         let name_c = c_name(OsStr::new(name)).map_err(error)?;
         let temp_c = c_name(OsStr::new(temp)).map_err(error)?;
         let dir_fd = self.dir.as_raw_fd();
-        // O_EXCL|O_NOFOLLOW: a file or symlink already at the temporary
-        // name fails the open instead of being written through.
-        // SAFETY: dir_fd is open for as long as self, temp_c is
-        // NUL-terminated, and the mode is the variadic argument O_CREAT reads.
-        let fd = unsafe {
-            libc::openat(
-                dir_fd,
-                temp_c.as_ptr(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                FILE_MODE,
-            )
-        };
-        if fd < 0 {
-            return Err(error(io::Error::last_os_error()));
-        }
-        // SAFETY: fd was just opened here and nothing else owns it.
-        let mut file = unsafe { File::from_raw_fd(fd) };
+        let mut file = self.open_new(temp).map_err(error)?;
         let result = (|| {
             file.write_all(contents)?;
             // Before the rename: the file appears under its name already

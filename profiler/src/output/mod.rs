@@ -48,13 +48,19 @@ pub const GROWTH_SVG: &str = "growth.svg";
 pub const STACKS_FOLDED: &str = "stacks.folded";
 /// Every file `write_all` writes, in the order the banner names them.
 pub const FILES: &[&str] = &[REPORT_JSON, INUSE_SVG, GROWTH_SVG, STACKS_FOLDED];
+/// One JSON object per alert, written as each happens.
+pub const ALERTS_JSONL: &str = "alerts.jsonl";
 
 /// Writes report.json, stacks.folded and inuse.svg into `dir` (created if
 /// needed, never through a symlink; see [`OutputDir`]). Each file appears
 /// whole or not at all. Under sudo, the files (and the directory, if
 /// created here) belong to the user who ran sudo.
 pub fn write_all(dir: &Path, report: &Report) -> Result<(), OutputError> {
-    let out = OutputDir::create(dir, Owner::from_sudo())?;
+    write_into(&OutputDir::create(dir, Owner::from_sudo())?, report)
+}
+
+/// As `write_all`, into a directory opened already.
+pub fn write_into(out: &OutputDir, report: &Report) -> Result<(), OutputError> {
     out.write_atomically(REPORT_JSON, report_json(report)?.as_bytes())?;
     let folded = folded::render(report);
     out.write_atomically(STACKS_FOLDED, folded.as_bytes())?;

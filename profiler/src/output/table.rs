@@ -6,7 +6,7 @@ use super::escape::escape_control;
 use crate::{
     classify::Verdict,
     processes::Following,
-    report::{ProcessReport, Report},
+    report::{Frame, ProcessReport, Report},
     units::format_bytes,
 };
 
@@ -71,21 +71,10 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
         if verdicts { "VERDICT    " } else { "" }
     )?;
     for site in report.sites.iter().take(limit) {
-        let chain = site
-            .frames
-            .iter()
-            .take(CHAIN_FRAMES)
-            .map(|f| escape_control(&f.label()).into_owned())
-            .collect::<Vec<_>>()
-            .join(" <- ");
+        let chain = escape_control(&Frame::chain(&site.frames, CHAIN_FRAMES)).into_owned();
         let kind = match site.kind {
             crate::report::SiteKind::Malloc => "",
             crate::report::SiteKind::Mmap => "[mmap] ",
-        };
-        let more = if site.frames.len() > CHAIN_FRAMES {
-            " <- ..."
-        } else {
-            ""
         };
         let verdict = match &site.classification {
             Some(c) if verdicts => format!("{:<11}", verdict_word(c.verdict)),
@@ -93,7 +82,7 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
         };
         writeln!(
             out,
-            "{:>14} {:>10} {:>14} {:>10}  {verdict}{kind}{chain}{more}",
+            "{:>14} {:>10} {:>14} {:>10}  {verdict}{kind}{chain}",
             site.live_bytes, site.live_count, site.alloc_bytes, site.alloc_count
         )?;
     }
@@ -113,6 +102,9 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
                 costs.processes, costs.median_ms, costs.max_ms
             )?;
         }
+    }
+    for alert in &report.alerts {
+        writeln!(out, "alert: {}", escape_control(&alert.message))?;
     }
     for warning in &report.warnings {
         writeln!(out, "warning: {}", escape_control(warning))?;

@@ -51,16 +51,12 @@ pub fn build_report(
 ) -> Report {
     let combined = combined_totals(&snapshot.totals, &context.adjustments);
     let mut frames_of = |key: &StackKey| {
-        let python = snapshot.python_stacks.get(&key.python_stack);
-        match snapshot.stacks.get(&key.stack_id) {
-            Some(ips) if key.stack_id != UNKNOWN_STACK => {
-                trim_allocator_frames(symbolize(key.tgid, &with_caller(ips, key.caller), python))
-            }
-            // The native walk failed (in CPython, which has no frame
-            // pointers, it often reads garbage); the Python stack stands.
-            _ if python.is_some() => symbolize(key.tgid, &[], python),
-            _ => vec![Frame::named("[unknown stack]")],
-        }
+        key_frames(
+            key,
+            snapshot.stacks.get(&key.stack_id).map(Vec::as_slice),
+            snapshot.python_stacks.get(&key.python_stack),
+            &mut symbolize,
+        )
     };
     // Symbolize each (process, stack) once.
     let mut frames: BTreeMap<StackKey, Vec<Frame>> =
@@ -182,6 +178,7 @@ pub fn build_report(
         processes,
         attach_costs: None,
         tick_costs: None,
+        alerts: Vec::new(),
     }
 }
 
@@ -354,6 +351,25 @@ fn peak_report(
         window,
         top_sites,
     })
+}
+
+/// The frames of one (process, stack), innermost first, the allocator's
+/// own trimmed: from its native stack and the thread's Python stack.
+pub fn key_frames(
+    key: &StackKey,
+    ips: Option<&[u64]>,
+    python: Option<&RecordedPythonStack>,
+    symbolize: &mut impl FnMut(u32, &[u64], Option<&RecordedPythonStack>) -> Vec<Frame>,
+) -> Vec<Frame> {
+    match ips {
+        Some(ips) if key.stack_id != UNKNOWN_STACK => {
+            trim_allocator_frames(symbolize(key.tgid, &with_caller(ips, key.caller), python))
+        }
+        // The native walk failed (in CPython, which has no frame
+        // pointers, it often reads garbage); the Python stack stands.
+        _ if python.is_some() => symbolize(key.tgid, &[], python),
+        _ => vec![Frame::named("[unknown stack]")],
+    }
 }
 
 /// A stack taken at a system call lacks the wrapper's caller (see

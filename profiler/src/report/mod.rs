@@ -6,7 +6,7 @@ mod build;
 use profiler_common::{HeapTop, StackTotals, site_class};
 use serde::{Deserialize, Serialize};
 
-pub use self::build::{ReportContext, build_report, combined_totals};
+pub use self::build::{ReportContext, build_report, combined_totals, key_frames};
 use crate::{attach::AttachedProbe, processes::Following};
 
 pub const SCHEMA: &str = "memscope.report/1";
@@ -48,6 +48,9 @@ pub struct Report {
     /// The most the followed processes held at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak: Option<PeakReport>,
+    /// Every alert raised, as alerts.jsonl has them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<crate::alert::Alert>,
 }
 
 /// One window of the session: what it allocated, freed and kept.
@@ -314,6 +317,21 @@ impl Frame {
     /// place a function; a native one by its function. An installed
     /// package's file is named from the package (`flask/app.py`), so it is
     /// not taken for the service's own `app.py`.
+    /// A stack as the table shows it: `leak_site <- main <- ...`, the
+    /// first `frames` frames.
+    pub fn chain(stack: &[Frame], frames: usize) -> String {
+        let mut chain = stack
+            .iter()
+            .take(frames)
+            .map(Frame::label)
+            .collect::<Vec<_>>()
+            .join(" <- ");
+        if stack.len() > frames {
+            chain.push_str(" <- ...");
+        }
+        chain
+    }
+
     pub fn label(&self) -> String {
         match (self.language, &self.file) {
             (Language::Python, Some(file)) => {
@@ -571,6 +589,7 @@ pub(crate) mod tests_support {
             tick_costs: None,
             windows: Vec::new(),
             peak: None,
+            alerts: Vec::new(),
         }
     }
 }

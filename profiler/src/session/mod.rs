@@ -25,6 +25,7 @@ use tokio::{
 };
 
 use crate::{
+    alert::{Alert, AlertRules, AlertSite, Alerter, Sink, WindowFigures},
     attach::{self, AttachError, Attached, AttachedProbe, LinkSet, ProbeLink, Programs, SiteCache},
     bpf::{self, LoadError, MapCapacity},
     collect::{self, CollectError},
@@ -291,6 +292,12 @@ pub struct Session {
     tick_costs: Vec<Duration>,
     /// The merged live bytes, for a forked child's inherited blocks.
     merged_peak: MergedPeak,
+    /// Decides the alerts at each window's end, and where they go.
+    alerter: Option<Alerter>,
+    sinks: Vec<Box<dyn Sink>>,
+    alerts: Vec<Alert>,
+    /// On a terminal: elapsed, live bytes, last window's growth, alerts.
+    status: Option<indicatif::ProgressBar>,
     exit_code: Option<i32>,
     /// Lifecycle events from the kernel.
     events: Option<AsyncFd<RingBuf<MapData>>>,
@@ -514,6 +521,10 @@ impl Session {
             window: options.window,
             tick_costs: Vec::new(),
             merged_peak,
+            alerter: None,
+            sinks: Vec::new(),
+            alerts: Vec::new(),
+            status: None,
             exit_code: None,
             events: Some(events),
             processes: vec![ProcessRecord::new(
@@ -562,6 +573,27 @@ impl Session {
 
     pub fn probes(&self) -> &[AttachedProbe] {
         &self.probes
+    }
+
+    /// Raises alerts by `rules` at each window's end, into `sinks`.
+    pub fn set_alerts(&mut self, rules: AlertRules, sinks: Vec<Box<dyn Sink>>) {
+        self.alerter = Some(Alerter::new(rules));
+        self.sinks = sinks;
+    }
+
+    /// Shows a status line on stderr, updated at each window's end.
+    pub fn show_status(&mut self) {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} memscope {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.set_message(format!(
+            "pid {}: first window in {:?}",
+            self.pid, self.window
+        ));
+        bar.enable_steady_tick(Duration::from_millis(500));
+        self.status = Some(bar);
     }
 
     /// Kernel memory the session's maps reserve.
@@ -638,6 +670,9 @@ impl Session {
             }
         };
         self.events = events;
+        if let Some(status) = self.status.take() {
+            status.finish_and_clear();
+        }
         if self.is_child {
             self.finish_child(reason).await;
         }
@@ -699,33 +734,99 @@ impl Session {
         let cumulative = report::combined_totals(&totals, &self.adjustments);
         let rss_bytes = self.resident_bytes();
         let index = self.timeline.windows().len();
-        if let Some(window) = self
+        let Some(window) = self
             .timeline
             .close(self.now(), cumulative, rss_bytes, closed_by)
-        {
-            let change = window.malloc_changes();
-            // Said where a load script that marks can wait for it.
-            if closed_by == WindowEnd::Mark {
-                eprintln!(
-                    "memscope: window {index} closed at {:.3}s: {:+} bytes, {} live",
-                    window.end_s,
-                    change.growth_bytes(),
-                    window.live_bytes
-                );
-            }
-            tracing::debug!(
-                "window {:.1}-{:.1}s ({closed_by:?}): +{} -{} bytes, live {}, rss {}; {} stacks read in {:?}",
-                window.start_s,
+            .cloned()
+        else {
+            return;
+        };
+        let change = window.malloc_changes();
+        tracing::debug!(
+            "window {:.1}-{:.1}s ({closed_by:?}): +{} -{} bytes, live {}, rss {}; {} stacks read in {:?}",
+            window.start_s,
+            window.end_s,
+            change.alloc_bytes,
+            change.free_bytes,
+            window.live_bytes,
+            window.rss_bytes,
+            totals.len(),
+            began.elapsed()
+        );
+        // Said where a load script that marks can wait for it.
+        if closed_by == WindowEnd::Mark {
+            eprintln!(
+                "memscope: window {index} closed at {:.3}s: {:+} bytes, {} live",
                 window.end_s,
-                change.alloc_bytes,
-                change.free_bytes,
-                window.live_bytes,
-                window.rss_bytes,
-                totals.len(),
-                began.elapsed()
+                change.growth_bytes(),
+                window.live_bytes
             );
         }
         self.tick_costs.push(began.elapsed());
+        self.raise_alerts(index, &window);
+        if let Some(status) = &self.status {
+            status.set_message(format!(
+                "pid {}: {:.0}s, live {}, {:+} bytes in window {index}, {} alerts",
+                self.pid,
+                window.end_s,
+                crate::units::format_bytes(window.live_bytes),
+                change.growth_bytes(),
+                self.alerts.len()
+            ));
+        }
+    }
+
+    /// Alerts for a window just closed, to every sink.
+    fn raise_alerts(&mut self, index: usize, window: &crate::timeline::RecordedWindow) {
+        if self.alerter.is_none() {
+            return;
+        }
+        let figures = WindowFigures {
+            index,
+            end_s: window.end_s,
+            growth_bytes: window.malloc_changes().growth_bytes(),
+            rss_bytes: window.rss_bytes,
+            top_sites: self.top_growing(window),
+        };
+        let Some(alerter) = self.alerter.as_mut() else {
+            return;
+        };
+        for alert in alerter.on_window(&figures) {
+            for sink in &mut self.sinks {
+                sink.send(&alert);
+            }
+            self.alerts.push(alert);
+        }
+    }
+
+    /// The stacks that grew most in a window, named now (the report names
+    /// them all at the end).
+    fn top_growing(&mut self, window: &crate::timeline::RecordedWindow) -> Vec<AlertSite> {
+        let mut grown: Vec<_> = window
+            .changes
+            .iter()
+            .filter(|(_, t)| t.growth_bytes() > 0)
+            .collect();
+        grown.sort_by_key(|(_, t)| std::cmp::Reverse(t.growth_bytes()));
+        grown
+            .into_iter()
+            .take(crate::alert::ALERT_SITES)
+            .map(|(key, t)| {
+                let ips = collect::read_stack(&self.kernel.ebpf, key.stack_id);
+                let python = collect::read_python_stack(&self.kernel.ebpf, key.python_stack);
+                let symbolizer = &mut self.symbolizer;
+                let frames = report::key_frames(
+                    key,
+                    ips.as_deref(),
+                    python.as_ref(),
+                    &mut |pid, ips, python| symbolizer.symbolize_with_python(pid, ips, python),
+                );
+                AlertSite {
+                    site: report::Frame::chain(&frames, 4),
+                    growth_bytes: t.growth_bytes(),
+                }
+            })
+            .collect()
     }
 
     /// Now, in seconds into the session and on the kernel's clock.
@@ -792,6 +893,7 @@ impl Session {
             ));
         report.attach_costs = report::AttachCosts::of(&self.attach_costs);
         report.tick_costs = report::TickCosts::of(&self.tick_costs);
+        report.alerts = self.alerts.clone();
         report
             .warnings
             .extend(completeness::loss_warnings(&report, self.capacity));
