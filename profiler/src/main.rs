@@ -146,10 +146,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .output
         .clone()
         .unwrap_or_else(|| default_output_dir(session.pid()));
-    // Opened now: alerts.jsonl is written while the session runs.
-    let out = output::OutputDir::create(&dir, output::Owner::from_sudo())
-        .with_context(|| format!("cannot write the report to {}", dir.display()))?;
-    session.set_alerts(alert_rules(&args, session.pid()), alert_sinks(&args, &out)?);
+    // Opened now: alerts.jsonl is written while the session runs. If it
+    // cannot be, the profile is still taken and the table printed: the
+    // error is the end's.
+    let out = match output::OutputDir::create(&dir, output::Owner::from_sudo()) {
+        Ok(out) => Some(out),
+        Err(error) => {
+            eprintln!("memscope: {error}: alerts go to stderr only");
+            None
+        }
+    };
+    session.set_alerts(
+        alert_rules(&args, session.pid()),
+        alert_sinks(&args, out.as_ref())?,
+    );
     if io::stderr().is_terminal() {
         session.show_status();
     }
@@ -158,7 +168,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let report = session.report()?;
     tracing::info!("report built in {:?}", ended.elapsed());
     // The table first: if the files cannot be written, it is all the user gets.
-    let written = output::write_into(&out, &report);
+    let written = match &out {
+        Some(out) => output::write_into(out, &report),
+        None => output::write_all(&dir, &report),
+    };
     print_result(&report, args.json, args.top)?;
     written.with_context(|| format!("cannot write the report to {}", dir.display()))?;
     eprintln!(
@@ -187,14 +200,16 @@ fn alert_rules(args: &cli::ProfileArgs, pid: u32) -> memscope::alert::AlertRules
 
 fn alert_sinks(
     args: &cli::ProfileArgs,
-    out: &output::OutputDir,
+    out: Option<&output::OutputDir>,
 ) -> anyhow::Result<Vec<Box<dyn memscope::alert::Sink>>> {
     use memscope::alert::{ExecSink, JsonLinesSink, StderrSink, WebhookSink};
-    let jsonl = out
-        .create_for_appending(output::ALERTS_JSONL)
-        .context("cannot create alerts.jsonl")?;
-    let mut sinks: Vec<Box<dyn memscope::alert::Sink>> =
-        vec![Box::new(StderrSink), Box::new(JsonLinesSink::new(jsonl))];
+    let mut sinks: Vec<Box<dyn memscope::alert::Sink>> = vec![Box::new(StderrSink)];
+    if let Some(out) = out {
+        match out.create_for_appending(output::ALERTS_JSONL) {
+            Ok(file) => sinks.push(Box::new(JsonLinesSink::new(file))),
+            Err(error) => eprintln!("memscope: {error}: alerts go to stderr only"),
+        }
+    }
     if let Some(url) = &args.alert_webhook {
         sinks.push(Box::new(WebhookSink::new(url)?));
     }

@@ -53,7 +53,11 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
     let (number, unit) = text.split_at(split);
     let value: f64 = number.parse().map_err(|_| error())?;
     let unit = unit.trim().to_ascii_uppercase();
-    let scale = match unit.trim_end_matches('B').trim_end_matches('I') {
+    let prefix = unit
+        .strip_suffix("IB")
+        .or_else(|| unit.strip_suffix('B'))
+        .unwrap_or(&unit);
+    let scale = match prefix {
         "" => 1u64,
         "K" => 1 << 10,
         "M" => 1 << 20,
