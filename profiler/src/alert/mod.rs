@@ -44,6 +44,26 @@ pub enum AlertLevel {
     Emergency,
 }
 
+impl std::fmt::Display for AlertLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Cleared => "cleared",
+            Self::Warning => "warning",
+            Self::Critical => "critical",
+            Self::Emergency => "emergency",
+        })
+    }
+}
+
+impl std::fmt::Display for AlertKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Growth => "growth",
+            Self::Rss => "rss",
+        })
+    }
+}
+
 /// A site an alert names, with what it grew in the window.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AlertSite {
@@ -211,7 +231,7 @@ impl Alerter {
                     now,
                     at,
                     format!(
-                        "RSS {} bytes is {percent:.0}% of the memory limit ({}, {}): past {:?} at {:.0}%{}",
+                        "RSS {} bytes is {percent:.0}% of the memory limit ({}, {}): past {} at {:.0}%{}",
                         window.rss_bytes,
                         limit.bytes,
                         limit.source,
@@ -227,7 +247,7 @@ impl Alerter {
                     AlertLevel::Cleared,
                     at,
                     format!(
-                        "RSS {} bytes is {percent:.0}% of the memory limit: below {previous:?} at {:.0}% again{}",
+                        "RSS {} bytes is {percent:.0}% of the memory limit: below {previous} at {:.0}% again{}",
                         window.rss_bytes,
                         at * 100.0,
                         now.map(|n| format!(", still past {n:?}"))

@@ -13,7 +13,7 @@ impl Sink for StderrSink {
     fn send(&mut self, alert: &Alert) {
         // Site names come from the target's binaries.
         eprintln!(
-            "memscope: ALERT {:?} {:?} at {:.1}s: {}",
+            "memscope: ALERT {} {} at {:.1}s: {}",
             alert.kind,
             alert.level,
             alert.at_s,

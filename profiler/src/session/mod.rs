@@ -799,8 +799,9 @@ impl Session {
         }
     }
 
-    /// The stacks that grew most in a window, named now (the report names
-    /// them all at the end).
+    /// The sites that grew most in a window, named now (the report names
+    /// them all at the end). Workers allocate from the same stacks: stacks
+    /// named alike are one site, so more are named than are kept.
     fn top_growing(&mut self, window: &crate::timeline::RecordedWindow) -> Vec<AlertSite> {
         let mut grown: Vec<_> = window
             .changes
@@ -808,25 +809,29 @@ impl Session {
             .filter(|(_, t)| t.growth_bytes() > 0)
             .collect();
         grown.sort_by_key(|(_, t)| std::cmp::Reverse(t.growth_bytes()));
-        grown
-            .into_iter()
-            .take(crate::alert::ALERT_SITES)
-            .map(|(key, t)| {
-                let ips = collect::read_stack(&self.kernel.ebpf, key.stack_id);
-                let python = collect::read_python_stack(&self.kernel.ebpf, key.python_stack);
-                let symbolizer = &mut self.symbolizer;
-                let frames = report::key_frames(
-                    key,
-                    ips.as_deref(),
-                    python.as_ref(),
-                    &mut |pid, ips, python| symbolizer.symbolize_with_python(pid, ips, python),
-                );
-                AlertSite {
-                    site: report::Frame::chain(&frames, 4),
+        let mut sites: Vec<AlertSite> = Vec::new();
+        for (key, t) in grown.into_iter().take(4 * crate::alert::ALERT_SITES) {
+            let ips = collect::read_stack(&self.kernel.ebpf, key.stack_id);
+            let python = collect::read_python_stack(&self.kernel.ebpf, key.python_stack);
+            let symbolizer = &mut self.symbolizer;
+            let frames = report::key_frames(
+                key,
+                ips.as_deref(),
+                python.as_ref(),
+                &mut |pid, ips, python| symbolizer.symbolize_with_python(pid, ips, python),
+            );
+            let site = report::Frame::chain(&frames, 4);
+            match sites.iter_mut().find(|s| s.site == site) {
+                Some(same) => same.growth_bytes += t.growth_bytes(),
+                None => sites.push(AlertSite {
+                    site,
                     growth_bytes: t.growth_bytes(),
-                }
-            })
-            .collect()
+                }),
+            }
+        }
+        sites.sort_by_key(|s| std::cmp::Reverse(s.growth_bytes));
+        sites.truncate(crate::alert::ALERT_SITES);
+        sites
     }
 
     /// Now, in seconds into the session and on the kernel's clock.
