@@ -203,7 +203,8 @@ pub enum Counter {
     /// The per-stack totals map was full: an allocation's bytes were not
     /// attributed to a stack.
     TotalsMapFull = 1,
-    /// `bpf_get_stackid` failed (stack map full, hash collision, fault).
+    /// `bpf_get_stackid` failed other than by a collision (the stack map
+    /// full, a fault or a busy callchain buffer).
     StackErrors = 2,
     /// `free` of an address the live map does not hold (allocated before
     /// attach, or lost to a full map).
@@ -232,10 +233,14 @@ pub enum Counter {
     /// (other CPUs raised it meanwhile): the peak may be low by the bytes
     /// of that one allocation.
     PeakRaceLost = 12,
+    /// `bpf_get_stackid` found another stack in the stack's bucket (EEXIST:
+    /// a hash collision, as no BPF_F_REUSE_STACKID is given). Counted apart
+    /// from `StackErrors`, the walks that failed otherwise.
+    StackCollisions = 13,
 }
 
 /// Number of `Counter` slots.
-pub const COUNTER_SLOTS: u32 = 13;
+pub const COUNTER_SLOTS: u32 = 14;
 
 /// Live bytes (malloc family) and their high-water mark, for one process or
 /// for all (`map_names::PEAKS`, `map_names::MERGED_PEAK`).

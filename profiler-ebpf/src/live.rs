@@ -16,6 +16,8 @@ use profiler_common::{
 
 use crate::counters::count;
 
+const EEXIST: i32 = 17;
+
 // Capacities are defaults: userspace resizes LIVE and STACKS at load time
 // (`--max-live`, `--max-stacks`).
 #[map]
@@ -41,8 +43,12 @@ pub fn record_alloc(ctx: &impl StackIdContext, addr: u64, size: u64, kind: u32, 
     let tgid = tgid();
     let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
         Ok(id) => id as u32,
-        Err(_) => {
-            count(Counter::StackErrors);
+        Err(error) => {
+            count(if error == -EEXIST {
+                Counter::StackCollisions
+            } else {
+                Counter::StackErrors
+            });
             UNKNOWN_STACK
         }
     };

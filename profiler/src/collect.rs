@@ -57,7 +57,9 @@ impl From<&PythonStack> for RecordedPythonStack {
 pub struct LossCounters {
     pub live_map_full: u64,
     pub totals_map_full: u64,
+    /// Every failed stack walk, collisions included.
     pub stack_errors: u64,
+    pub stack_collisions: u64,
     pub unknown_frees: u64,
     pub missed_returns: u64,
     pub in_flight_full: u64,
@@ -181,7 +183,8 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
     let counters = LossCounters {
         live_map_full: read(Counter::LiveMapFull)?,
         totals_map_full: read(Counter::TotalsMapFull)?,
-        stack_errors: read(Counter::StackErrors)?,
+        stack_errors: read(Counter::StackErrors)? + read(Counter::StackCollisions)?,
+        stack_collisions: read(Counter::StackCollisions)?,
         unknown_frees: read(Counter::UnknownFrees)?,
         missed_returns: read(Counter::MissedReturns)?,
         in_flight_full: read(Counter::InFlightFull)?,

@@ -17,8 +17,10 @@ pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
     }
     if c.stack_errors > 0 {
         warnings.push(format!(
-            "{} stacks could not be recorded; their bytes are under [unknown stack]; rerun with --max-stacks {}",
+            "{} stacks could not be recorded ({} collided with another in the stack map, {} could not be walked); their bytes are under [unknown stack]; rerun with --max-stacks {}",
             c.stack_errors,
+            c.stack_collisions,
+            c.stack_errors - c.stack_collisions.min(c.stack_errors),
             capacity.max_stacks.saturating_mul(4)
         ));
     }

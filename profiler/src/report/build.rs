@@ -141,6 +141,7 @@ pub fn build_report(
     let completeness = Completeness {
         map_full: c.live_map_full + c.totals_map_full + c.in_flight_full,
         stack_errors: c.stack_errors,
+        stack_collisions: c.stack_collisions,
         unknown_frees: c.unknown_frees,
         missed_returns: c.missed_returns,
         live_map_full: c.live_map_full,

@@ -478,6 +478,10 @@ pub struct Completeness {
     /// Python stacks not stored (the map was full): native frames only.
     #[serde(default)]
     pub python_stacks_full: u64,
+    /// Of `stack_errors`, stacks that collided in the stack map with
+    /// another one (a hash collision; the rest failed to be walked).
+    #[serde(default)]
+    pub stack_collisions: u64,
     /// Processes whose peak was not tracked (the map was full).
     #[serde(default)]
     pub peak_map_full: u64,
