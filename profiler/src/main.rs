@@ -203,13 +203,16 @@ fn alert_sinks(
     out: Option<&output::OutputDir>,
 ) -> anyhow::Result<Vec<Box<dyn memscope::alert::Sink>>> {
     use memscope::alert::{ExecSink, JsonLinesSink, StderrSink, WebhookSink};
-    let mut sinks: Vec<Box<dyn memscope::alert::Sink>> = vec![Box::new(StderrSink)];
+    // The file before the line: whoever sees an alert on stderr finds it
+    // in alerts.jsonl already.
+    let mut sinks: Vec<Box<dyn memscope::alert::Sink>> = Vec::new();
     if let Some(out) = out {
         match out.create_for_appending(output::ALERTS_JSONL) {
             Ok(file) => sinks.push(Box::new(JsonLinesSink::new(file))),
             Err(error) => eprintln!("memscope: {error}: alerts go to stderr only"),
         }
     }
+    sinks.push(Box::new(StderrSink));
     if let Some(url) = &args.alert_webhook {
         sinks.push(Box::new(WebhookSink::new(url)?));
     }

@@ -8,18 +8,23 @@ pub struct DurationError {
     input: String,
 }
 
-/// Parses `500ms`, `30s`, `5m`, `1h`; a bare number is seconds.
-pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
-    let error = || DurationError {
-        input: input.to_owned(),
-    };
+/// `1.5GiB` -> (1.5, "GiB"): the leading number and what follows it.
+fn number_and_unit(input: &str) -> Option<(f64, &str)> {
     let text = input.trim();
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| error())?;
-    let seconds = match unit.trim() {
+    Some((number.parse().ok()?, unit.trim()))
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`; a bare number is seconds.
+pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
+    let error = || DurationError {
+        input: input.to_owned(),
+    };
+    let (value, unit) = number_and_unit(input).ok_or_else(error)?;
+    let seconds = match unit {
         "ms" => value / 1000.0,
         "" | "s" | "sec" => value,
         "m" | "min" => value * 60.0,
@@ -46,13 +51,8 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
     let error = || SizeError {
         input: input.to_owned(),
     };
-    let text = input.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| error())?;
-    let unit = unit.trim().to_ascii_uppercase();
+    let (value, unit) = number_and_unit(input).ok_or_else(error)?;
+    let unit = unit.to_ascii_uppercase();
     let prefix = unit
         .strip_suffix("IB")
         .or_else(|| unit.strip_suffix('B'))

@@ -40,6 +40,60 @@ fn wait_for(lines: &mpsc::Receiver<String>, wanted: impl Fn(&str) -> bool, what:
     }
 }
 
+/// memscope running the phases fixture, with its streams.
+struct Phases {
+    memscope: std::process::Child,
+    pid: u32,
+    to_fixture: std::process::ChildStdin,
+    from_fixture: mpsc::Receiver<String>,
+    said: mpsc::Receiver<String>,
+}
+
+impl Phases {
+    /// `memscope run ARGS -o DIR -- phases`, once the fixture is ready.
+    fn start(dir: &std::path::Path, args: &[String]) -> Self {
+        let mut memscope = Command::new(MEMSCOPE)
+            .arg("run")
+            .args(args)
+            .arg("-o")
+            .arg(dir)
+            .arg("--")
+            .arg(fixture("phases"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("memscope starts");
+        let phases = Self {
+            pid: memscope.id(),
+            to_fixture: memscope.stdin.take().expect("stdin"),
+            from_fixture: lines(memscope.stdout.take().expect("stdout")),
+            said: lines(memscope.stderr.take().expect("stderr")),
+            memscope,
+        };
+        wait_for(&phases.from_fixture, |l| l == "ready", "ready");
+        phases
+    }
+
+    /// Runs one phase and waits for its end.
+    fn phase(&mut self, command: &str) {
+        writeln!(self.to_fixture, "{command}").expect("fixture reads");
+        wait_for(&self.from_fixture, |l| l == "done", command);
+    }
+
+    /// Ends the fixture, and memscope with it.
+    fn quit(mut self) {
+        writeln!(self.to_fixture, "quit").expect("fixture reads");
+        drop(self.to_fixture);
+        assert!(self.memscope.wait().expect("memscope ends").success());
+    }
+
+    fn usr2(&self) {
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(self.pid as i32, libc::SIGUSR2) };
+    }
+}
+
 /// Check that the peak is the 50 MiB held at once though the fixture ends
 /// holding 640 KiB, and that each mark closes a window with exactly what
 /// its phase did.
@@ -49,51 +103,30 @@ fn peak_is_exact_and_marks_cut_windows() {
         return;
     }
     let dir = output_dir("windows_peak");
-    let mut memscope = Command::new(MEMSCOPE)
-        .args(["run", "--window", "1h", "-o"])
-        .arg(&dir)
-        .arg("--")
-        .arg(fixture("phases"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("memscope starts");
-    let pid = memscope.id();
-    let mut to_fixture = memscope.stdin.take().expect("stdin");
-    let from_fixture = lines(memscope.stdout.take().expect("stdout"));
-    let said = lines(memscope.stderr.take().expect("stderr"));
-    wait_for(&from_fixture, |l| l == "ready", "ready");
-    let phase = |to_fixture: &mut std::process::ChildStdin, command: &str| {
-        writeln!(to_fixture, "{command}").expect("fixture reads");
-        wait_for(&from_fixture, |l| l == "done", command);
-    };
-    let marked = |index: usize| {
+    let args = ["--window", "1h"].map(String::from);
+    let mut phases = Phases::start(&dir, &args);
+    let marked = |phases: &Phases, index: usize| {
         wait_for(
-            &said,
+            &phases.said,
             |l| l.starts_with(&format!("memscope: window {index} closed")),
             "window closed",
         )
     };
 
-    phase(&mut to_fixture, "hold");
+    phases.phase("hold");
     let status = Command::new(MEMSCOPE)
-        .args(["mark", "--pid", &pid.to_string()])
+        .args(["mark", "--pid", &phases.pid.to_string()])
         .status()
         .expect("memscope mark runs");
     assert!(status.success());
-    marked(0);
-    phase(&mut to_fixture, "release");
-    // SAFETY: plain syscall on our own child.
-    unsafe { libc::kill(pid as i32, libc::SIGUSR2) };
-    marked(1);
-    phase(&mut to_fixture, "grow");
-    // SAFETY: as above.
-    unsafe { libc::kill(pid as i32, libc::SIGUSR2) };
-    marked(2);
-    writeln!(to_fixture, "quit").expect("fixture reads");
-    drop(to_fixture);
-    assert!(memscope.wait().expect("memscope ends").success());
+    marked(&phases, 0);
+    phases.phase("release");
+    phases.usr2();
+    marked(&phases, 1);
+    phases.phase("grow");
+    phases.usr2();
+    marked(&phases, 2);
+    phases.quit();
 
     let report = read_report(&dir);
     assert_nothing_lost(&report);
@@ -296,31 +329,24 @@ fn growth_alerts_reach_every_sink_while_the_session_runs() {
     let dir = output_dir("windows_alerts");
     let (port, posts) = http_server();
     let exec_out = output_dir("windows_alerts_exec");
-    let mut memscope = Command::new(MEMSCOPE)
-        .args(["run", "--window", "1h", "--alert-growth", "100KB"])
-        .arg("--alert-webhook")
-        .arg(format!("http://127.0.0.1:{port}/hook"))
-        .arg("--alert-exec")
-        .arg(format!("cat > {}", exec_out.display()))
-        .arg("-o")
-        .arg(&dir)
-        .arg("--")
-        .arg(fixture("phases"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("memscope starts");
-    let pid = memscope.id();
-    let mut to_fixture = memscope.stdin.take().expect("stdin");
-    let from_fixture = lines(memscope.stdout.take().expect("stdout"));
-    let said = lines(memscope.stderr.take().expect("stderr"));
-    wait_for(&from_fixture, |l| l == "ready", "ready");
-    writeln!(to_fixture, "hold").expect("fixture reads");
-    wait_for(&from_fixture, |l| l == "done", "hold");
-    // SAFETY: plain syscall on our own child.
-    unsafe { libc::kill(pid as i32, libc::SIGUSR2) };
-    let line = wait_for(&said, |l| l.starts_with("memscope: ALERT"), "alert line");
+    let args = [
+        "--window".into(),
+        "1h".into(),
+        "--alert-growth".into(),
+        "100KB".into(),
+        "--alert-webhook".into(),
+        format!("http://127.0.0.1:{port}/hook"),
+        "--alert-exec".into(),
+        format!("cat > {}", exec_out.display()),
+    ];
+    let mut phases = Phases::start(&dir, &args);
+    phases.phase("hold");
+    phases.usr2();
+    let line = wait_for(
+        &phases.said,
+        |l| l.starts_with("memscope: ALERT"),
+        "alert line",
+    );
     assert!(line.contains("hold_site"), "{line}");
 
     // Written as it happened: the session is still running.
@@ -350,9 +376,7 @@ fn growth_alerts_reach_every_sink_while_the_session_runs() {
         serde_json::from_str(post.lines().nth(1).unwrap_or("")).expect("JSON body");
     assert_eq!(&posted, alert);
 
-    writeln!(to_fixture, "quit").expect("fixture reads");
-    drop(to_fixture);
-    assert!(memscope.wait().expect("memscope ends").success());
+    phases.quit();
     let given = std::fs::read_to_string(&exec_out).expect("the command wrote its input");
     let given: memscope::alert::Alert = serde_json::from_str(&given).expect("JSON on stdin");
     assert_eq!(&given, alert);

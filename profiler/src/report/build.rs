@@ -215,19 +215,10 @@ fn top_growing(
     window: &RecordedWindow,
     frames: &BTreeMap<StackKey, Vec<Frame>>,
 ) -> Vec<WindowSite> {
-    let mut by_frames: BTreeMap<(u32, &[Frame]), StackTotals> = BTreeMap::new();
-    for (key, change) in &window.changes {
-        if let Some(frames) = frames.get(key) {
-            by_frames
-                .entry((key.class, frames))
-                .or_default()
-                .add(change);
-        }
-    }
-    let mut sites: Vec<WindowSite> = by_frames
+    let mut sites: Vec<WindowSite> = by_site(window.changes.iter(), frames)
         .into_iter()
-        .filter(|(_, t)| t.growth_bytes() > 0)
-        .map(|((class, frames), t)| WindowSite {
+        .filter(|(_, (t, _))| t.growth_bytes() > 0)
+        .map(|((class, frames), (t, _))| WindowSite {
             kind: SiteKind::of_class(class),
             frames: frames.to_vec(),
             growth_bytes: t.growth_bytes(),
@@ -243,6 +234,28 @@ fn top_growing(
             .then_with(|| a.frames.cmp(&b.frames))
     });
     sites.truncate(WINDOW_TOP_SITES);
+    sites
+}
+
+/// Sites by class and frames: their summed totals, and the (process,
+/// stack) keys they were made of.
+type BySite<'f> = BTreeMap<(u32, &'f [Frame]), (StackTotals, Vec<StackKey>)>;
+
+/// Per-(process, stack) totals summed by site (class and frames): stacks
+/// with equal frames after trimming, or in different processes, are one
+/// site. Each site also gets the keys it was made of.
+fn by_site<'a, 'f>(
+    entries: impl Iterator<Item = (&'a StackKey, &'a StackTotals)>,
+    frames: &'f BTreeMap<StackKey, Vec<Frame>>,
+) -> BySite<'f> {
+    let mut sites = BySite::new();
+    for (key, t) in entries {
+        if let Some(frames) = frames.get(key) {
+            let site = sites.entry((key.class, frames.as_slice())).or_default();
+            site.0.add(t);
+            site.1.push(*key);
+        }
+    }
     sites
 }
 
@@ -424,19 +437,15 @@ fn sites_of<'a>(
     frames: &BTreeMap<StackKey, Vec<Frame>>,
     inherited: &Adjustments,
 ) -> Vec<Site> {
-    let mut by_frames: BTreeMap<(u32, &[Frame]), (StackTotals, u64)> = BTreeMap::new();
-    for (key, t) in entries {
-        let Some(frames) = frames.get(key) else {
-            continue;
-        };
-        let site = by_frames.entry((key.class, frames)).or_default();
-        site.0.add(t);
-        site.1 += inherited.get(key).map_or(0, |i| i.alloc_bytes);
-    }
-    let mut sites: Vec<Site> = by_frames
+    let mut sites: Vec<Site> = by_site(entries, frames)
         .into_iter()
-        .map(|((class, frames), (t, inherited))| Site {
-            growth_bytes: t.live_bytes() as i64 - inherited as i64,
+        .map(|((class, frames), (t, keys))| Site {
+            growth_bytes: t.live_bytes() as i64
+                - keys
+                    .iter()
+                    .filter_map(|key| inherited.get(key))
+                    .map(|i| i.alloc_bytes as i64)
+                    .sum::<i64>(),
             history: None,
             classification: None,
             kind: SiteKind::of_class(class),

@@ -31,6 +31,7 @@ impl Session {
             let now = self.started.elapsed().as_secs_f64();
             let heap = processes::take_heap_top(&mut self.kernel.ebpf, pid);
             let peak = crate::peaks::take(&mut self.kernel.ebpf, pid);
+            self.object_allocators.remove(&pid);
             if let Some(record) = self.record_mut(pid) {
                 record.exited_s = Some(now);
                 record.heap_at_exit = heap;
