@@ -242,6 +242,13 @@ fn verdicts_tell_the_leak_from_the_cache_the_queue_and_the_churn() {
         "{} windows",
         report.windows.len()
     );
+    let ticks = report.tick_costs.expect("tick costs");
+    let timed = report
+        .windows
+        .iter()
+        .filter(|w| w.closed_by == WindowEnd::Timer)
+        .count();
+    assert_eq!(ticks.ticks as usize, timed, "a tick per timer window");
     let verdict = |function: &str| {
         site(&report, function)
             .classification
