@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::report::{Report, Site, SiteHistory};
+use crate::report::{Report, SiteHistory};
 
 /// Windows a verdict needs: fewer cannot tell a cache that levels off from
 /// a leak.
@@ -60,13 +60,22 @@ pub struct Classification {
 /// Classifies a site that holds `live_bytes` at the end, from its history
 /// (None: it had none, as a site live at no window's end).
 pub fn classify(live_bytes: u64, history: Option<&SiteHistory>) -> Classification {
-    let Some(history) = history.filter(|_| live_bytes > 0) else {
+    if live_bytes == 0 {
         return Classification {
             verdict: Verdict::Temporary,
             growth_bytes_per_window: 0,
             confidence: Confidence::High,
             reason: "everything it allocated was freed".into(),
             windows_needed: None,
+        };
+    }
+    let Some(history) = history else {
+        return Classification {
+            verdict: Verdict::Unknown,
+            growth_bytes_per_window: 0,
+            confidence: Confidence::Low,
+            reason: "no history across windows (a report from before memscope kept one)".into(),
+            windows_needed: Some(MIN_WINDOWS),
         };
     };
     let live = &history.live_bytes;
@@ -157,14 +166,11 @@ pub fn classify(live_bytes: u64, history: Option<&SiteHistory>) -> Classificatio
     }
 }
 
-/// Classifies every site of a report from its saved history.
+/// Classifies every site of a report from its saved history. (Sites
+/// listed per process, `--per-process`, have no history of their own.)
 pub fn classify_sites(report: &mut Report) {
-    let classify_site = |site: &mut Site| {
+    for site in &mut report.sites {
         site.classification = Some(classify(site.live_bytes, site.history.as_ref()));
-    };
-    report.sites.iter_mut().for_each(classify_site);
-    for process in &mut report.processes {
-        process.sites.iter_mut().for_each(classify_site);
     }
 }
 
@@ -230,6 +236,8 @@ mod tests {
     #[test]
     fn what_is_freed_again_is_temporary() {
         assert_eq!(classify(0, None).verdict, Verdict::Temporary);
+        // Live, but no history to judge by.
+        assert_eq!(classify(10, None).verdict, Verdict::Unknown);
         let drained = [100, 400, 800, 400, 100, 0, 0, 0, 0, 0];
         assert_eq!(verdict(&drained, &[100; 10], &[0; 10]), Verdict::Temporary);
     }

@@ -11,12 +11,17 @@ use std::{
 /// Alerts waiting for a slow sink before new ones are dropped.
 const QUEUE: usize = 64;
 
+/// At memscope's end, how long the alerts still queued may take to go out;
+/// after that they are given up, so a dead endpoint cannot hold the end.
+const DRAIN: Duration = Duration::from_secs(5);
+
 /// Tries per alert, with these pauses between them.
 const RETRY_PAUSES: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(2)];
 
 pub struct Background {
     queue: Option<SyncSender<Vec<u8>>>,
-    worker: Option<thread::JoinHandle<()>>,
+    /// Says when the thread has sent everything.
+    finished: Option<mpsc::Receiver<()>>,
     what: String,
     dropped: u64,
 }
@@ -28,8 +33,9 @@ impl Background {
         mut deliver: impl FnMut(&[u8]) -> Result<(), String> + Send + 'static,
     ) -> Self {
         let (queue, alerts) = mpsc::sync_channel::<Vec<u8>>(QUEUE);
+        let (done, finished) = mpsc::channel();
         let name = what.clone();
-        let worker = thread::Builder::new()
+        let started = thread::Builder::new()
             .name("memscope-alerts".into())
             .spawn(move || {
                 for alert in alerts {
@@ -47,11 +53,12 @@ impl Background {
                         }
                     }
                 }
+                let _ = done.send(());
             })
-            .ok();
+            .is_ok();
         Self {
             queue: Some(queue),
-            worker,
+            finished: started.then_some(finished),
             what,
             dropped: 0,
         }
@@ -78,12 +85,17 @@ impl Background {
 }
 
 impl Drop for Background {
-    /// Lets the queued alerts go out (each bounded by its timeouts and
-    /// retries) before memscope ends.
+    /// Lets the queued alerts go out before memscope ends, for `DRAIN` at
+    /// most.
     fn drop(&mut self) {
         self.queue = None;
-        if let Some(worker) = self.worker.take() {
-            let _ = worker.join();
+        if let Some(finished) = self.finished.take()
+            && finished.recv_timeout(DRAIN).is_err()
+        {
+            tracing::warn!(
+                "{}: alerts still queued after {DRAIN:?} were given up",
+                self.what
+            );
         }
     }
 }
