@@ -60,6 +60,11 @@ pub struct Timeline {
     windows: Vec<RecordedWindow>,
 }
 
+/// Windows kept at most: past this, neighbours are merged pairwise (each
+/// then twice as long), so a session left attached for days holds a few
+/// hundred windows, not tens of thousands.
+pub const MAX_WINDOWS: usize = 512;
+
 /// Windows shorter than this are not kept when they change nothing (a mark
 /// right after a tick, the end right after one).
 const EMPTY_WINDOW_S: f64 = 0.001;
@@ -95,12 +100,37 @@ impl Timeline {
         });
         self.last = cumulative;
         self.last_s = at_s;
+        if self.windows.len() > MAX_WINDOWS {
+            self.windows = merge_pairs(std::mem::take(&mut self.windows));
+        }
         self.windows.last()
     }
 
     pub fn windows(&self) -> &[RecordedWindow] {
         &self.windows
     }
+}
+
+/// Neighbouring windows merged two by two (an odd last one stays as it
+/// is): what each pair allocated and freed, and the figures at the end of
+/// the later one.
+pub fn merge_pairs(windows: Vec<RecordedWindow>) -> Vec<RecordedWindow> {
+    let mut merged = Vec::with_capacity(windows.len().div_ceil(2));
+    let mut windows = windows.into_iter();
+    while let Some(mut first) = windows.next() {
+        if let Some(second) = windows.next() {
+            for (key, change) in second.changes {
+                first.changes.entry(key).or_default().add(&change);
+            }
+            first.end_s = second.end_s;
+            first.end_ns = second.end_ns;
+            first.closed_by = second.closed_by;
+            first.live_bytes = second.live_bytes;
+            first.rss_bytes = second.rss_bytes;
+        }
+        merged.push(first);
+    }
+    merged
 }
 
 /// What happened between two cumulative snapshots, per key; keys whose
@@ -230,6 +260,29 @@ mod tests {
         assert_eq!(nearest_end(&windows, 3.1), Some(2));
         assert_eq!(nearest_end(&windows, 0.0), Some(0));
         assert_eq!(nearest_end(&[], 1.0), None);
+    }
+
+    /// Check that a long session keeps at most MAX_WINDOWS windows, which
+    /// still tile it and add up to its totals.
+    #[test]
+    fn a_long_session_merges_its_windows() {
+        let mut timeline = Timeline::default();
+        let mut cumulative = BTreeMap::new();
+        for i in 0..3 * MAX_WINDOWS {
+            cumulative.insert(StackKey::new(1, (i % 7) as u32), totals(i as u64, 0));
+            timeline.close(((i + 1) as f64, 0), cumulative.clone(), 0, WindowEnd::Timer);
+        }
+        let windows = timeline.windows();
+        assert!(windows.len() <= MAX_WINDOWS, "{}", windows.len());
+        assert_eq!(windows[0].start_s, 0.0);
+        assert_eq!(
+            windows.last().map(|w| w.end_s),
+            Some((3 * MAX_WINDOWS) as f64)
+        );
+        for pair in windows.windows(2) {
+            assert_eq!(pair[0].end_s, pair[1].start_s);
+        }
+        assert_eq!(totals_at(windows, windows.len() - 1), cumulative);
     }
 
     proptest! {
