@@ -187,23 +187,31 @@ fn release(key: &LiveKey) -> bool {
     true
 }
 
+/// The value at `key`, inserted as its default when absent; None (counted
+/// as `full`) when the map has no room. A racing insert of the same key is
+/// fine: both callers then update the one entry, atomically.
+pub fn value_or_default<K, V: Default>(
+    map: &HashMap<K, V>,
+    key: &K,
+    full: Counter,
+) -> Option<*mut V> {
+    if let Some(value) = map.get_ptr_mut(key) {
+        return Some(value);
+    }
+    let _ = map.insert(key, V::default(), BPF_NOEXIST as u64);
+    let value = map.get_ptr_mut(key);
+    if value.is_none() {
+        count(full);
+    }
+    value
+}
+
 fn add_totals(key: StackKey, alloc_count: u64, alloc_bytes: u64, free_count: u64, free_bytes: u64) {
     if key.class == site_class::MALLOC && alloc_bytes != free_bytes {
         crate::peak::add_live(key.tgid, alloc_bytes as i64 - free_bytes as i64);
     }
-    let totals = match STACK_TOTALS.get_ptr_mut(key) {
-        Some(totals) => totals,
-        None => {
-            // A racing insert of the same key is fine: both then add below.
-            let _ = STACK_TOTALS.insert(key, StackTotals::default(), BPF_NOEXIST as u64);
-            match STACK_TOTALS.get_ptr_mut(key) {
-                Some(totals) => totals,
-                None => {
-                    count(Counter::TotalsMapFull);
-                    return;
-                }
-            }
-        }
+    let Some(totals) = value_or_default(&STACK_TOTALS, &key, Counter::TotalsMapFull) else {
+        return;
     };
     // SAFETY: the pointer is to a map value, valid for this program's run;
     // other CPUs add to the same value, hence atomic adds (the BPF target

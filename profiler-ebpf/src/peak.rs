@@ -11,7 +11,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg};
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
+    bindings::BPF_F_MMAPABLE,
     helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{Array, HashMap},
@@ -34,18 +34,8 @@ pub fn add_live(tgid: u32, delta: i64) {
         // SAFETY: a map value, valid for this program's run.
         unsafe { add_and_raise(merged, delta) };
     }
-    let peak = match PEAKS.get_ptr_mut(tgid) {
-        Some(peak) => peak,
-        None => {
-            let _ = PEAKS.insert(tgid, ProcessPeak::default(), BPF_NOEXIST as u64);
-            match PEAKS.get_ptr_mut(tgid) {
-                Some(peak) => peak,
-                None => {
-                    count(Counter::PeakMapFull);
-                    return;
-                }
-            }
-        }
+    let Some(peak) = crate::live::value_or_default(&PEAKS, &tgid, Counter::PeakMapFull) else {
+        return;
     };
     // SAFETY: as above.
     unsafe { add_and_raise(peak, delta) };

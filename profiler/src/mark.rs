@@ -1,7 +1,7 @@
 //! `memscope mark`: finds the running memscope sessions and asks each to
 //! close its current window (SIGUSR2).
 
-use std::path::PathBuf;
+use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MarkError {
@@ -54,7 +54,7 @@ fn running_sessions() -> Vec<u32> {
     };
     all.filter_map(Result::ok)
         .filter(|p| p.pid as u32 != own_pid)
-        .filter(|p| p.exe().ok().as_ref() == Some(&own_exe) || same_name(p, &own_exe))
+        .filter(|p| same_name(p, &own_exe))
         .filter(|p| {
             p.cmdline()
                 .ok()
@@ -65,11 +65,12 @@ fn running_sessions() -> Vec<u32> {
         .collect()
 }
 
-/// Another build of memscope (a release binary beside a debug one) is a
-/// session too.
-fn same_name(process: &procfs::process::Process, own_exe: &std::path::Path) -> bool {
-    let name = |path: &PathBuf| path.file_name().map(ToOwned::to_owned);
-    process.exe().ok().and_then(|exe| name(&exe)) == name(&own_exe.to_path_buf())
+/// Whether `process` runs an executable named as this one: another build
+/// of memscope (a release binary beside a debug one) is a session too.
+fn same_name(process: &procfs::process::Process, own_exe: &Path) -> bool {
+    process
+        .exe()
+        .is_ok_and(|exe| exe.file_name().is_some() && exe.file_name() == own_exe.file_name())
 }
 
 /// The first argument that is not an option: memscope's subcommand.

@@ -18,7 +18,7 @@ use aya::{
     Ebpf,
     maps::{MapData, RingBuf},
 };
-use profiler_common::map_names;
+use profiler_common::{StackKey, map_names};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -733,11 +733,9 @@ impl Session {
         };
         let cumulative = report::combined_totals(&totals, &self.adjustments);
         let rss_bytes = self.resident_bytes();
-        let index = self.timeline.windows().len();
         let Some(window) = self
             .timeline
             .close(self.now(), cumulative, rss_bytes, closed_by)
-            .cloned()
         else {
             return;
         };
@@ -753,23 +751,36 @@ impl Session {
             totals.len(),
             began.elapsed()
         );
+        let (end_s, live_bytes) = (window.end_s, window.live_bytes);
+        // Only the few stacks an alert may name leave the window's borrow.
+        let growers = if self.alerter.is_some() {
+            top_growers(&window.changes)
+        } else {
+            Vec::new()
+        };
+        // After the close: past MAX_WINDOWS the windows before were merged.
+        let index = self.timeline.windows().len() - 1;
         // Said where a load script that marks can wait for it.
         if closed_by == WindowEnd::Mark {
             eprintln!(
-                "memscope: window {index} closed at {:.3}s: {:+} bytes, {} live",
-                window.end_s,
+                "memscope: window {index} closed at {end_s:.3}s: {:+} bytes, {live_bytes} live",
                 change.growth_bytes(),
-                window.live_bytes
             );
         }
         self.tick_costs.push(began.elapsed());
-        self.raise_alerts(index, &window);
+        let figures = WindowFigures {
+            index,
+            end_s,
+            growth_bytes: change.growth_bytes(),
+            rss_bytes,
+            top_sites: Vec::new(),
+        };
+        self.raise_alerts(figures, &growers);
         if let Some(status) = &self.status {
             status.set_message(format!(
-                "pid {}: {:.0}s, live {}, {:+} bytes in window {index}, {} alerts",
+                "pid {}: {end_s:.0}s, live {}, {:+} bytes in window {index}, {} alerts",
                 self.pid,
-                window.end_s,
-                crate::units::format_bytes(window.live_bytes),
+                crate::units::format_bytes(live_bytes),
                 change.growth_bytes(),
                 self.alerts.len()
             ));
@@ -777,17 +788,11 @@ impl Session {
     }
 
     /// Alerts for a window just closed, to every sink.
-    fn raise_alerts(&mut self, index: usize, window: &crate::timeline::RecordedWindow) {
+    fn raise_alerts(&mut self, mut figures: WindowFigures, growers: &[(StackKey, i64)]) {
         if self.alerter.is_none() {
             return;
         }
-        let figures = WindowFigures {
-            index,
-            end_s: window.end_s,
-            growth_bytes: window.malloc_changes().growth_bytes(),
-            rss_bytes: window.rss_bytes,
-            top_sites: self.top_growing(window),
-        };
+        figures.top_sites = self.name_sites(growers);
         let Some(alerter) = self.alerter.as_mut() else {
             return;
         };
@@ -799,18 +804,12 @@ impl Session {
         }
     }
 
-    /// The sites that grew most in a window, named now (the report names
-    /// them all at the end). Workers allocate from the same stacks: stacks
-    /// named alike are one site, so more are named than are kept.
-    fn top_growing(&mut self, window: &crate::timeline::RecordedWindow) -> Vec<AlertSite> {
-        let mut grown: Vec<_> = window
-            .changes
-            .iter()
-            .filter(|(_, t)| t.growth_bytes() > 0)
-            .collect();
-        grown.sort_by_key(|(_, t)| std::cmp::Reverse(t.growth_bytes()));
+    /// The sites that grew most, named now (the report names them all at
+    /// the end). Workers allocate from the same stacks: stacks named alike
+    /// are one site.
+    fn name_sites(&mut self, growers: &[(StackKey, i64)]) -> Vec<AlertSite> {
         let mut sites: Vec<AlertSite> = Vec::new();
-        for (key, t) in grown.into_iter().take(4 * crate::alert::ALERT_SITES) {
+        for (key, growth_bytes) in growers {
             let ips = collect::read_stack(&self.kernel.ebpf, key.stack_id);
             let python = collect::read_python_stack(&self.kernel.ebpf, key.python_stack);
             let symbolizer = &mut self.symbolizer;
@@ -822,10 +821,10 @@ impl Session {
             );
             let site = report::Frame::chain(&frames, 4);
             match sites.iter_mut().find(|s| s.site == site) {
-                Some(same) => same.growth_bytes += t.growth_bytes(),
+                Some(same) => same.growth_bytes += growth_bytes,
                 None => sites.push(AlertSite {
                     site,
-                    growth_bytes: t.growth_bytes(),
+                    growth_bytes: *growth_bytes,
                 }),
             }
         }
@@ -904,4 +903,19 @@ impl Session {
             .extend(completeness::loss_warnings(&report, self.capacity));
         Ok(report)
     }
+}
+
+/// The stacks that grew most in a window, with their growth: more than an
+/// alert names, as stacks of different workers merge into one site.
+fn top_growers(
+    changes: &std::collections::BTreeMap<StackKey, profiler_common::StackTotals>,
+) -> Vec<(StackKey, i64)> {
+    let mut grown: Vec<(StackKey, i64)> = changes
+        .iter()
+        .map(|(key, t)| (*key, t.growth_bytes()))
+        .filter(|(_, growth)| *growth > 0)
+        .collect();
+    grown.sort_by_key(|(_, growth)| std::cmp::Reverse(*growth));
+    grown.truncate(4 * crate::alert::ALERT_SITES);
+    grown
 }
