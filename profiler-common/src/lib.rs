@@ -48,6 +48,21 @@ pub mod map_names {
     /// mmapable array, which userspace adds to as well (a forked child's
     /// inherited blocks).
     pub const MERGED_PEAK: &str = "MERGED_PEAK";
+    /// Requests open or closed but not yet followed by `keep_after`
+    /// others: `id -> RequestRecord`.
+    pub const REQUESTS: &str = "REQUESTS";
+    /// The request open on each thread: `pid_tgid -> ThreadRequest`.
+    pub const REQUEST_THREADS: &str = "REQUEST_THREADS";
+    /// Per process, its requests closed so far: `tgid -> u64`.
+    pub const REQUEST_PROCS: &str = "REQUEST_PROCS";
+    /// The ids of each process's last `keep_after` closed requests, by
+    /// close number modulo `keep_after`: `tgid << 32 | slot -> id`.
+    pub const REQUEST_SLOTS: &str = "REQUEST_SLOTS";
+    /// Closed and kept requests for userspace (`RequestRecord`).
+    pub const REQUEST_EVENTS: &str = "REQUEST_EVENTS";
+    /// The code objects of a Python request handler, per process:
+    /// `tgid -> PythonHandlers`.
+    pub const PY_HANDLERS: &str = "PY_HANDLERS";
 }
 
 /// Slots of the `CONFIG` array.
@@ -70,7 +85,13 @@ pub mod config {
     /// Byte offset of the user fs base (`thread.fsbase`) in the kernel's
     /// `task_struct`, from BTF; zero when unknown (no Python walks then).
     pub const TASK_FSBASE_OFFSET: u32 = 4;
-    pub const SLOTS: u32 = 5;
+    /// Non-zero with `--request-fn`: allocations are tagged with their
+    /// thread's open request.
+    pub const REQUESTS: u32 = 5;
+    /// A request's "kept" bytes are its live bytes when this many more
+    /// requests of its process have closed (1 to `MAX_KEEP_AFTER`).
+    pub const KEEP_AFTER: u32 = 6;
+    pub const SLOTS: u32 = 7;
 }
 
 /// Processes followed at once (the target and its descendants).
@@ -182,6 +203,9 @@ pub mod alloc_kind {
     pub const PY_CALLOC: u32 = 14;
     pub const PY_REALLOC: u32 = 15;
     pub const PY_FREE: u32 = 16;
+    /// Not an allocator: the request handler (`--request-fn`), whose entry
+    /// opens a request on the thread and whose return closes it.
+    pub const REQUEST: u32 = 17;
 }
 
 /// What kind of memory a site holds: `StackKey::class`.
@@ -237,10 +261,16 @@ pub enum Counter {
     /// a hash collision, as no BPF_F_REUSE_STACKID is given). Counted apart
     /// from `StackErrors`, the walks that failed otherwise.
     StackCollisions = 13,
+    /// The request map was full: a request was not opened, its allocations
+    /// go untagged (they still count in the sites).
+    RequestsFull = 14,
+    /// The request ring buffer was full: a request's close or kept figure
+    /// did not reach userspace.
+    RequestEventsLost = 15,
 }
 
 /// Number of `Counter` slots.
-pub const COUNTER_SLOTS: u32 = 14;
+pub const COUNTER_SLOTS: u32 = 16;
 
 /// Live bytes (malloc family) and their high-water mark, for one process or
 /// for all (`map_names::PEAKS`, `map_names::MERGED_PEAK`).
@@ -306,6 +336,9 @@ pub struct LiveAllocation {
     pub caller: u64,
     /// See `StackKey::python_stack`.
     pub python_stack: u64,
+    /// The request the allocating thread was serving (`RequestRecord::id`),
+    /// zero outside requests.
+    pub request: u64,
 }
 
 /// Key of per-stack totals: the process and the allocating stack.
@@ -504,6 +537,80 @@ pub struct PythonStack {
     pub frames: [PythonFrame; MAX_PYTHON_FRAMES],
 }
 
+/// Requests open at once or waiting for their kept figure.
+pub const MAX_REQUESTS: u32 = 1 << 16;
+/// Threads serving a request at once.
+pub const MAX_REQUEST_THREADS: u32 = 1 << 14;
+/// The most requests a kept figure may wait for (`--keep-after`).
+pub const MAX_KEEP_AFTER: usize = 64;
+/// Ring buffer for request records: two per request.
+pub const REQUEST_EVENTS_BYTES: u32 = 1 << 20;
+
+/// `RequestRecord::kind` values.
+pub mod request_event {
+    /// The request returned: `retained_bytes` is set.
+    pub const CLOSED: u32 = 1;
+    /// `keep_after` more requests of its process closed: `kept_bytes` is set.
+    pub const KEPT: u32 = 2;
+}
+
+/// `RequestRecord::flags` bits.
+pub mod request_flags {
+    /// Opened on a Python frame of a thread not seen outside the handler
+    /// since the handler was known: it may have begun earlier, so its
+    /// figures may be short.
+    pub const PARTIAL: u32 = 1;
+}
+
+/// One request: a call of the handler on one thread, from entry to return.
+/// `live_bytes` moves with its blocks (frees on any thread); at the close it
+/// is copied to `retained_bytes`, and `keep_after` closes later to
+/// `kept_bytes`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestRecord {
+    pub id: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub start_ns: u64,
+    /// Zero while open.
+    pub end_ns: u64,
+    pub alloc_count: u64,
+    pub alloc_bytes: u64,
+    pub live_bytes: i64,
+    pub retained_bytes: u64,
+    pub kept_bytes: u64,
+    /// One of `request_event` in a ring record; zero in the map.
+    pub kind: u32,
+    /// `request_flags`.
+    pub flags: u32,
+}
+
+/// The request open on a thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadRequest {
+    /// Zero when none is open (a Python thread seen outside its handler).
+    pub id: u64,
+    /// The handler's interpreter frame, for a request opened on a Python
+    /// frame; zero for a native handler.
+    pub frame: u64,
+    /// Native handler calls nested on the thread: the outermost is the
+    /// request.
+    pub depth: u32,
+    pub _pad: u32,
+}
+
+/// Code objects that are the request handler in one CPython process
+/// (a function may have several: one per definition run).
+pub const MAX_PYTHON_HANDLERS: usize = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PythonHandlers {
+    pub codes: [u64; MAX_PYTHON_HANDLERS],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all are repr(C), fixed-width integers with explicit padding, so
@@ -520,4 +627,7 @@ mod pod {
     unsafe impl aya::Pod for super::PythonFrame {}
     unsafe impl aya::Pod for super::PythonStack {}
     unsafe impl aya::Pod for super::ProcessPeak {}
+    unsafe impl aya::Pod for super::RequestRecord {}
+    unsafe impl aya::Pod for super::ThreadRequest {}
+    unsafe impl aya::Pod for super::PythonHandlers {}
 }

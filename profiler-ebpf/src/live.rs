@@ -57,6 +57,12 @@ pub fn record_alloc(ctx: &impl StackIdContext, addr: u64, size: u64, kind: u32, 
         _pad: 0,
         addr,
     };
+    let (python_stack, python_frame) = crate::python::current_stack(tgid);
+    let request = if crate::request::enabled() {
+        crate::request::current(python_frame)
+    } else {
+        0
+    };
     let block = LiveAllocation {
         size,
         // SAFETY: no preconditions.
@@ -64,7 +70,8 @@ pub fn record_alloc(ctx: &impl StackIdContext, addr: u64, size: u64, kind: u32, 
         stack_id,
         kind,
         caller,
-        python_stack: crate::python::current_stack(tgid),
+        python_stack,
+        request,
     };
     if LIVE.insert(key, block, BPF_NOEXIST as u64).is_err() {
         // The address is live already: its free went unseen. Close the old
@@ -79,6 +86,9 @@ pub fn record_alloc(ctx: &impl StackIdContext, addr: u64, size: u64, kind: u32, 
         }
     }
     add_totals(block.stack_key(tgid), 1, size, 0, 0);
+    if request != 0 {
+        crate::request::add_block(request, size);
+    }
 }
 
 /// A live block of this process, if `addr` starts one.
@@ -124,8 +134,10 @@ pub fn shrink_mapping_front(addr: u64, len: u64) {
     if LIVE.insert(rest_key, rest, 0).is_err() {
         count(Counter::LiveMapFull);
         add_totals(block.stack_key(tgid), 0, 0, 1, block.size);
+        drop_request_bytes(&block, block.size);
         return;
     }
+    drop_request_bytes(&block, len);
     // Bytes are freed; the mapping (one allocation) lives on.
     add_totals(block.stack_key(tgid), 0, 0, 0, len);
 }
@@ -184,7 +196,14 @@ fn release(key: &LiveKey) -> bool {
         return false;
     }
     add_totals(block.stack_key(key.tgid), 0, 0, 1, block.size);
+    drop_request_bytes(&block, block.size);
     true
+}
+
+fn drop_request_bytes(block: &LiveAllocation, size: u64) {
+    if block.request != 0 {
+        crate::request::drop_bytes(block.request, size);
+    }
 }
 
 /// The value at `key`, inserted as its default when absent; None (counted

@@ -18,6 +18,7 @@ mod mapped;
 mod peak;
 mod processes;
 mod python;
+mod request;
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -209,6 +210,10 @@ fn on_entry(ctx: &ProbeContext) -> bool {
     let kind = cookie(ctx);
     let arg = |n: usize| -> u64 { ctx.arg(n).unwrap_or(0) };
     match kind {
+        alloc_kind::REQUEST => {
+            request::native_enter();
+            return true;
+        }
         alloc_kind::FREE => {
             // Attached past the prologue's first instructions where the
             // kernel can emulate them (userspace `probe_site`); `rdi` is
@@ -254,6 +259,10 @@ fn on_return(ctx: &RetProbeContext) {
         return;
     }
     let kind = cookie(ctx);
+    if kind == alloc_kind::REQUEST {
+        request::native_return();
+        return;
+    }
     let Some(call) = take_call(kind) else {
         return;
     };

@@ -73,9 +73,12 @@ pub fn drop_live(tgid: u32) {
 /// its result is used, so the result would be the operand: compare-and-swap
 /// instead, bounded for the verifier, then an add that returns nothing.
 ///
+/// Past `PEAK_RAISE_TRIES` lost races the add is made blind, `lost` is
+/// counted and the result is stale.
+///
 /// # Safety
 /// `value` points to a map value.
-unsafe fn fetch_add(value: *mut u64, delta: u64) -> u64 {
+pub unsafe fn fetch_add(value: *mut u64, delta: u64, lost: Counter) -> u64 {
     // SAFETY: the caller's pointer.
     unsafe {
         let mut seen = core::ptr::read_volatile(value);
@@ -90,7 +93,7 @@ unsafe fn fetch_add(value: *mut u64, delta: u64) -> u64 {
             }
             seen = was;
         }
-        count(Counter::PeakRaceLost);
+        count(lost);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(value, delta);
         seen
     }
@@ -101,7 +104,11 @@ unsafe fn fetch_add(value: *mut u64, delta: u64) -> u64 {
 unsafe fn add_and_raise(peak: *mut ProcessPeak, delta: i64) {
     // SAFETY: the caller's pointer; other CPUs update it atomically too.
     unsafe {
-        let before = fetch_add(&raw mut (*peak).live_bytes as *mut u64, delta as u64) as i64;
+        let before = fetch_add(
+            &raw mut (*peak).live_bytes as *mut u64,
+            delta as u64,
+            Counter::PeakRaceLost,
+        ) as i64;
         if delta <= 0 {
             return;
         }

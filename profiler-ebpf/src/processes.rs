@@ -198,6 +198,7 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
     let _ = INHERITED.remove(tgid);
     crate::peak::drop_live(tgid);
     crate::python::forget(tgid);
+    forget_requests(tgid, true);
     // Unheld (with --follow image, or when it cannot be), the exec is
     // still reported: the old image's blocks go.
     if follow_image() || !hold(event_kind::EXEC, tgid, 0) {
@@ -230,5 +231,18 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
         crate::peak::drop_live(tgid);
         emit(event_kind::EXIT, tgid, 0);
     }
+    forget_requests(tgid, group_dead);
     0
+}
+
+/// A thread that exits (or execs) inside a request leaves it open for good;
+/// a process that does, its request numbering.
+fn forget_requests(tgid: u32, whole_process: bool) {
+    if !crate::request::enabled() {
+        return;
+    }
+    crate::request::forget_thread(bpf_get_current_pid_tgid());
+    if whole_process {
+        crate::request::forget_process(tgid);
+    }
 }

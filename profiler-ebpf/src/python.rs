@@ -18,13 +18,18 @@ use aya_ebpf::{
 };
 use profiler_common::{
     Counter, DEFAULT_MAX_STACKS, MAX_PROCESSES, MAX_PYTHON_FRAMES, NO_OFFSET, PYTHON_FRAME_READ,
-    PythonFrame, PythonProcess, PythonStack, config, python_flags, python_stack_flags,
+    PythonFrame, PythonHandlers, PythonProcess, PythonStack, config, python_flags,
+    python_stack_flags,
 };
 
 use crate::counters::count;
 
 #[map]
 static PY_PROCS: HashMap<u32, PythonProcess> = HashMap::with_max_entries(MAX_PROCESSES, 0);
+
+/// Written by userspace once it has named the handler's code objects.
+#[map]
+static PY_HANDLERS: HashMap<u32, PythonHandlers> = HashMap::with_max_entries(MAX_PROCESSES, 0);
 
 /// NB: not preallocated: a full map would be 64 MiB of kernel memory for
 /// the few hundred stacks a service has.
@@ -62,6 +67,10 @@ pub fn inherit(parent: u32, child: u32) {
     if let Some(process) = unsafe { PY_PROCS.get(parent) }.copied() {
         let _ = PY_PROCS.insert(child, process, 0);
     }
+    // SAFETY: the value is copied out.
+    if let Some(handlers) = unsafe { PY_HANDLERS.get(parent) }.copied() {
+        let _ = PY_HANDLERS.insert(child, handlers, 0);
+    }
 }
 
 /// Whether userspace has described this process's interpreter.
@@ -73,23 +82,32 @@ pub fn is_known(tgid: u32) -> bool {
 /// At exec or exit: the interpreter (if any) is gone.
 pub fn forget(tgid: u32) {
     let _ = PY_PROCS.remove(tgid);
+    let _ = PY_HANDLERS.remove(tgid);
 }
 
 /// The current thread's Python stack, recorded in `PY_STACKS`: its hash, or
 /// zero when the thread runs no Python code (or it could not be read; that
-/// is counted).
-pub fn current_stack(tgid: u32) -> u64 {
+/// is counted). With a request handler known in the process, also the
+/// outermost of its frames on the stack (zero when none is), for
+/// `request::current`; `None` without one or when the walk failed.
+pub fn current_stack(tgid: u32) -> (u64, Option<u64>) {
     // SAFETY: the value is copied out.
     let Some(process) = (unsafe { PY_PROCS.get(tgid) }).copied() else {
-        return 0;
+        return (0, None);
     };
-    match walk(tgid, &process) {
-        Ok(hash) => hash,
+    let handlers = if crate::request::enabled() {
+        // SAFETY: the value is copied out.
+        unsafe { PY_HANDLERS.get(tgid) }.copied()
+    } else {
+        None
+    };
+    match walk(tgid, &process, handlers) {
+        Ok((hash, frame)) => (hash, handlers.map(|_| frame)),
         Err(counter) => {
             if let Some(counter) = counter {
                 count(counter);
             }
-            0
+            (0, None)
         }
     }
 }
@@ -160,9 +178,17 @@ struct Walk {
     /// Bytes of each frame read: up to the last field used.
     frame_read: u32,
     _pad: u32,
+    /// The request handler's code objects (zeros: none), and the outermost
+    /// frame found running one.
+    handlers: PythonHandlers,
+    handler_frame: u64,
 }
 
-fn walk(tgid: u32, process: &PythonProcess) -> Result<u64, Option<Counter>> {
+fn walk(
+    tgid: u32,
+    process: &PythonProcess,
+    handlers: Option<PythonHandlers>,
+) -> Result<(u64, u64), Option<Counter>> {
     let tstate = thread_state(process)?;
     if tstate == 0 {
         return Err(None); // a thread that never ran Python
@@ -184,6 +210,8 @@ fn walk(tgid: u32, process: &PythonProcess) -> Result<u64, Option<Counter>> {
             flags: 0,
             frame_read: frame_read(process),
             _pad: 0,
+            handlers: handlers.unwrap_or_default(),
+            handler_frame: 0,
         };
     }
     // NB: bpf_loop, not a loop: the verifier checks `step` once, where an
@@ -204,6 +232,7 @@ fn walk(tgid: u32, process: &PythonProcess) -> Result<u64, Option<Counter>> {
         let scratch = core::ptr::read_volatile(&scratch);
         (&(*scratch).walk, &mut (*scratch).stack)
     };
+    let handler_frame = walk.handler_frame;
     if walk.len == 0 {
         return Err(None);
     }
@@ -221,7 +250,7 @@ fn walk(tgid: u32, process: &PythonProcess) -> Result<u64, Option<Counter>> {
     {
         return Err(Some(Counter::PythonStacksFull));
     }
-    Ok(hash)
+    Ok((hash, handler_frame))
 }
 
 /// One frame of the walk; non-zero ends it.
@@ -261,6 +290,7 @@ extern "C" fn step(_index: u64, _context: *mut core::ffi::c_void) -> i64 {
         return 1;
     }
     let process = walk.process;
+    let this = walk.frame;
     let code = word(&scratch.frame, process.frame_code);
     let instr = word(&scratch.frame, process.frame_instr);
     walk.frame = word(&scratch.frame, process.frame_back);
@@ -268,6 +298,9 @@ extern "C" fn step(_index: u64, _context: *mut core::ffi::c_void) -> i64 {
         && byte(&scratch.frame, process.frame_owner) == FRAME_OWNED_BY_CSTACK;
     if shim || code == 0 || code == process.none_addr {
         return 0;
+    }
+    if walk.handlers.codes.contains(&code) {
+        walk.handler_frame = this;
     }
     let instr = if process.flags & python_flags::INSTR_POINTER != 0 {
         instr.wrapping_sub(code) as u32

@@ -677,6 +677,42 @@ pub fn attach_python_objects(
     ))
 }
 
+/// Where a request handler (`--request-fn`) starts in the ELF file at
+/// `host_path`: its file offset, if the file defines it.
+pub fn handler_offset(host_path: &Path, function: &str) -> Option<u64> {
+    let bytes = std::fs::read(host_path).ok()?;
+    let elf = object::File::parse(&*bytes).ok()?;
+    resolve(&elf, function).map(|symbol| symbol.file_offset)
+}
+
+/// Probes the request handler at `file_offset` of `library` in `pid`: its
+/// entry opens a request on the thread, its return closes it (the
+/// allocator programs, told by the `REQUEST` cookie). Multi-uprobe kernels
+/// only: `None` elsewhere.
+pub fn attach_request_fn(
+    programs: &mut Programs<'_>,
+    pid: u32,
+    maps: &ProcessMaps,
+    library: &Path,
+    file_offset: u64,
+) -> Result<Option<Vec<ProbeLink>>, AttachError> {
+    let Some(multi) = programs.multi else {
+        return Ok(None);
+    };
+    let link_pid = if programs.every_process { 0 } else { pid };
+    let point = ProbePoint {
+        file_offset,
+        cookie: u64::from(alloc_kind::REQUEST),
+    };
+    let links = multi.attach(&maps.host_path(library), &[point], &[point], link_pid)?;
+    Ok(Some(
+        links
+            .into_iter()
+            .map(|link| ProbeLink::multi(link, programs.handoff))
+            .collect(),
+    ))
+}
+
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), AttachError> {
     for name in [ENTRY_PROGRAM, RETURN_PROGRAM] {
         let program = uprobe(ebpf, name)?;

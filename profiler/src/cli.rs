@@ -124,6 +124,18 @@ pub struct ProfileArgs {
     /// call: for dedicated hosts, CI and containers).
     #[arg(long, value_enum, default_value_t = Follow::Process, value_name = "MODE")]
     pub follow: Follow,
+    /// Follow requests of this handler: each call on a thread is one
+    /// request, and report.json's `requests` gives what each allocated,
+    /// still held at its return (retained) and --keep-after requests later
+    /// (kept). A native function (`handle_request`, `libfoo.so:handle`)
+    /// or a Python one (`app:analyze`, `analyze`).
+    #[arg(long, value_name = "[MODULE:]FUNCTION")]
+    pub request_fn: Option<memscope::requests::RequestFn>,
+    /// A request's kept bytes are what it still holds when this many more
+    /// requests of its process have returned (1-64).
+    #[arg(long, default_value_t = memscope::requests::DEFAULT_KEEP_AFTER,
+          value_parser = clap::value_parser!(u32).range(1..=64), value_name = "N")]
+    pub keep_after: u32,
     /// Alert when a window grows the live bytes by more than this (4096,
     /// 64KB, 50MB, 1GB).
     #[arg(long, value_parser = parse_size, value_name = "SIZE")]

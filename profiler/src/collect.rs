@@ -70,6 +70,8 @@ pub struct LossCounters {
     pub python_stacks_full: u64,
     pub peak_map_full: u64,
     pub peak_race_lost: u64,
+    pub requests_full: u64,
+    pub request_events_lost: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,30 +115,46 @@ pub fn read_totals(ebpf: &Ebpf) -> Result<BTreeMap<StackKey, StackTotals>, Colle
     Ok(totals)
 }
 
-/// The live blocks' bytes per (process, stack), by the window each was
-/// allocated in (`window_of` maps an allocation time to its window): how
-/// much of each window's allocations survives. One pass over the live map,
-/// which the kernel changes meanwhile: a block freed during the pass may
-/// still be counted, one allocated during it may be missed.
-pub fn read_survivors(
+/// What one pass over the live map at the end finds.
+#[derive(Clone, Debug, Default)]
+pub struct LiveScan {
+    /// The live blocks' bytes per (process, stack), by the window each was
+    /// allocated in: how much of each window's allocations survives.
+    pub survivors: BTreeMap<StackKey, Vec<u64>>,
+    /// The live blocks allocated inside a request, per (process, stack),
+    /// as allocations (count and bytes).
+    pub kept_by_requests: BTreeMap<StackKey, StackTotals>,
+}
+
+/// One pass over the live map (`window_of` maps an allocation time to its
+/// window). The kernel changes the map meanwhile: a block freed during the
+/// pass may still be counted, one allocated during it may be missed.
+pub fn scan_live(
     ebpf: &Ebpf,
     windows: usize,
     window_of: impl Fn(u64) -> usize,
-) -> Result<BTreeMap<StackKey, Vec<u64>>, CollectError> {
+) -> Result<LiveScan, CollectError> {
     let name = map_names::LIVE;
     let fd = map(ebpf, name).map(crate::multi_uprobe::map_fd)?;
     let fd = fd.ok_or(CollectError::MissingMap(name))?;
-    let mut survivors: BTreeMap<StackKey, Vec<u64>> = BTreeMap::new();
+    let mut scan = LiveScan::default();
     crate::map_batch::for_each(fd, |key: &LiveKey, block: &LiveAllocation| {
-        let by_window = survivors
-            .entry(block.stack_key(key.tgid))
+        let stack = block.stack_key(key.tgid);
+        let by_window = scan
+            .survivors
+            .entry(stack)
             .or_insert_with(|| vec![0; windows]);
         if let Some(bytes) = by_window.get_mut(window_of(block.timestamp_ns)) {
             *bytes += block.size;
         }
+        if block.request != 0 {
+            let kept = scan.kept_by_requests.entry(stack).or_default();
+            kept.alloc_count += 1;
+            kept.alloc_bytes += block.size;
+        }
     })
     .map_err(|source| CollectError::Batch { name, source })?;
-    Ok(survivors)
+    Ok(scan)
 }
 
 /// Live bytes and peaks: per process, and merged.
@@ -195,6 +213,8 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
         python_stacks_full: read(Counter::PythonStacksFull)?,
         peak_map_full: read(Counter::PeakMapFull)?,
         peak_race_lost: read(Counter::PeakRaceLost)?,
+        requests_full: read(Counter::RequestsFull)?,
+        request_events_lost: read(Counter::RequestEventsLost)?,
     };
     let referenced: std::collections::HashSet<u64> =
         totals.keys().map(|k| k.python_stack).collect();

@@ -95,6 +95,19 @@ pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
             profiler_common::MAX_PYTHON_FRAMES
         ));
     }
+    if c.requests_full > 0 {
+        warnings.push(format!(
+            "{} requests were not tracked: more than {} were open or waiting for their kept figure at once (lower --keep-after)",
+            c.requests_full,
+            profiler_common::MAX_REQUESTS
+        ));
+    }
+    if c.request_events_lost > 0 {
+        warnings.push(format!(
+            "{} request records were lost: requests closed faster than memscope read them",
+            c.request_events_lost
+        ));
+    }
     if c.missed_returns > 0 {
         warnings.push(format!(
             "{} allocator returns had no matching entry (calls in progress at attach)",

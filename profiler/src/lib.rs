@@ -44,6 +44,7 @@ pub mod process_maps;
 pub mod processes;
 pub mod python;
 pub mod report;
+pub mod requests;
 pub mod resources;
 pub mod session;
 pub mod symbolize;

@@ -106,6 +106,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         python_frames: !args.no_python_frames,
         python_objects: args.python_objects,
         window: args.window,
+        requests: args
+            .request_fn
+            .clone()
+            .map(|function| memscope::session::RequestOptions {
+                function,
+                keep_after: args.keep_after,
+            }),
     };
     if let Some(url) = &args.alert_webhook {
         memscope::alert::check_webhook(url)?;

@@ -129,6 +129,12 @@ pub fn copy_live_set(
     let mut inherited = Adjustments::new();
     for (key, block) in blocks_of(&map, parent, fork_ns) {
         let child_key = LiveKey { tgid: child, ..key };
+        // The child's copy is no request's: the parent's request holds the
+        // parent's block, which the child's free does not free.
+        let block = LiveAllocation {
+            request: 0,
+            ..block
+        };
         if map.insert(child_key, block, 0).is_err() {
             continue; // map full: the kernel counts the loss on the child's free
         }

@@ -18,6 +18,7 @@ mod process_trees;
 mod processes;
 mod python;
 mod python_frames;
+mod requests;
 mod rust_fixture;
 mod scale;
 mod stopping;

@@ -2,9 +2,12 @@
 
 use std::{
     collections::HashMap,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, Output},
     sync::Mutex,
+    sync::mpsc,
+    time::Duration,
 };
 
 use memscope::report::{Report, Site};
@@ -185,4 +188,32 @@ pub fn assert_nothing_lost(report: &Report) {
         (0, 0, 0),
         "loss: {c:?}"
     );
+}
+
+/// Lines of a child's stream, as they come.
+pub fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (send, receive) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            eprintln!("| {line}");
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receive
+}
+
+pub fn wait_for(
+    lines: &mpsc::Receiver<String>,
+    wanted: impl Fn(&str) -> bool,
+    what: &str,
+) -> String {
+    loop {
+        match lines.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if wanted(&line) => return line,
+            Ok(_) => {}
+            Err(error) => panic!("no {what}: {error}"),
+        }
+    }
 }

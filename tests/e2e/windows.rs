@@ -3,7 +3,7 @@
 //! with SIGUSR2.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::Write as _,
     process::{Command, Stdio},
     sync::mpsc,
     time::Duration,
@@ -15,30 +15,6 @@ use crate::support::*;
 
 const HELD_BYTES: u64 = 50 << 20;
 const GROWN_BYTES: u64 = 10 * (64 << 10);
-
-/// Lines of a child's stream, as they come.
-fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (send, receive) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            eprintln!("| {line}");
-            if send.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    receive
-}
-
-fn wait_for(lines: &mpsc::Receiver<String>, wanted: impl Fn(&str) -> bool, what: &str) -> String {
-    loop {
-        match lines.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if wanted(&line) => return line,
-            Ok(_) => {}
-            Err(error) => panic!("no {what}: {error}"),
-        }
-    }
-}
 
 /// memscope running the phases fixture, with its streams.
 struct Phases {

@@ -35,7 +35,14 @@ pub struct ReportContext {
     pub started_ns: u64,
     /// Live bytes per (process, stack) by the window they were allocated in.
     pub survivors: BTreeMap<StackKey, Vec<u64>>,
+    /// The requests' figures (`--request-fn`), their sites still to name.
+    pub requests: Option<crate::requests::RequestsReport>,
+    /// Live blocks allocated inside requests, per (process, stack).
+    pub kept_by_requests: BTreeMap<StackKey, StackTotals>,
 }
+
+/// Sites that keep a request's memory, listed in the report.
+pub const REQUEST_SITES: usize = 20;
 
 /// Sites listed per window, and at the peak.
 pub const WINDOW_TOP_SITES: usize = 5;
@@ -61,11 +68,14 @@ pub fn build_report(
     // Symbolize each (process, stack) once.
     let mut frames: BTreeMap<StackKey, Vec<Frame>> =
         combined.keys().map(|k| (*k, frames_of(k))).collect();
-    for window in &context.windows {
-        for key in window.changes.keys() {
-            if !frames.contains_key(key) {
-                frames.insert(*key, frames_of(key));
-            }
+    let later_keys = context
+        .windows
+        .iter()
+        .flat_map(|window| window.changes.keys())
+        .chain(context.kept_by_requests.keys());
+    for key in later_keys {
+        if !frames.contains_key(key) {
+            frames.insert(*key, frames_of(key));
         }
     }
     let seconds = |ns: u64| ns.saturating_sub(context.started_ns) as f64 / 1e9;
@@ -156,6 +166,8 @@ pub fn build_report(
         python_stacks_full: c.python_stacks_full,
         peak_map_full: c.peak_map_full,
         peak_race_lost: c.peak_race_lost,
+        requests_full: c.requests_full,
+        request_events_lost: c.request_events_lost,
     };
     let windows = windows_of(&context.windows, &frames);
     let peak = peak_report(snapshot, &context, &processes, &frames, seconds);
@@ -180,6 +192,15 @@ pub fn build_report(
         attach_costs: None,
         tick_costs: None,
         alerts: Vec::new(),
+        requests: context.requests.map(|mut requests| {
+            requests.sites = sites_of(
+                context.kept_by_requests.iter(),
+                &frames,
+                &Adjustments::new(),
+            );
+            requests.sites.truncate(REQUEST_SITES);
+            requests
+        }),
     }
 }
 

@@ -51,6 +51,9 @@ pub struct Report {
     /// Every alert raised, as alerts.jsonl has them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<crate::alert::Alert>,
+    /// Per request of the handler (`--request-fn`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<crate::requests::RequestsReport>,
 }
 
 /// One window of the session: what it allocated, freed and kept.
@@ -489,6 +492,13 @@ pub struct Completeness {
     /// may be low by one allocation each.
     #[serde(default)]
     pub peak_race_lost: u64,
+    /// Requests not tracked: the request map was full (their allocations
+    /// still count in the sites, untagged).
+    #[serde(default)]
+    pub requests_full: u64,
+    /// Request records lost on a full ring: a request's figures are missing.
+    #[serde(default)]
+    pub request_events_lost: u64,
 }
 
 impl Completeness {
@@ -506,6 +516,8 @@ impl Completeness {
             + self.python_stacks_full
             + self.peak_map_full
             + self.peak_race_lost
+            + self.requests_full
+            + self.request_events_lost
             > 0
     }
 }
@@ -594,6 +606,7 @@ pub(crate) mod tests_support {
             windows: Vec::new(),
             peak: None,
             alerts: Vec::new(),
+            requests: None,
         }
     }
 }

@@ -85,6 +85,7 @@ impl Session {
                 let maps = ProcessMaps::read(pid).ok();
                 if let Some(maps) = &maps {
                     self.python_executed(pid, maps);
+                    self.probe_request_fn(pid, maps);
                 }
                 if event.held != 0 && !self.kernel.holds.release(pid, event.hold_ns) {
                     self.exec_let_go(pid, event.timestamp_ns);
@@ -349,6 +350,7 @@ impl Session {
             following,
         ));
         if let Some(maps) = maps {
+            self.probe_request_fn(pid, &maps);
             // A fork runs its parent's interpreter, or none: nothing to look
             // for while it is held (its exec, if any, is looked at then). A
             // process found in the tree at attach is looked at.

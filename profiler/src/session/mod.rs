@@ -6,6 +6,7 @@ mod child;
 mod exits;
 mod lifecycle;
 mod python;
+mod requests;
 mod teardown;
 mod tree;
 
@@ -24,6 +25,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
+pub use self::requests::RequestOptions;
 use crate::{
     alert::{Alert, AlertRules, AlertSite, Alerter, Sink, WindowFigures},
     attach::{self, AttachError, Attached, AttachedProbe, LinkSet, ProbeLink, Programs, SiteCache},
@@ -87,6 +89,8 @@ pub struct SessionOptions {
     pub python_objects: bool,
     /// How long a window lasts (see `timeline`).
     pub window: Duration,
+    /// Follow requests of this handler (see `requests`).
+    pub requests: Option<RequestOptions>,
 }
 
 /// `--window` unless given.
@@ -103,6 +107,7 @@ impl Default for SessionOptions {
             python_frames: true,
             python_objects: false,
             window: DEFAULT_WINDOW,
+            requests: None,
         }
     }
 }
@@ -338,6 +343,8 @@ pub struct Session {
     /// with `attach`); kept across an exec, so the same one is not probed
     /// twice.
     object_allocators: std::collections::HashMap<u32, crate::python::objects::ObjectAllocator>,
+    /// With `--request-fn`.
+    requests: Option<requests::Requests>,
 }
 
 impl Session {
@@ -554,7 +561,15 @@ impl Session {
             python_stacks_seen: std::collections::HashSet::new(),
             python_looked: std::collections::HashMap::new(),
             object_allocators: std::collections::HashMap::new(),
+            requests: None,
         };
+        if let Some(options) = &options.requests {
+            session.requests = Some(requests::Requests::start(
+                &mut session.kernel.ebpf,
+                options.clone(),
+            )?);
+            session.probe_request_fn(pid, &maps);
+        }
         // A command memscope starts is still memscope's own copy: its
         // interpreter, if any, is looked for at its exec.
         if !is_child {
@@ -625,6 +640,7 @@ impl Session {
         window.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let mut events = self.events.take();
+        let mut request_ring = self.requests.as_mut().and_then(|r| r.ring.take());
         // A stop or exit of our child before the SIGCHLD stream existed was
         // not delivered to it: look once now (and at every refresh tick).
         if self.is_child {
@@ -644,6 +660,12 @@ impl Session {
                 guard = lifecycle::readable(&mut events) => {
                     if let Ok(mut guard) = guard {
                         self.drain_events(guard.get_inner_mut());
+                        guard.clear_ready();
+                    }
+                }
+                guard = lifecycle::readable(&mut request_ring) => {
+                    if let Ok(mut guard) = guard {
+                        self.drain_requests(guard.get_inner_mut());
                         guard.clear_ready();
                     }
                 }
@@ -670,6 +692,9 @@ impl Session {
             }
         };
         self.events = events;
+        if let Some(requests) = self.requests.as_mut() {
+            requests.ring = request_ring;
+        }
         if let Some(status) = self.status.take() {
             status.finish_and_clear();
         }
@@ -714,6 +739,9 @@ impl Session {
             if pid != self.pid || !self.is_child {
                 self.exit_seen(pid);
             }
+        }
+        for (pid, maps) in &seen {
+            self.probe_request_fn(*pid, maps);
         }
         self.discover_late_python(&seen);
         self.resolve_new_python_stacks();
@@ -862,9 +890,10 @@ impl Session {
         self.timeline
             .close(self.now(), cumulative, rss_bytes, WindowEnd::End);
         let windows = self.timeline.windows();
-        let survivors = collect::read_survivors(&self.kernel.ebpf, windows.len(), |ns| {
+        let scan = collect::scan_live(&self.kernel.ebpf, windows.len(), |ns| {
             crate::timeline::window_of(windows, ns)
         })?;
+        let requests = self.requests_report();
         let symbolizer = &mut self.symbolizer;
         let context = ReportContext {
             target: Some(TargetInfo {
@@ -880,7 +909,9 @@ impl Session {
             per_process_sites: self.per_process_sites,
             windows: self.timeline.windows().to_vec(),
             started_ns: self.started_ns,
-            survivors,
+            survivors: scan.survivors,
+            requests,
+            kept_by_requests: scan.kept_by_requests,
         };
         let mut report = report::build_report(
             &snapshot,

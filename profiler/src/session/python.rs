@@ -99,7 +99,7 @@ impl Session {
         }
     }
 
-    fn warn_once(&mut self, warning: String) {
+    pub(super) fn warn_once(&mut self, warning: String) {
         if !self.warnings.contains(&warning) {
             self.warnings.push(warning);
         }
@@ -148,6 +148,7 @@ impl Session {
     /// libpython, not mapped yet, is stopped again when that starts.
     pub(super) fn python_executed(&mut self, pid: u32, maps: &ProcessMaps) {
         self.symbolizer.forget_python(pid);
+        self.python_handlers_gone(pid);
         self.python_looked.remove(&pid);
         if let Some(record) = self.record_mut(pid) {
             record.python = None;
@@ -186,6 +187,7 @@ impl Session {
     /// its layout at the fork).
     pub(super) fn python_forked(&mut self, parent: u32, child: u32, maps: &ProcessMaps) {
         self.symbolizer.fork_python(parent, child);
+        self.python_handlers_forked(parent, child);
         self.stop_python_at_exit(child, maps);
         let (version, mut objects) = self
             .processes
@@ -219,6 +221,7 @@ impl Session {
         };
         for stack in stacks.values() {
             self.symbolizer.resolve_python(stack.tgid, stack);
+            self.find_python_handler(stack);
         }
     }
 }

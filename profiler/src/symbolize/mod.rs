@@ -84,6 +84,15 @@ impl StackSymbolizer {
         }
     }
 
+    /// Where one Python frame of `pid` is (cached once read).
+    pub fn python_location(
+        &mut self,
+        pid: u32,
+        frame: &profiler_common::PythonFrame,
+    ) -> crate::python::PythonLocation {
+        self.python.symbolize(pid, frame)
+    }
+
     /// A user stack with, in a Python process, its Python frames: the
     /// native frames from the allocator up to the interpreter (a C
     /// extension's, say), then the Python frames, innermost first. The
