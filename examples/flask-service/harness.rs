@@ -388,6 +388,8 @@ fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
 /// held.
 pub struct Attached {
     child: Child,
+    /// memscope's stderr lines after its banner.
+    said: std::sync::mpsc::Receiver<String>,
 }
 
 impl Attached {
@@ -409,7 +411,8 @@ impl Attached {
             .spawn()
             .with_context(|| format!("cannot start {}", memscope.display()))?;
         let stderr = child.stderr.take().context("memscope's stderr")?;
-        let attached = Self { child };
+        let (send, said) = std::sync::mpsc::channel();
+        let attached = Self { child, said };
         let mut stderr = BufReader::new(stderr);
         let mut banner = String::new();
         stderr
@@ -425,9 +428,15 @@ impl Attached {
         std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
                 eprintln!("[memscope] {line}");
+                let _ = send.send(line);
             }
         });
         Ok(attached)
+    }
+
+    /// memscope's stderr lines since the last call, without waiting.
+    pub fn said(&self) -> Vec<String> {
+        self.said.try_iter().collect()
     }
 
     /// SIGINT (memscope's Ctrl-C: it writes the report) and waits.

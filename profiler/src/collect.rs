@@ -157,6 +157,24 @@ pub fn scan_live(
     Ok(scan)
 }
 
+/// The live bytes of request `id` by (process, stack), largest first: what
+/// it keeps, for an alert. One pass over the live map.
+pub fn request_blocks(ebpf: &Ebpf, id: u64) -> Result<Vec<(StackKey, i64)>, CollectError> {
+    let name = map_names::LIVE;
+    let fd = map(ebpf, name).map(crate::multi_uprobe::map_fd)?;
+    let fd = fd.ok_or(CollectError::MissingMap(name))?;
+    let mut kept: BTreeMap<StackKey, i64> = BTreeMap::new();
+    crate::map_batch::for_each(fd, |key: &LiveKey, block: &LiveAllocation| {
+        if block.request == id {
+            *kept.entry(block.stack_key(key.tgid)).or_default() += block.size as i64;
+        }
+    })
+    .map_err(|source| CollectError::Batch { name, source })?;
+    let mut kept: Vec<(StackKey, i64)> = kept.into_iter().collect();
+    kept.sort_by_key(|(_, bytes)| std::cmp::Reverse(*bytes));
+    Ok(kept)
+}
+
 /// Live bytes and peaks: per process, and merged.
 pub fn read_peaks(ebpf: &Ebpf) -> Result<(BTreeMap<u32, ProcessPeak>, ProcessPeak), CollectError> {
     let peaks: BpfHashMap<&MapData, u32, ProcessPeak> =

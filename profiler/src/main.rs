@@ -132,6 +132,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .unwrap_or_default(),
         format_bytes(session.reserved_bytes()),
     );
+    session.announce_requests();
     for probe in session.probes() {
         tracing::info!(
             "{}: entry probe at +{} ({}){}",
@@ -199,7 +200,12 @@ fn alert_rules(args: &cli::ProfileArgs, pid: u32) -> memscope::alert::AlertRules
         None => memscope::alert::limit::of_process(pid),
     };
     memscope::alert::AlertRules {
-        growth_per_window: args.alert_growth,
+        // With requests, growth is a request's: 50MB unless given.
+        growth_per_window: args.alert_growth.filter(|_| args.request_fn.is_none()),
+        growth_per_request: args.request_fn.as_ref().map(|_| {
+            args.alert_growth
+                .unwrap_or(memscope::alert::DEFAULT_REQUEST_GROWTH)
+        }),
         rss_levels: args.alert_rss,
         memory_limit,
     }

@@ -49,10 +49,39 @@ fn flask_analyze_leak_is_found_to_the_byte_in_each_gunicorn_worker() {
     let memscope = or_panic(Attached::start(
         Path::new(MEMSCOPE),
         server.pid(),
-        &["-o", &dir_arg, "--per-process"],
+        &[
+            "-o",
+            &dir_arg,
+            "--per-process",
+            "--request-fn",
+            "app:analyze",
+        ],
         Stdio::null(),
     ));
-    let served = analyze_until_both_workers_served(&server);
+    // Requests count from when memscope has named the handler in a
+    // worker, which it does from the first stacks it sees there.
+    let mut served = BTreeMap::new();
+    let mut found = std::collections::BTreeSet::new();
+    send_analyze_until(&server, &mut served, |_| {
+        for line in memscope.said() {
+            if let Some(pid) = line
+                .strip_prefix("memscope: request handler app:analyze found in ")
+                .and_then(|rest| rest.rsplit_once("(pid "))
+                .and_then(|(_, pid)| pid.trim_end_matches(')').parse::<u32>().ok())
+            {
+                found.insert(pid);
+            }
+        }
+        found.len() == service::WORKERS
+    });
+    let before_requests: u64 = served.values().sum();
+    send_analyze_until(&server, &mut served, |served| {
+        let sent: u64 = served.values().sum::<u64>() - before_requests;
+        sent >= ANALYZE_REQUESTS
+            && served.len() == service::WORKERS
+            && served.values().all(|&n| n >= MIN_PER_WORKER)
+    });
+    let counted = served.values().sum::<u64>() - before_requests;
     let status = or_panic(memscope.stop());
     assert!(status.success(), "memscope attach: {status}");
     let master = server.pid();
@@ -98,18 +127,54 @@ fn flask_analyze_leak_is_found_to_the_byte_in_each_gunicorn_worker() {
         (0, 0, 0, 0, 0),
         "{c:?}"
     );
+    assert_requests(&report, counted, line);
 }
 
-/// Sends /analyze until [`ANALYZE_REQUESTS`] have been served and each
-/// worker served [`MIN_PER_WORKER`] (the kernel picks which worker accepts
-/// a connection); returns the count per worker pid, from the answers.
-fn analyze_until_both_workers_served(server: &Gunicorn) -> BTreeMap<u32, u64> {
-    let mut served: BTreeMap<u32, u64> = BTreeMap::new();
+/// Every /analyze request memscope counted allocated, retained and kept
+/// one payload, at analyze's allocation line.
+fn assert_requests(report: &memscope::report::Report, counted: u64, line: u32) {
+    let requests = report.requests.as_ref().expect("requests in the report");
+    assert!(
+        requests.count >= counted,
+        "{} requests counted, {counted} sent once the handler was known",
+        requests.count
+    );
+    assert!(
+        requests.kept_count + 2 * 10 >= requests.count,
+        "{requests:#?}"
+    );
+    let exactly = Some(memscope::requests::Percentiles {
+        p50: PAYLOAD_MALLOC_BYTES,
+        p95: PAYLOAD_MALLOC_BYTES,
+        max: PAYLOAD_MALLOC_BYTES,
+    });
+    assert_eq!(requests.alloc_bytes, exactly, "{requests:#?}");
+    assert_eq!(requests.retained_bytes, exactly, "{requests:#?}");
+    assert_eq!(requests.kept_bytes, exactly, "{requests:#?}");
+    let keeper = &requests.sites[0];
+    assert_eq!(requests.sites.len(), 1, "{:#?}", requests.sites);
+    assert_eq!(
+        (keeper.frames[0].function.as_str(), keeper.frames[0].line),
+        ("analyze", Some(line))
+    );
+    // Partial requests' blocks are theirs too.
+    let tagged = requests.count + requests.partial;
+    assert_eq!(
+        (keeper.live_count, keeper.live_bytes),
+        (tagged, tagged * PAYLOAD_MALLOC_BYTES)
+    );
+}
+
+/// Sends /analyze until `done` says so (the kernel picks which worker
+/// accepts a connection), counting in `served` the requests each worker
+/// pid served, from the answers.
+fn send_analyze_until(
+    server: &Gunicorn,
+    served: &mut BTreeMap<u32, u64>,
+    mut done: impl FnMut(&BTreeMap<u32, u64>) -> bool,
+) {
     let mut sent = 0;
-    while sent < ANALYZE_REQUESTS
-        || served.len() < service::WORKERS
-        || served.values().any(|&n| n < MIN_PER_WORKER)
-    {
+    while !done(served) {
         assert!(
             sent < MAX_REQUESTS,
             "after {sent} requests the workers served {served:?}"
@@ -122,7 +187,6 @@ fn analyze_until_both_workers_served(server: &Gunicorn) -> BTreeMap<u32, u64> {
             .or_default() += 1;
         sent += 1;
     }
-    served
 }
 
 /// The worker's one site of `analyze`'s payloads: first frame `analyze`,

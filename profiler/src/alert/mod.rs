@@ -22,6 +22,9 @@ pub use self::{
 /// counted in the next.
 pub const REPEAT_AFTER_S: f64 = 60.0;
 
+/// `--alert-growth` with `--request-fn` unless given: 50 MB a request.
+pub const DEFAULT_REQUEST_GROWTH: u64 = 50 << 20;
+
 /// Sites an alert names.
 pub const ALERT_SITES: usize = 3;
 
@@ -32,6 +35,8 @@ pub enum AlertKind {
     Growth,
     /// Resident memory crossed a level of the memory limit.
     Rss,
+    /// A request retained more than `--alert-growth` (with `--request-fn`).
+    Request,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -60,6 +65,7 @@ impl std::fmt::Display for AlertKind {
         f.write_str(match self {
             Self::Growth => "growth",
             Self::Rss => "rss",
+            Self::Request => "request",
         })
     }
 }
@@ -91,6 +97,29 @@ pub struct Alert {
     /// Alerts of this kind held back since the last one (rate limit).
     #[serde(default)]
     pub held_back: u64,
+    /// The request a `request` alert is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<AlertRequest>,
+}
+
+/// The request that retained too much.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AlertRequest {
+    pub pid: u32,
+    pub tid: u32,
+    /// Seconds after the session started.
+    pub start_s: f64,
+    pub duration_ms: f64,
+}
+
+/// A request as the alerts see it, at its return.
+#[derive(Clone, Debug)]
+pub struct RequestFigures {
+    pub at_s: f64,
+    /// The window it returned in.
+    pub window: usize,
+    pub request: AlertRequest,
+    pub retained_bytes: u64,
 }
 
 /// The RSS levels, as shares of the memory limit.
@@ -139,6 +168,8 @@ impl RssLevels {
 pub struct AlertRules {
     /// `--alert-growth`: bytes a window may add to the live bytes.
     pub growth_per_window: Option<u64>,
+    /// `--alert-growth` with `--request-fn`: bytes a request may retain.
+    pub growth_per_request: Option<u64>,
     pub rss_levels: RssLevels,
     /// What the RSS levels are shares of; None: no RSS alerts.
     pub memory_limit: Option<limit::MemoryLimit>,
@@ -182,20 +213,64 @@ impl Alerter {
         alerts
     }
 
+    /// Whether a growth alert may go out at `at_s`; the held-back count
+    /// if so (counting this one held back if not).
+    fn growth_may_repeat(&mut self, at_s: f64) -> Option<u64> {
+        if self
+            .last_growth_s
+            .is_some_and(|last| at_s - last < REPEAT_AFTER_S)
+        {
+            self.held_back += 1;
+            return None;
+        }
+        self.last_growth_s = Some(at_s);
+        Some(std::mem::take(&mut self.held_back))
+    }
+
+    /// The alert a request raises at its return, if it retained more than
+    /// the threshold. `sites` names what it keeps, asked for only when the
+    /// alert goes out (it reads the live set).
+    pub fn on_request(
+        &mut self,
+        request: &RequestFigures,
+        sites: impl FnOnce() -> Vec<AlertSite>,
+    ) -> Option<Alert> {
+        let threshold = self.rules.growth_per_request?;
+        if request.retained_bytes <= threshold {
+            return None;
+        }
+        let held_back = self.growth_may_repeat(request.at_s)?;
+        let top_sites = sites();
+        let retained = request.retained_bytes;
+        let r = &request.request;
+        Some(Alert {
+            kind: AlertKind::Request,
+            level: AlertLevel::Warning,
+            at_s: request.at_s,
+            window: request.window,
+            value_bytes: retained,
+            threshold_bytes: threshold,
+            limit_bytes: None,
+            message: format!(
+                "a request (pid {}, thread {}, {:.1} ms at {:.3}s) retained {retained} bytes (threshold {threshold}){}",
+                r.pid,
+                r.tid,
+                r.duration_ms,
+                r.start_s,
+                top_site_words(&top_sites)
+            ),
+            top_sites,
+            held_back,
+            request: Some(r.clone()),
+        })
+    }
+
     fn growth_alert(&mut self, window: &WindowFigures) -> Option<Alert> {
         let threshold = self.rules.growth_per_window?;
         if window.growth_bytes <= threshold as i64 {
             return None;
         }
-        if self
-            .last_growth_s
-            .is_some_and(|last| window.end_s - last < REPEAT_AFTER_S)
-        {
-            self.held_back += 1;
-            return None;
-        }
-        self.last_growth_s = Some(window.end_s);
-        let held_back = std::mem::take(&mut self.held_back);
+        let held_back = self.growth_may_repeat(window.end_s)?;
         let grown = window.growth_bytes as u64;
         Some(Alert {
             kind: AlertKind::Growth,
@@ -212,6 +287,7 @@ impl Alerter {
             ),
             top_sites: window.top_sites.clone(),
             held_back,
+            request: None,
         })
     }
 
@@ -268,6 +344,7 @@ impl Alerter {
             message,
             top_sites: window.top_sites.clone(),
             held_back: 0,
+            request: None,
         })
     }
 }
@@ -293,6 +370,7 @@ mod tests {
     fn rules(growth: Option<u64>, limit: Option<u64>) -> AlertRules {
         AlertRules {
             growth_per_window: growth,
+            growth_per_request: None,
             rss_levels: RssLevels::default(),
             memory_limit: limit.map(|bytes| limit::MemoryLimit {
                 bytes,
@@ -357,5 +435,62 @@ mod tests {
         assert_eq!(levels(&mut alerter, 800), [AlertLevel::Cleared]);
         assert_eq!(levels(&mut alerter, 100), [AlertLevel::Cleared]);
         assert!(levels(&mut alerter, 100).is_empty());
+    }
+
+    #[test]
+    fn a_request_over_the_threshold_alerts_with_its_sites_and_is_rate_limited() {
+        let mut alerter = Alerter::new(AlertRules {
+            growth_per_request: Some(1000),
+            ..rules(None, None)
+        });
+        let request = |at_s: f64, retained_bytes: u64| RequestFigures {
+            at_s,
+            window: 3,
+            request: AlertRequest {
+                pid: 7,
+                tid: 8,
+                start_s: at_s - 0.5,
+                duration_ms: 500.0,
+            },
+            retained_bytes,
+        };
+        let site = || {
+            vec![AlertSite {
+                site: "keep <- handle".into(),
+                growth_bytes: 2000,
+            }]
+        };
+        assert!(
+            alerter
+                .on_request(&request(1.0, 1000), || unreachable!())
+                .is_none()
+        );
+        let alert = alerter
+            .on_request(&request(2.0, 2000), site)
+            .expect("alert");
+        assert_eq!(
+            (alert.kind, alert.window, alert.value_bytes),
+            (AlertKind::Request, 3, 2000)
+        );
+        assert!(
+            alert.message.contains("retained 2000 bytes"),
+            "{}",
+            alert.message
+        );
+        assert!(
+            alert.message.contains("keep <- handle"),
+            "{}",
+            alert.message
+        );
+        assert_eq!(alert.request.as_ref().map(|r| r.tid), Some(8));
+        assert!(
+            alerter
+                .on_request(&request(3.0, 2000), || unreachable!())
+                .is_none()
+        );
+        let again = alerter
+            .on_request(&request(70.0, 2000), site)
+            .expect("after a minute");
+        assert_eq!(again.held_back, 1);
     }
 }

@@ -7,6 +7,7 @@ use crate::{
     classify::Verdict,
     processes::Following,
     report::{Frame, ProcessReport, Report},
+    requests::{Percentiles, RequestsReport},
     units::format_bytes,
 };
 
@@ -16,6 +17,9 @@ const CHAIN_FRAMES: usize = 4;
 /// Writes a summary and the top `limit` sites by live bytes. Every string
 /// the target chose (command lines, function names, the paths in warnings)
 /// goes through `escape_control`: this lands on root's terminal.
+/// Sites that keep request memory the table shows.
+const REQUEST_SITES_SHOWN: usize = 5;
+
 pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result<()> {
     let t = &report.totals;
     writeln!(
@@ -103,11 +107,70 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
             )?;
         }
     }
+    if let Some(requests) = &report.requests {
+        render_requests(requests, out)?;
+    }
     for alert in &report.alerts {
         writeln!(out, "alert: {}", escape_control(&alert.message))?;
     }
     for warning in &report.warnings {
         writeln!(out, "warning: {}", escape_control(warning))?;
+    }
+    Ok(())
+}
+
+/// Per-request figures: what a request allocated, retained at its return
+/// and kept later, and the sites that keep.
+fn render_requests(requests: &RequestsReport, out: &mut impl Write) -> io::Result<()> {
+    writeln!(out)?;
+    writeln!(
+        out,
+        "requests of {}: {} returned, {} open{}",
+        escape_control(&requests.function),
+        requests.count,
+        requests.open,
+        if requests.partial > 0 {
+            format!(
+                ", {} partial (begun before the handler was known; left out)",
+                requests.partial
+            )
+        } else {
+            String::new()
+        }
+    )?;
+    let row = |what: &str, p: Option<Percentiles>| match p {
+        Some(p) => format!(
+            "{what:>22}: p50 {} ({}), p95 {}, max {}",
+            p.p50,
+            format_bytes(p.p50),
+            p.p95,
+            p.max
+        ),
+        None => format!("{what:>22}: none yet"),
+    };
+    writeln!(out, "{}", row("allocated", requests.alloc_bytes))?;
+    writeln!(
+        out,
+        "{}",
+        row("retained at return", requests.retained_bytes)
+    )?;
+    writeln!(
+        out,
+        "{} ({} requests)",
+        row(
+            &format!("kept {} requests on", requests.keep_after),
+            requests.kept_bytes
+        ),
+        requests.kept_count
+    )?;
+    for site in requests.sites.iter().take(REQUEST_SITES_SHOWN) {
+        writeln!(
+            out,
+            "{:>14} {:>10}  kept by requests at {}",
+            site.live_bytes,
+            site.live_count,
+            escape_control(&Frame::chain(&site.frames, CHAIN_FRAMES))
+        )?;
     }
     Ok(())
 }

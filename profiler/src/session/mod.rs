@@ -825,11 +825,15 @@ impl Session {
             return;
         };
         for alert in alerter.on_window(&figures) {
-            for sink in &mut self.sinks {
-                sink.send(&alert);
-            }
-            self.alerts.push(alert);
+            self.send_alert(alert);
         }
+    }
+
+    fn send_alert(&mut self, alert: Alert) {
+        for sink in &mut self.sinks {
+            sink.send(&alert);
+        }
+        self.alerts.push(alert);
     }
 
     /// The sites that grew most, named now (the report names them all at

@@ -17,6 +17,7 @@ use tokio::io::unix::AsyncFd;
 
 use super::{Session, SessionError};
 use crate::{
+    alert::{AlertRequest, RequestFigures},
     attach,
     collect::RecordedPythonStack,
     follow::FollowError,
@@ -44,8 +45,11 @@ pub(super) struct Requests {
     offsets: HashMap<(u64, u64), Option<u64>>,
     /// The handler's code objects per CPython process.
     python: HashMap<u32, Vec<u64>>,
-    /// Whether the handler was found yet (said once on stderr).
-    found: bool,
+    /// Where the handler was found, said on stderr: a native file once, a
+    /// Python process each (a load script waits for its workers).
+    found: HashSet<String>,
+    /// What was found before the banner (`Session::announce_requests`).
+    unsaid: Option<Vec<String>>,
 }
 
 impl Requests {
@@ -90,7 +94,8 @@ impl Requests {
             probed: HashSet::new(),
             offsets: HashMap::new(),
             python: HashMap::new(),
-            found: false,
+            found: HashSet::new(),
+            unsaid: Some(Vec::new()),
         })
     }
 
@@ -104,13 +109,18 @@ impl Requests {
             .or_insert_with(|| attach::handler_offset(host_path, &self.options.function.function))
     }
 
-    fn announce(&mut self, what: std::fmt::Arguments<'_>) {
-        if !self.found {
-            self.found = true;
-            eprintln!(
-                "memscope: request handler {} found {what}",
-                self.options.function
-            );
+    /// Says once per `place` where the handler was found.
+    fn announce(&mut self, place: String, what: std::fmt::Arguments<'_>) {
+        if !self.found.insert(place) {
+            return;
+        }
+        let line = format!(
+            "memscope: request handler {} found {what}",
+            self.options.function
+        );
+        match &mut self.unsaid {
+            Some(unsaid) => unsaid.push(line),
+            None => eprintln!("{line}"),
         }
     }
 }
@@ -129,6 +139,16 @@ pub(super) fn read_records(ring: &mut RingBuf<MapData>) -> Vec<RequestRecord> {
 }
 
 impl Session {
+    /// Says where the handler was found so far, and from now on as found:
+    /// after the banner, which a script waits for first.
+    pub fn announce_requests(&mut self) {
+        if let Some(requests) = self.requests.as_mut() {
+            for line in requests.unsaid.take().unwrap_or_default() {
+                eprintln!("{line}");
+            }
+        }
+    }
+
     /// Probes the native handler in `pid`'s files that define it (each file
     /// once per probe owner): at attach, at a fork or exec, and as the
     /// maps refresh (a library loaded late).
@@ -161,7 +181,10 @@ impl Session {
                 Ok(Some(links)) => {
                     self.links.entry(owner).or_default().extend(links);
                     if let Some(requests) = self.requests.as_mut() {
-                        requests.announce(format_args!("in {} (pid {pid})", file.display()));
+                        requests.announce(
+                            file.display().to_string(),
+                            format_args!("in {} (pid {pid})", file.display()),
+                        );
                     }
                 }
                 Ok(None) => self.warn_once(
@@ -212,7 +235,7 @@ impl Session {
         codes.push(code);
         let mut handlers = PythonHandlers::default();
         handlers.codes[..codes.len()].copy_from_slice(codes);
-        requests.announce(format_args!("in {file} (pid {pid})"));
+        requests.announce(pid.to_string(), format_args!("in {file} (pid {pid})"));
         tracing::debug!(pid, code, "python request handler");
         if let Err(error) = set_python_handlers(&mut self.kernel.ebpf, pid, handlers) {
             tracing::warn!("request handler of pid {pid}: {error}");
@@ -236,12 +259,51 @@ impl Session {
         }
     }
 
-    /// Takes the records on the ring into the log.
+    /// Takes the records on the ring into the log; a request that retained
+    /// past `--alert-growth` raises an alert.
     pub(super) fn drain_requests(&mut self, ring: &mut RingBuf<MapData>) {
         for record in read_records(ring) {
-            if let Some(requests) = self.requests.as_mut() {
-                requests.log.record(&record);
+            let Some(requests) = self.requests.as_mut() else {
+                return;
+            };
+            let Some(closed) = requests.log.record(&record).copied() else {
+                continue;
+            };
+            self.request_alert(&closed);
+        }
+    }
+
+    fn request_alert(&mut self, closed: &RequestRecord) {
+        let seconds = |ns: u64| ns.saturating_sub(self.started_ns) as f64 / 1e9;
+        let figures = RequestFigures {
+            at_s: seconds(closed.end_ns),
+            window: self.timeline.windows().len(),
+            request: AlertRequest {
+                pid: closed.tgid,
+                tid: closed.tid,
+                start_s: seconds(closed.start_ns),
+                duration_ms: closed.end_ns.saturating_sub(closed.start_ns) as f64 / 1e6,
+            },
+            retained_bytes: closed.retained_bytes,
+        };
+        let Some(mut alerter) = self.alerter.take() else {
+            return;
+        };
+        let alert = alerter.on_request(&figures, || {
+            match crate::collect::request_blocks(&self.kernel.ebpf, closed.id) {
+                Ok(mut kept) => {
+                    kept.truncate(4 * crate::alert::ALERT_SITES);
+                    self.name_sites(&kept)
+                }
+                Err(error) => {
+                    tracing::warn!("sites of a request: {error}");
+                    Vec::new()
+                }
             }
+        });
+        self.alerter = Some(alerter);
+        if let Some(alert) = alert {
+            self.send_alert(alert);
         }
     }
 
