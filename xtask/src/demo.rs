@@ -122,10 +122,20 @@ fn flask(root: &Path, memscope: &Path) -> Result<()> {
 
     let report_dir = dir.join("flask-report");
     let report_arg = report_dir.to_string_lossy();
-    let args = ["-o", &report_arg, "--top", "12", "--per-process"];
+    let args = [
+        "-o",
+        &report_arg,
+        "--top",
+        "12",
+        "--per-process",
+        "--request-fn",
+        "app:analyze",
+    ];
     println!("\n== memscope attach {} {}\n", args.join(" "), server.pid());
     let attached = Attached::start(memscope, server.pid(), &args, Stdio::inherit())?;
-    let traffic = drive(&server)?;
+    let mut traffic = Traffic::default();
+    until_handler_found(&server, &attached, &mut traffic)?;
+    drive(&server, &mut traffic)?;
     let status = attached.stop()?;
     if !status.success() {
         bail!("memscope attach failed: {status}");
@@ -152,14 +162,43 @@ struct Traffic {
     churned: BTreeMap<u32, u64>,
 }
 
-fn drive(server: &Gunicorn) -> Result<Traffic> {
-    let mut traffic = Traffic::default();
+/// Sends /analyze until memscope has named the request handler in every
+/// worker (from the first stacks it sees there): requests count from then.
+fn until_handler_found(
+    server: &Gunicorn,
+    attached: &Attached,
+    traffic: &mut Traffic,
+) -> Result<()> {
+    let mut found = std::collections::BTreeSet::new();
+    for _ in 0..MAX_WARM_UP_REQUESTS {
+        analyze(server, traffic)?;
+        for line in attached.said() {
+            if line.starts_with("memscope: request handler") {
+                found.insert(line);
+            }
+        }
+        if found.len() >= flask_service::WORKERS {
+            return Ok(());
+        }
+    }
+    bail!("memscope did not find app:analyze in every worker: {found:?}")
+}
+
+/// /analyze requests sent for `until_handler_found` at most.
+const MAX_WARM_UP_REQUESTS: usize = 400;
+
+fn analyze(server: &Gunicorn, traffic: &mut Traffic) -> Result<()> {
+    let body = server.get_json("/analyze")?;
+    *traffic
+        .analyzed
+        .entry(flask_service::served_by(&body)?)
+        .or_default() += 1;
+    Ok(())
+}
+
+fn drive(server: &Gunicorn, traffic: &mut Traffic) -> Result<()> {
     for _ in 0..ANALYZE_REQUESTS {
-        let body = server.get_json("/analyze")?;
-        *traffic
-            .analyzed
-            .entry(flask_service::served_by(&body)?)
-            .or_default() += 1;
+        analyze(server, traffic)?;
     }
     for i in 0..LOOKUP_REQUESTS {
         let body = server.get_json(&format!("/lookup?key=user-{}", i / 2))?;
@@ -180,7 +219,7 @@ fn drive(server: &Gunicorn) -> Result<Traffic> {
             .entry(flask_service::served_by(&body)?)
             .or_default() += 1;
     }
-    Ok(traffic)
+    Ok(())
 }
 
 fn entries(body: &serde_json::Value) -> Result<u64> {
@@ -203,7 +242,7 @@ impl Traffic {
         let lookups = sum(&self.lookup_entries);
         let reports = sum(&self.report_entries);
         println!(
-            "\nxtask demo: sent /analyze x{ANALYZE_REQUESTS} ({}), /lookup x{LOOKUP_REQUESTS} over {} keys, /report x{REPORT_REQUESTS} over {REPORT_KEYS} keys, /churn x{CHURN_REQUESTS} ({})",
+            "\nxtask demo: sent /analyze x{analyzed} ({}), /lookup x{LOOKUP_REQUESTS} over {} keys, /report x{REPORT_REQUESTS} over {REPORT_KEYS} keys, /churn x{CHURN_REQUESTS} ({})",
             per_worker(&self.analyzed),
             LOOKUP_REQUESTS / 2,
             per_worker(&self.churned),
