@@ -24,14 +24,10 @@ fn exactly(bytes: u64) -> Option<Percentiles> {
     })
 }
 
-/// Check that `attach --request-fn handle_request` gives every request its
-/// exact figures (allocated, retained, kept), keeps the two processes' and
-/// threads' requests apart, and names the site that keeps.
-#[test]
-fn each_request_retains_and_keeps_exactly_its_64_kib() {
-    if !bpf_available() {
-        return;
-    }
+/// Starts the fixture server, attaches `memscope attach --request-fn
+/// handle_request ARGS` to it, has each process serve `SERVED` requests,
+/// ends both and returns the output directory.
+fn serve_attached(test: &str, args: &[&str]) -> std::path::PathBuf {
     let mut server = Command::new(fixture("request_server"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -41,9 +37,11 @@ fn each_request_retains_and_keeps_exactly_its_64_kib() {
     let from_server = lines(server.stdout.take().expect("stdout"));
     wait_for(&from_server, |l| l.starts_with("ready"), "ready");
 
-    let dir = output_dir("requests");
+    let dir = output_dir(test);
     let mut memscope = Command::new(MEMSCOPE)
-        .args(["attach", "--request-fn", "handle_request", "-o"])
+        .args(["attach", "--request-fn", "handle_request"])
+        .args(args)
+        .arg("-o")
         .arg(&dir)
         .arg(server.id().to_string())
         .stdout(Stdio::null())
@@ -53,13 +51,13 @@ fn each_request_retains_and_keeps_exactly_its_64_kib() {
     let said = lines(memscope.stderr.take().expect("stderr"));
     wait_for(
         &said,
-        |l| l.starts_with("memscope: request handler handle_request found"),
-        "handler found",
+        |l| l.starts_with("memscope: profiling pid"),
+        "banner",
     );
     wait_for(
         &said,
-        |l| l.starts_with("memscope: profiling pid"),
-        "banner",
+        |l| l.starts_with("memscope: request handler handle_request found"),
+        "handler found",
     );
 
     writeln!(to_server, "serve {SERVED}").expect("fixture reads");
@@ -67,8 +65,18 @@ fn each_request_retains_and_keeps_exactly_its_64_kib() {
     drop(to_server);
     assert!(server.wait().expect("fixture ends").success());
     assert!(memscope.wait().expect("memscope ends").success());
+    dir
+}
 
-    let report = read_report(&dir);
+/// Check that `attach --request-fn handle_request` gives every request its
+/// exact figures (allocated, retained, kept), keeps the two processes' and
+/// threads' requests apart, and names the site that keeps.
+#[test]
+fn each_request_retains_and_keeps_exactly_its_64_kib() {
+    if !bpf_available() {
+        return;
+    }
+    let report = read_report(&serve_attached("requests", &[]));
     assert_nothing_lost(&report);
     let requests = report.requests.as_ref().expect("requests in the report");
     assert_eq!(requests.function, "handle_request");
@@ -89,4 +97,33 @@ fn each_request_retains_and_keeps_exactly_its_64_kib() {
     assert_eq!(&names[..2], ["keep_site", "handle_request"]);
     assert_eq!(keeper.live_bytes, 2 * SERVED * KEEP);
     assert_eq!(keeper.live_count, 2 * SERVED);
+}
+
+/// Check that with `--request-fn`, `--alert-growth` is per request: the
+/// first request over it alerts with what it kept and where, and the rest
+/// within the minute are held back.
+#[test]
+fn a_request_keeping_more_than_alert_growth_alerts_with_its_site() {
+    if !bpf_available() {
+        return;
+    }
+    let dir = serve_attached("requests_alert", &["--alert-growth", "32KB"]);
+    let text = std::fs::read_to_string(dir.join("alerts.jsonl")).expect("alerts.jsonl");
+    let alerts: Vec<memscope::alert::Alert> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("an alert per line"))
+        .collect();
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    let alert = &alerts[0];
+    assert_eq!(alert.kind, memscope::alert::AlertKind::Request);
+    assert_eq!((alert.value_bytes, alert.threshold_bytes), (KEEP, 32 << 10));
+    assert!(alert.request.is_some(), "{alert:#?}");
+    let site = &alert.top_sites[0];
+    assert!(
+        site.site.starts_with("keep_site <- handle_request"),
+        "{site:?}"
+    );
+    assert_eq!(site.growth_bytes, KEEP as i64);
+    let report = read_report(&dir);
+    assert_eq!(report.alerts, alerts);
 }
