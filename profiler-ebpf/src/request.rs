@@ -12,7 +12,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, HashMap, RingBuf},
@@ -85,9 +85,23 @@ fn open(flags: u32) -> u64 {
     id
 }
 
+/// Bytes on the ring past which a record wakes userspace. Below, nothing
+/// does: a wakeup per record would cost each request several
+/// microseconds of the reader's context switches, and userspace reads the
+/// ring on its own tick anyway (userspace `REQUEST_POLL`).
+const WAKE_AT_BYTES: u64 = REQUEST_EVENTS_BYTES as u64 / 4;
+
 fn emit(record: &RequestRecord, kind: u32) {
     let event = RequestRecord { kind, ..*record };
-    if REQUEST_EVENTS.output::<RequestRecord>(&event, 0).is_err() {
+    let flags = if REQUEST_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKE_AT_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if REQUEST_EVENTS
+        .output::<RequestRecord>(&event, u64::from(flags))
+        .is_err()
+    {
         count(Counter::RequestEventsLost);
     }
 }
@@ -263,18 +277,31 @@ pub fn drop_bytes(id: u64, size: u64) {
     }
 }
 
-/// At a thread's exit: its open request (if any) never closes.
+/// At a thread's exit (or exec): its open request, if any, never closes
+/// and goes; its blocks stay live, tagged, in the sites that keep.
 pub fn forget_thread(thread: u64) {
+    // SAFETY: the value is copied out before the entry is removed.
+    if let Some(open) = unsafe { REQUEST_THREADS.get(thread) }.copied()
+        && open.id != 0
+    {
+        let _ = REQUESTS.remove(open.id);
+    }
     let _ = REQUEST_THREADS.remove(thread);
 }
 
-/// At a process's exec or exit: its close count and slots go; requests
-/// still waiting for their kept figure stay for userspace to read.
+/// At a process's exec or exit: its close count and slots go, and the
+/// requests still waiting for their kept figure, which none will now
+/// give (userspace has their close).
 pub fn forget_process(tgid: u32) {
     if REQUEST_PROCS.remove(tgid).is_err() {
         return;
     }
     for slot in 0..MAX_KEEP_AFTER as u64 {
-        let _ = REQUEST_SLOTS.remove((u64::from(tgid) << 32) | slot);
+        let key = (u64::from(tgid) << 32) | slot;
+        // SAFETY: the value is copied out before the entry is removed.
+        if let Some(id) = unsafe { REQUEST_SLOTS.get(key) }.copied() {
+            let _ = REQUESTS.remove(id);
+            let _ = REQUEST_SLOTS.remove(key);
+        }
     }
 }

@@ -13,7 +13,8 @@
 //! ratio to the untraced program of the same run, printed as a table and
 //! written to target/bench/results.json with memscope's own peak RSS and CPU
 //! time. A tool that cannot be installed or fails is reported, not fatal.
-//! The fork-rate rows (`fork_rate`) follow.
+//! The fork-rate rows (`fork_rate`) follow, then Python's and the
+//! requests' (`request_rate`).
 
 use std::{
     fmt::Write as _,
@@ -182,6 +183,20 @@ pub fn run_python(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The request rows alone (`cargo xtask bench --requests`).
+pub fn run_requests(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
+    let work = workspace_root.join("target/bench/tmp-requests");
+    fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let (table, json) = crate::request_rate::run(workspace_root, &work, memscope_bin)?;
+    let _ = fs::remove_dir_all(&work);
+    let path = workspace_root.join("target/bench/requests.json");
+    fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    print!("{table}");
+    println!("\nbench: results in {}", path.display());
+    Ok(())
+}
+
 pub fn run(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
     let started = Instant::now();
     let out_dir = workspace_root.join("target/bench");
@@ -269,12 +284,15 @@ pub fn run(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
     let (python_table, python_json) = crate::python_rate::run(workspace_root, &work, memscope_bin)?;
     let (objects_table, objects_json) =
         crate::python_objects_rate::run(workspace_root, &work, memscope_bin)?;
+    let (request_table, request_json) =
+        crate::request_rate::run(workspace_root, &work, memscope_bin)?;
     let _ = fs::remove_dir_all(&work);
 
     let mut results = results_json(&ctx, &cells, started.elapsed());
     results["fork_rate"] = fork_json;
     results["python"] = python_json;
     results["python_objects"] = objects_json;
+    results["requests"] = request_json;
     let path = out_dir.join("results.json");
     let text = serde_json::to_string_pretty(&results)?;
     fs::write(&path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
@@ -282,6 +300,7 @@ pub fn run(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
     print!("{fork_table}");
     print!("{python_table}");
     print!("{objects_table}");
+    print!("{request_table}");
     println!(
         "\nbench: {} rounds in {:.0} s; results in {}",
         REPS,

@@ -13,6 +13,7 @@ mod demo;
 mod fork_rate;
 mod python_objects_rate;
 mod python_rate;
+mod request_rate;
 mod setup;
 
 use std::{
@@ -55,6 +56,10 @@ enum Task {
         /// target/bench/python.json.
         #[arg(long)]
         python: bool,
+        /// Only the request rows (`--request-fn`), into
+        /// target/bench/requests.json.
+        #[arg(long, conflicts_with = "python")]
+        requests: bool,
     },
     /// cargo fmt --check and clippy with -D warnings.
     Lint,
@@ -78,11 +83,13 @@ fn main() -> Result<()> {
             let memscope = build_release(&root)?;
             demo::run(&root, &memscope, example)
         }
-        Task::Bench { python } => {
+        Task::Bench { python, requests } => {
             setup::run(&root)?;
             let memscope = build_release(&root)?;
             if python {
                 bench::run_python(&root, &memscope)
+            } else if requests {
+                bench::run_requests(&root, &memscope)
             } else {
                 bench::run(&root, &memscope)
             }

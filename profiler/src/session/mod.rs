@@ -641,6 +641,7 @@ impl Session {
 
         let mut events = self.events.take();
         let mut request_ring = self.requests.as_mut().and_then(|r| r.ring.take());
+        let mut request_poll = tokio::time::interval(requests::REQUEST_POLL);
         // A stop or exit of our child before the SIGCHLD stream existed was
         // not delivered to it: look once now (and at every refresh tick).
         if self.is_child {
@@ -667,6 +668,12 @@ impl Session {
                     if let Ok(mut guard) = guard {
                         self.drain_requests(guard.get_inner_mut());
                         guard.clear_ready();
+                    }
+                }
+                // The kernel wakes the reader only when the ring fills.
+                _ = request_poll.tick(), if request_ring.is_some() => {
+                    if let Some(ring) = request_ring.as_mut() {
+                        self.drain_requests(ring.get_mut());
                     }
                 }
                 _ = interrupt.recv() => break StopReason::Interrupted,

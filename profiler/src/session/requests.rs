@@ -25,6 +25,11 @@ use crate::{
     requests::{RequestFn, RequestLog, RequestsReport},
 };
 
+/// How often the request ring is read: the kernel side wakes memscope only
+/// when it is a quarter full (a wakeup per request would cost the target
+/// microseconds each).
+pub(super) const REQUEST_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// `--request-fn` and `--keep-after`.
 #[derive(Clone, Debug)]
 pub struct RequestOptions {
