@@ -66,7 +66,13 @@ pub fn run(root: &Path, out_dir: &Path, memscope: &Path) -> Result<(String, Valu
 }
 
 fn build(root: &Path, out_dir: &Path) -> Result<PathBuf> {
-    let binary = out_dir.join("fork_storm");
+    build_fixture(root, out_dir, "fork_storm")
+}
+
+/// Builds tests/fixtures/NAME.c for a bench row: optimised, with frame
+/// pointers, every malloc kept.
+pub(crate) fn build_fixture(root: &Path, out_dir: &Path, name: &str) -> Result<PathBuf> {
+    let binary = out_dir.join(name);
     let status = Command::new("gcc")
         .args([
             "-O2",
@@ -75,11 +81,11 @@ fn build(root: &Path, out_dir: &Path) -> Result<PathBuf> {
             "-o",
         ])
         .arg(&binary)
-        .arg(root.join("tests/fixtures/fork_storm.c"))
+        .arg(root.join(format!("tests/fixtures/{name}.c")))
         .status()
         .context("cannot run gcc")?;
     if !status.success() {
-        bail!("gcc failed to build the fork storm");
+        bail!("gcc failed to build tests/fixtures/{name}.c");
     }
     Ok(binary)
 }

@@ -58,23 +58,7 @@ fn measure(
     args: Option<&[&str]>,
     out_dir: &Path,
 ) -> Result<f64> {
-    let report_dir = out_dir.join("python-report");
-    let _ = std::fs::remove_dir_all(&report_dir);
-    let mut command = match args {
-        None => Command::new(PYTHON),
-        Some(args) => {
-            let mut command = Command::new(memscope);
-            command
-                .arg("run")
-                .arg("-o")
-                .arg(&report_dir)
-                .args(args)
-                .arg("--")
-                .arg(PYTHON);
-            command
-        }
-    };
-    let output = command
+    let output = plain_or_under_memscope(Path::new(PYTHON), memscope, args, out_dir)
         .arg(script)
         .arg(OPS)
         .arg(depth.to_string())
@@ -88,7 +72,31 @@ fn measure(
     })
 }
 
-/// The figure a Python bench fixture prints: `ns per op: N`.
+/// `program` alone (`args` None) or under `memscope run ARGS`, its report
+/// in a scratch directory of `out_dir`; the caller adds the arguments.
+pub(crate) fn plain_or_under_memscope(
+    program: &Path,
+    memscope: &Path,
+    args: Option<&[&str]>,
+    out_dir: &Path,
+) -> Command {
+    let Some(args) = args else {
+        return Command::new(program);
+    };
+    let report_dir = out_dir.join("bench-report");
+    let _ = std::fs::remove_dir_all(&report_dir);
+    let mut command = Command::new(memscope);
+    command
+        .arg("run")
+        .arg("-o")
+        .arg(&report_dir)
+        .args(args)
+        .arg("--")
+        .arg(program);
+    command
+}
+
+/// The figure a bench fixture prints: `ns per op: N`.
 pub(crate) fn ns_per_op(stdout: &str) -> Option<f64> {
     stdout
         .lines()

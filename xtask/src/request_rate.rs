@@ -6,15 +6,12 @@
 //! request adds: the handler's entry and return probes, the request's
 //! open and close, and tagging its two blocks.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::path::Path;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
-use crate::python_rate::{median, ns_per_op};
+use crate::python_rate::{median, ns_per_op, plain_or_under_memscope};
 
 const ROUNDS: usize = 3;
 /// Requests per run.
@@ -27,7 +24,7 @@ const MODES: [(&str, Option<&[&str]>); 3] = [
 
 /// Measures each mode; returns the table and the JSON.
 pub fn run(root: &Path, out_dir: &Path, memscope: &Path) -> Result<(String, Value)> {
-    let program = build(root, out_dir)?;
+    let program = crate::fork_rate::build_fixture(root, out_dir, "request_loop")?;
     let mut ns = vec![Vec::new(); MODES.len()];
     for round in 1..=ROUNDS {
         for (m, (mode, args)) in MODES.iter().enumerate() {
@@ -46,43 +43,8 @@ pub fn run(root: &Path, out_dir: &Path, memscope: &Path) -> Result<(String, Valu
     Ok((render(&medians), to_json(&medians, &ns)))
 }
 
-fn build(root: &Path, out_dir: &Path) -> Result<PathBuf> {
-    let binary = out_dir.join("request_loop");
-    let status = Command::new("gcc")
-        .args([
-            "-O2",
-            "-fno-omit-frame-pointer",
-            "-fno-builtin-malloc",
-            "-o",
-        ])
-        .arg(&binary)
-        .arg(root.join("tests/fixtures/request_loop.c"))
-        .status()
-        .context("cannot run gcc")?;
-    if !status.success() {
-        bail!("gcc failed to build the request loop");
-    }
-    Ok(binary)
-}
-
 fn measure(program: &Path, memscope: &Path, args: Option<&[&str]>, out_dir: &Path) -> Result<f64> {
-    let report_dir = out_dir.join("request-report");
-    let _ = std::fs::remove_dir_all(&report_dir);
-    let mut command = match args {
-        None => Command::new(program),
-        Some(args) => {
-            let mut command = Command::new(memscope);
-            command
-                .arg("run")
-                .arg("-o")
-                .arg(&report_dir)
-                .args(args)
-                .arg("--")
-                .arg(program);
-            command
-        }
-    };
-    let output = command
+    let output = plain_or_under_memscope(program, memscope, args, out_dir)
         .arg(OPS)
         .output()
         .context("cannot run the request loop")?;

@@ -235,11 +235,19 @@ fn set_python_process(
     pid: u32,
     process: PythonProcess,
 ) -> Result<(), aya::maps::MapError> {
-    let map =
-        ebpf.map_mut(map_names::PY_PROCS)
-            .ok_or_else(|| aya::maps::MapError::InvalidName {
-                name: map_names::PY_PROCS.into(),
-            })?;
-    let mut procs: BpfHashMap<&mut MapData, u32, PythonProcess> = BpfHashMap::try_from(map)?;
-    procs.insert(pid, process, 0)
+    insert_into(ebpf, map_names::PY_PROCS, pid, process)
+}
+
+/// Writes one entry of the kernel's hash map `name`.
+pub(super) fn insert_into<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut aya::Ebpf,
+    name: &'static str,
+    key: K,
+    value: V,
+) -> Result<(), aya::maps::MapError> {
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| aya::maps::MapError::InvalidName { name: name.into() })?;
+    let mut entries: BpfHashMap<&mut MapData, K, V> = BpfHashMap::try_from(map)?;
+    entries.insert(key, value, 0)
 }

@@ -242,7 +242,9 @@ impl Session {
         handlers.codes[..codes.len()].copy_from_slice(codes);
         requests.announce(pid.to_string(), format_args!("in {file} (pid {pid})"));
         tracing::debug!(pid, code, "python request handler");
-        if let Err(error) = set_python_handlers(&mut self.kernel.ebpf, pid, handlers) {
+        if let Err(error) =
+            super::python::insert_into(&mut self.kernel.ebpf, map_names::PY_HANDLERS, pid, handlers)
+        {
             tracing::warn!("request handler of pid {pid}: {error}");
         }
     }
@@ -346,18 +348,4 @@ fn open_requests(ebpf: &aya::Ebpf) -> u64 {
         .filter_map(Result::ok)
         .filter(|(_, r)| r.end_ns == 0 && r.flags & request_flags::PARTIAL == 0)
         .count() as u64
-}
-
-fn set_python_handlers(
-    ebpf: &mut aya::Ebpf,
-    pid: u32,
-    handlers: PythonHandlers,
-) -> Result<(), aya::maps::MapError> {
-    let map =
-        ebpf.map_mut(map_names::PY_HANDLERS)
-            .ok_or_else(|| aya::maps::MapError::InvalidName {
-                name: map_names::PY_HANDLERS.into(),
-            })?;
-    let mut all: BpfHashMap<&mut MapData, u32, PythonHandlers> = BpfHashMap::try_from(map)?;
-    all.insert(pid, handlers, 0)
 }
