@@ -124,6 +124,9 @@ pub struct LiveScan {
     /// The live blocks allocated inside a request, per (process, stack),
     /// as allocations (count and bytes).
     pub kept_by_requests: BTreeMap<StackKey, StackTotals>,
+    /// The live mappings made outside malloc: (process and stack, address,
+    /// bytes).
+    pub mappings: Vec<(StackKey, u64, u64)>,
 }
 
 /// One pass over the live map (`window_of` maps an allocation time to its
@@ -146,6 +149,9 @@ pub fn scan_live(
             .or_insert_with(|| vec![0; windows]);
         if let Some(bytes) = by_window.get_mut(window_of(block.timestamp_ns)) {
             *bytes += block.size;
+        }
+        if stack.class == profiler_common::site_class::MMAP {
+            scan.mappings.push((stack, key.addr, block.size));
         }
         if block.request != 0 {
             let kept = scan.kept_by_requests.entry(stack).or_default();

@@ -22,6 +22,7 @@
 //! Collection produces plain data, and analysis and rendering are functions
 //! of it alone, so every stage past collection is testable without a kernel.
 
+pub mod address_space;
 pub mod alert;
 pub mod allocator;
 pub mod attach;

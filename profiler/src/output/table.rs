@@ -6,7 +6,7 @@ use super::escape::escape_control;
 use crate::{
     classify::Verdict,
     processes::Following,
-    report::{Frame, ProcessReport, Report},
+    report::{Frame, MappedReport, ProcessReport, Report},
     requests::{Percentiles, RequestsReport},
     units::format_bytes,
 };
@@ -54,10 +54,15 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
     if m.alloc_count > 0 {
         writeln!(
             out,
-            "mapped outside malloc: {} bytes ({}) in {} mappings; mapped {} bytes in {} calls",
+            "mapped outside malloc: {} bytes ({}) in {} mappings{}; mapped {} bytes in {} calls",
             m.live_bytes,
             format_bytes(m.live_bytes),
             m.live_count,
+            report
+                .mapped_memory
+                .as_ref()
+                .map(|m| format!(" (committed{})", mapped_words(m)))
+                .unwrap_or_default(),
             m.alloc_bytes,
             m.alloc_count
         )?;
@@ -76,9 +81,15 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
     )?;
     for site in report.sites.iter().take(limit) {
         let chain = escape_control(&Frame::chain(&site.frames, CHAIN_FRAMES)).into_owned();
-        let kind = match site.kind {
-            crate::report::SiteKind::Malloc => "",
-            crate::report::SiteKind::Mmap => "[mmap] ",
+        // glibc maps each thread's stack in allocate_stack.
+        let what = match site.frames.first() {
+            Some(frame) if frame.function == "allocate_stack" => "thread stacks",
+            _ => "mmap",
+        };
+        let kind = match (site.kind, &site.mapped) {
+            (crate::report::SiteKind::Malloc, _) => String::new(),
+            (crate::report::SiteKind::Mmap, None) => format!("[{what}] "),
+            (crate::report::SiteKind::Mmap, Some(m)) => format!("[{what}{}] ", mapped_words(m)),
         };
         let verdict = match &site.classification {
             Some(c) if verdicts => format!("{:<11}", verdict_word(c.verdict)),
@@ -117,6 +128,16 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
         writeln!(out, "warning: {}", escape_control(warning))?;
     }
     Ok(())
+}
+
+/// `, 1.0 MiB resident, 127.0 MiB reserved`: what a measured mapping's
+/// committed bytes leave out.
+fn mapped_words(m: &MappedReport) -> String {
+    let mut words = format!(", {} resident", format_bytes(m.resident_bytes));
+    if m.reserved_bytes > 0 {
+        words += &format!(", {} reserved", format_bytes(m.reserved_bytes));
+    }
+    words
 }
 
 /// Per-request figures: what a request allocated, retained at its return

@@ -39,6 +39,26 @@ pub struct ReportContext {
     pub requests: Option<crate::requests::RequestsReport>,
     /// Live blocks allocated inside requests, per (process, stack).
     pub kept_by_requests: BTreeMap<StackKey, StackTotals>,
+    /// Mapped sites' ranges as recorded and what they hold, per (process,
+    /// stack), for the processes whose address space was read.
+    pub measured: Measured,
+}
+
+/// Per (process, stack) of the mmap class: the bytes recorded, and what
+/// those ranges hold (see `address_space`).
+pub type Measured = BTreeMap<StackKey, (u64, crate::address_space::MappedBytes)>;
+
+/// Whether a mapping's allocating frame is the dynamic loader's: the
+/// images' memory (their .bss, its early heap), not the program's.
+fn is_loader(frames: Option<&Vec<Frame>>) -> bool {
+    let Some(path) = frames
+        .and_then(|f| f.first())
+        .and_then(|f| f.module.as_deref())
+    else {
+        return false;
+    };
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name.starts_with("ld-linux") || name.starts_with("ld-musl") || name == "ld.so"
 }
 
 /// Sites that keep a request's memory, listed in the report.
@@ -80,8 +100,19 @@ pub fn build_report(
     }
     let seconds = |ns: u64| ns.saturating_sub(context.started_ns) as f64 / 1e9;
 
-    let (totals, mapped) = class_totals(combined.iter());
-    let mut sites = sites_of(combined.iter(), &frames, &context.adjustments);
+    // The loader's mappings are the images': out of the sites and totals.
+    let (loader, combined): (BTreeMap<_, _>, BTreeMap<_, _>) = combined
+        .into_iter()
+        .partition(|(key, _)| key.class == site_class::MMAP && is_loader(frames.get(key)));
+    let loader_totals = (!loader.is_empty()).then(|| class_totals(loader.iter()).1);
+    let measured = &context.measured;
+    let (totals, mut mapped) = class_totals(combined.iter());
+    let mapped_memory = measured_sum(combined.keys(), measured);
+    if let Some(m) = &mapped_memory {
+        mapped.live_bytes =
+            (mapped.live_bytes + m.committed_bytes).saturating_sub(m.recorded_bytes);
+    }
+    let mut sites = sites_of(combined.iter(), &frames, &context.adjustments, measured);
     let histories = site_histories(&context.windows, &context.survivors, &frames);
     for site in &mut sites {
         if site.live_bytes > 0 {
@@ -126,7 +157,7 @@ pub fn build_report(
                 inherited_bytes,
                 growth_bytes: totals.live_bytes as i64 - inherited_bytes as i64,
                 sites: if context.per_process_sites {
-                    sites_of(own(), &frames, &context.adjustments)
+                    sites_of(own(), &frames, &context.adjustments, measured)
                 } else {
                     Vec::new()
                 },
@@ -192,11 +223,14 @@ pub fn build_report(
         attach_costs: None,
         tick_costs: None,
         alerts: Vec::new(),
+        mapped_memory,
+        loader: loader_totals,
         requests: context.requests.map(|mut requests| {
             requests.sites = sites_of(
                 context.kept_by_requests.iter(),
                 &frames,
                 &Adjustments::new(),
+                &Measured::new(),
             );
             requests.sites.truncate(REQUEST_SITES);
             requests
@@ -364,6 +398,7 @@ fn peak_report(
                 then.iter().filter(|(k, _)| k.class == site_class::MALLOC),
                 frames,
                 &context.adjustments,
+                &Measured::new(),
             );
             sites.retain(|s| s.live_bytes > 0);
             sites.truncate(PEAK_TOP_SITES);
@@ -449,6 +484,18 @@ fn class_totals<'a>(
     (malloc.into(), mapped.into())
 }
 
+/// What the measured ones of `keys` hold, summed; None if none was.
+fn measured_sum<'a>(
+    keys: impl Iterator<Item = &'a StackKey>,
+    measured: &Measured,
+) -> Option<super::MappedReport> {
+    let mut sum: Option<super::MappedReport> = None;
+    for (recorded, bytes) in keys.filter_map(|key| measured.get(key)) {
+        sum.get_or_insert_default().add(*recorded, *bytes);
+    }
+    sum
+}
+
 /// Sites from per-(process, stack) totals: stacks with equal frames (after
 /// trimming, or in different processes) are one site.
 /// `inherited` holds the blocks forked children got from their parents,
@@ -457,10 +504,16 @@ fn sites_of<'a>(
     entries: impl Iterator<Item = (&'a StackKey, &'a StackTotals)>,
     frames: &BTreeMap<StackKey, Vec<Frame>>,
     inherited: &Adjustments,
+    measured: &Measured,
 ) -> Vec<Site> {
     let mut sites: Vec<Site> = by_site(entries, frames)
         .into_iter()
-        .map(|((class, frames), (t, keys))| Site {
+        .map(|((class, frames), (t, keys))| {
+            let mapped = measured_sum(keys.iter(), measured);
+            (class, frames, t, keys, mapped)
+        })
+        .map(|(class, frames, t, keys, mapped)| Site {
+            mapped,
             growth_bytes: t.live_bytes() as i64
                 - keys
                     .iter()
@@ -471,7 +524,11 @@ fn sites_of<'a>(
             classification: None,
             kind: SiteKind::of_class(class),
             frames: frames.to_vec(),
-            live_bytes: t.live_bytes(),
+            // A measured mapping holds its committed bytes, not its range.
+            live_bytes: match mapped {
+                Some(m) => (t.live_bytes() + m.committed_bytes).saturating_sub(m.recorded_bytes),
+                None => t.live_bytes(),
+            },
             live_count: t.live_count(),
             alloc_bytes: t.alloc_bytes,
             alloc_count: t.alloc_count,

@@ -6,7 +6,7 @@ mod build;
 use profiler_common::{HeapTop, StackTotals, site_class};
 use serde::{Deserialize, Serialize};
 
-pub use self::build::{ReportContext, build_report, combined_totals, key_frames};
+pub use self::build::{Measured, ReportContext, build_report, combined_totals, key_frames};
 use crate::{attach::AttachedProbe, processes::Following};
 
 pub const SCHEMA: &str = "memscope.report/1";
@@ -51,6 +51,14 @@ pub struct Report {
     /// Every alert raised, as alerts.jsonl has them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<crate::alert::Alert>,
+    /// What the mappings outside malloc hold (`mapped` counts them at
+    /// their committed size where they were measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapped_memory: Option<MappedReport>,
+    /// Anonymous memory the dynamic loader mapped for the images it loaded
+    /// (their .bss, its own early heap): the images', not allocation sites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loader: Option<Totals>,
     /// Per request of the handler (`--request-fn`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<crate::requests::RequestsReport>,
@@ -411,9 +419,40 @@ pub struct Site {
     /// Its figures at each window, for a site live at the end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<SiteHistory>,
+    /// For an mmap site: what its ranges hold, read from the process while
+    /// it lived (`live_bytes` is then the committed bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapped: Option<MappedReport>,
     /// What its memory is doing: leak, growing, bounded, temporary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classification: Option<crate::classify::Classification>,
+}
+
+/// What anonymous mappings hold, from /proc/PID/maps and pagemap (see
+/// `address_space`), as opposed to the address ranges `mmap` returned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappedReport {
+    /// The ranges as recorded at `mmap` (and shrunk by munmaps of their
+    /// front), for the ranges measured.
+    pub recorded_bytes: u64,
+    /// Still mapped (trimmed tails and holes left out).
+    pub mapped_bytes: u64,
+    /// Mapped with some access: memory the process may use.
+    pub committed_bytes: u64,
+    /// Mapped PROT_NONE: address space only (arena reservations, guards).
+    pub reserved_bytes: u64,
+    /// In RAM.
+    pub resident_bytes: u64,
+}
+
+impl MappedReport {
+    pub fn add(&mut self, recorded: u64, bytes: crate::address_space::MappedBytes) {
+        self.recorded_bytes += recorded;
+        self.mapped_bytes += bytes.mapped;
+        self.committed_bytes += bytes.committed;
+        self.reserved_bytes += bytes.reserved();
+        self.resident_bytes += bytes.resident;
+    }
 }
 
 /// A site across the session's windows (`windows[]`), oldest first.
@@ -548,6 +587,7 @@ pub(crate) mod tests_support {
             free_count: free.0,
             growth_bytes: (alloc.1 - free.1) as i64,
             history: None,
+            mapped: None,
             classification: None,
         }
     }
@@ -606,6 +646,8 @@ pub(crate) mod tests_support {
             windows: Vec::new(),
             peak: None,
             alerts: Vec::new(),
+            mapped_memory: None,
+            loader: None,
             requests: None,
         }
     }

@@ -111,8 +111,15 @@ impl Session {
                 }
             }
             event_kind::EXITING => {
-                // Stopped in `_exit`: its mappings are read one last time.
+                // Stopped in `_exit`: its mappings are read one last time,
+                // and what its anonymous ones hold.
                 self.refresh_maps();
+                match crate::address_space::AddressSpace::read(pid) {
+                    Ok(space) => {
+                        self.address_spaces.insert(pid, space);
+                    }
+                    Err(error) => tracing::debug!(pid, "address space not read: {error}"),
+                }
                 if event.held != 0 {
                     self.kernel.holds.release(pid, event.hold_ns);
                 }
@@ -341,6 +348,8 @@ impl Session {
             .filter(|_| !crate::proc_tree::exiting(pid))
             .or_else(|| parents_maps(self));
         self.start_times.insert(pid, start_time);
+        // A pid seen before was another process: its address space is gone.
+        self.address_spaces.remove(&pid);
         self.alive.insert(pid);
         self.processes.push(ProcessRecord::new(
             pid,

@@ -345,6 +345,9 @@ pub struct Session {
     object_allocators: std::collections::HashMap<u32, crate::python::objects::ObjectAllocator>,
     /// With `--request-fn`.
     requests: Option<requests::Requests>,
+    /// Address spaces read as processes stopped at their exit (`run`), for
+    /// the mappings they still held (see `measure_mappings`).
+    address_spaces: std::collections::HashMap<u32, crate::address_space::AddressSpace>,
 }
 
 impl Session {
@@ -562,6 +565,7 @@ impl Session {
             python_looked: std::collections::HashMap::new(),
             object_allocators: std::collections::HashMap::new(),
             requests: None,
+            address_spaces: std::collections::HashMap::new(),
         };
         if let Some(options) = &options.requests {
             session.requests = Some(requests::Requests::start(
@@ -880,6 +884,32 @@ impl Session {
         )
     }
 
+    /// What each live mapping outside malloc holds: from the address
+    /// spaces read as processes stopped at their exit, else now for those
+    /// still running; a process read neither way is left unmeasured.
+    fn measure_mappings(&mut self, mappings: &[(StackKey, u64, u64)]) -> crate::report::Measured {
+        let mut measured = crate::report::Measured::new();
+        for &(key, addr, size) in mappings {
+            if !self.address_spaces.contains_key(&key.tgid) && self.alive.contains(&key.tgid) {
+                match crate::address_space::AddressSpace::read(key.tgid) {
+                    Ok(space) => {
+                        self.address_spaces.insert(key.tgid, space);
+                    }
+                    Err(error) => {
+                        tracing::debug!(pid = key.tgid, "address space not read: {error}")
+                    }
+                }
+            }
+            let Some(space) = self.address_spaces.get(&key.tgid) else {
+                continue;
+            };
+            let entry = measured.entry(key).or_default();
+            entry.0 += size;
+            entry.1.add(space.figures(addr, size));
+        }
+        measured
+    }
+
     /// Resident memory of the running followed processes.
     fn resident_bytes(&self) -> u64 {
         let page = procfs::page_size();
@@ -905,6 +935,7 @@ impl Session {
             crate::timeline::window_of(windows, ns)
         })?;
         let requests = self.requests_report();
+        let measured = self.measure_mappings(&scan.mappings);
         let symbolizer = &mut self.symbolizer;
         let context = ReportContext {
             target: Some(TargetInfo {
@@ -923,6 +954,7 @@ impl Session {
             survivors: scan.survivors,
             requests,
             kept_by_requests: scan.kept_by_requests,
+            measured,
         };
         let mut report = report::build_report(
             &snapshot,

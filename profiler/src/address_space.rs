@@ -1,0 +1,219 @@
+//! What a process's anonymous mappings really hold: the kernel side records
+//! each mapping made outside malloc as the address range `mmap` returned,
+//! but a range may be only reserved (PROT_NONE, as glibc reserves its
+//! thread arenas and stack guards), trimmed later (an munmap of its front,
+//! tail or middle) or never touched. Read from /proc/PID/maps (which parts
+//! are still mapped, with what protection) and /proc/PID/pagemap (which
+//! pages are resident) while the process lives, each recorded range gets
+//! its mapped, committed and resident bytes.
+
+use std::ops::Range;
+
+use procfs::process::{MMPermissions, MMapPath, MemoryPageFlags, PageInfo, Process};
+
+/// Bytes of one recorded range, or of a site's ranges summed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappedBytes {
+    /// Still mapped, whatever the protection.
+    pub mapped: u64,
+    /// Mapped readable, writable or executable: memory the process may use
+    /// (the rest of `mapped` is reserved address space).
+    pub committed: u64,
+    /// In RAM now.
+    pub resident: u64,
+}
+
+impl MappedBytes {
+    pub fn add(&mut self, other: MappedBytes) {
+        self.mapped += other.mapped;
+        self.committed += other.committed;
+        self.resident += other.resident;
+    }
+
+    /// Mapped but not committed.
+    pub fn reserved(&self) -> u64 {
+        self.mapped - self.committed.min(self.mapped)
+    }
+}
+
+/// An anonymous private mapping of the process: its range, whether it is
+/// committed, and its resident pages as ranges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Area {
+    range: Range<u64>,
+    committed: bool,
+    resident: Vec<Range<u64>>,
+}
+
+/// A process's anonymous private mappings at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AddressSpace {
+    /// Sorted by address, not overlapping.
+    areas: Vec<Area>,
+}
+
+fn overlap(a: &Range<u64>, b: &Range<u64>) -> u64 {
+    a.end.min(b.end).saturating_sub(a.start.max(b.start))
+}
+
+impl AddressSpace {
+    /// Reads `pid`'s mappings and, for the committed anonymous ones, which
+    /// pages are resident. Root reads page frame presence from pagemap.
+    pub fn read(pid: u32) -> procfs::ProcResult<Self> {
+        let process = Process::new(pid as i32)?;
+        let maps = process.maps()?;
+        let mut pagemap = process.pagemap()?;
+        let page = procfs::page_size();
+        let mut areas = Vec::new();
+        for map in maps {
+            let anonymous = matches!(map.pathname, MMapPath::Anonymous)
+                && map.perms.contains(MMPermissions::PRIVATE);
+            if !anonymous {
+                continue;
+            }
+            let range = map.address.0..map.address.1;
+            let committed = map
+                .perms
+                .intersects(MMPermissions::READ | MMPermissions::WRITE | MMPermissions::EXECUTE);
+            let resident = if committed {
+                let first = (range.start / page) as usize;
+                let pages = pagemap.get_range_info(first..(range.end / page) as usize)?;
+                resident_runs(range.start, page, &pages)
+            } else {
+                Vec::new()
+            };
+            areas.push(Area {
+                range,
+                committed,
+                resident,
+            });
+        }
+        areas.sort_by_key(|a| a.range.start);
+        Ok(Self { areas })
+    }
+
+    /// What the range `start..start + len` holds now.
+    pub fn figures(&self, start: u64, len: u64) -> MappedBytes {
+        let wanted = start..start.saturating_add(len);
+        let first = self.areas.partition_point(|a| a.range.end <= wanted.start);
+        let mut bytes = MappedBytes::default();
+        for area in self.areas[first..]
+            .iter()
+            .take_while(|a| a.range.start < wanted.end)
+        {
+            let mapped = overlap(&area.range, &wanted);
+            bytes.mapped += mapped;
+            if area.committed {
+                bytes.committed += mapped;
+                bytes.resident += area
+                    .resident
+                    .iter()
+                    .map(|r| overlap(r, &wanted))
+                    .sum::<u64>();
+            }
+        }
+        bytes
+    }
+}
+
+/// The present pages of an area starting at `start`, as address ranges.
+fn resident_runs(start: u64, page: u64, pages: &[PageInfo]) -> Vec<Range<u64>> {
+    let mut runs: Vec<Range<u64>> = Vec::new();
+    for (i, info) in pages.iter().enumerate() {
+        let present =
+            matches!(info, PageInfo::MemoryPage(flags) if flags.contains(MemoryPageFlags::PRESENT));
+        if !present {
+            continue;
+        }
+        let at = start + i as u64 * page;
+        match runs.last_mut() {
+            Some(run) if run.end == at => run.end = at + page,
+            _ => runs.push(at..at + page),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: u64 = 4096;
+
+    fn space() -> AddressSpace {
+        AddressSpace {
+            areas: vec![
+                // A reserved arena head: 1 MiB committed, 2 resident pages.
+                Area {
+                    range: 0x10_0000..0x20_0000,
+                    committed: true,
+                    resident: vec![0x10_0000..0x10_2000],
+                },
+                Area {
+                    range: 0x20_0000..0x50_0000,
+                    committed: false,
+                    resident: Vec::new(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn a_reservation_counts_only_its_committed_part() {
+        let bytes = space().figures(0x10_0000, 0x40_0000);
+        assert_eq!(
+            bytes,
+            MappedBytes {
+                mapped: 0x40_0000,
+                committed: 0x10_0000,
+                resident: 2 * PAGE,
+            }
+        );
+        assert_eq!(bytes.reserved(), 0x30_0000);
+    }
+
+    #[test]
+    fn trimmed_parts_are_not_mapped() {
+        // Recorded as 8 MiB from 0; only what the areas cover is mapped.
+        let bytes = space().figures(0, 0x80_0000);
+        assert_eq!(bytes.mapped, 0x40_0000);
+        assert_eq!(space().figures(0x60_0000, 0x1000), MappedBytes::default());
+    }
+
+    #[test]
+    fn a_range_inside_an_area_gets_its_share_of_resident_pages() {
+        assert_eq!(space().figures(0x10_1000, PAGE).resident, PAGE);
+    }
+
+    #[test]
+    fn present_pages_become_runs() {
+        let present = PageInfo::MemoryPage(MemoryPageFlags::PRESENT);
+        let absent = PageInfo::MemoryPage(MemoryPageFlags::empty());
+        let runs = resident_runs(0x1000, PAGE, &[present, present, absent, present]);
+        assert_eq!(runs, vec![0x1000..0x3000, 0x4000..0x5000]);
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let page = procfs::page_size();
+        // SAFETY: a fresh anonymous mapping, touched then left alone.
+        let addr = unsafe {
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                (4 * page) as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(addr, libc::MAP_FAILED);
+            *(addr as *mut u8) = 1;
+            addr as u64
+        };
+        // Presence bits are readable without privileges (frame numbers are not).
+        let space = AddressSpace::read(std::process::id()).expect("own maps and pagemap");
+        let bytes = space.figures(addr, 4 * page);
+        assert_eq!((bytes.mapped, bytes.committed), (4 * page, 4 * page));
+        assert!(bytes.resident >= page, "{bytes:?}");
+    }
+}
