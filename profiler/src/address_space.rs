@@ -147,7 +147,7 @@ mod tests {
                 Area {
                     range: 0x10_0000..0x20_0000,
                     committed: true,
-                    resident: vec![0x10_0000..0x10_2000],
+                    resident: [0x10_0000..0x10_2000].to_vec(),
                 },
                 Area {
                     range: 0x20_0000..0x50_0000,
