@@ -147,7 +147,7 @@ mod tests {
                 Area {
                     range: 0x10_0000..0x20_0000,
                     committed: true,
-                    resident: [0x10_0000..0x10_2000].to_vec(),
+                    resident: std::iter::once(0x10_0000..0x10_2000).collect(),
                 },
                 Area {
                     range: 0x20_0000..0x50_0000,
