@@ -656,4 +656,45 @@ mod tests {
         let kinds: Vec<SiteKind> = report.sites.iter().map(|s| s.kind).collect();
         assert_eq!(kinds, [SiteKind::Mmap, SiteKind::Malloc]);
     }
+
+    #[test]
+    fn measured_mappings_count_committed_and_the_loaders_are_apart() {
+        let mut snapshot = KernelSnapshot::default();
+        let mmap = |stack| StackKey {
+            class: site_class::MMAP,
+            ..StackKey::new(1, stack)
+        };
+        snapshot.totals.insert(mmap(1), totals(1, 128 << 20, 0, 0));
+        snapshot.totals.insert(mmap(2), totals(2, 73728, 0, 0));
+        snapshot.stacks.insert(1, vec![0x10]);
+        snapshot.stacks.insert(2, vec![0x20]);
+        let mut context = ReportContext::default();
+        let bytes = crate::address_space::MappedBytes {
+            mapped: 128 << 20,
+            committed: 1 << 20,
+            resident: 4096,
+        };
+        context.measured.insert(mmap(1), (128 << 20, bytes));
+        let report = build_report(
+            &snapshot,
+            |_, ips, _| match ips[0] {
+                0x10 => vec![Frame::named("reserve_site")],
+                _ => vec![Frame {
+                    module: Some("/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2".into()),
+                    ..Frame::named("_dl_map_segments")
+                }],
+            },
+            context,
+        );
+        assert_eq!(names(&report.sites[0].frames), ["reserve_site"]);
+        assert_eq!(report.sites.len(), 1, "no loader site");
+        assert_eq!(report.sites[0].live_bytes, 1 << 20);
+        let mapped = report.sites[0].mapped.expect("measured");
+        assert_eq!(
+            (mapped.reserved_bytes, mapped.resident_bytes),
+            (127 << 20, 4096)
+        );
+        assert_eq!(report.mapped.live_bytes, 1 << 20);
+        assert_eq!(report.loader.map(|l| l.live_bytes), Some(73728));
+    }
 }
