@@ -42,6 +42,7 @@ pub mod preflight;
 pub mod probe_site;
 pub mod proc_tree;
 pub mod process_maps;
+pub mod process_memory;
 pub mod processes;
 pub mod python;
 pub mod report;

@@ -31,6 +31,8 @@ pub struct ProcessRecord {
     pub python_objects: Option<crate::report::PythonObjects>,
     /// Its live bytes and peak when it exited (taken out of the kernel map then).
     pub peak_at_exit: Option<profiler_common::ProcessPeak>,
+    /// Its memory figures, last read (see `process_memory`).
+    pub memory: Option<crate::process_memory::MemoryFigures>,
 }
 
 impl ProcessRecord {
@@ -54,6 +56,7 @@ impl ProcessRecord {
             note: None,
             heap_at_exit: None,
             peak_at_exit: None,
+            memory: None,
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct RecordedWindow {
     pub live_bytes: u64,
     /// Resident memory of the followed processes at the window's end.
     pub rss_bytes: u64,
+    /// Their memory figures then, summed (see `process_memory`).
+    pub memory: Option<crate::process_memory::MemoryFigures>,
 }
 
 impl RecordedWindow {
@@ -97,6 +99,7 @@ impl Timeline {
             changes,
             live_bytes,
             rss_bytes,
+            memory: None,
         });
         self.last = cumulative;
         self.last_s = at_s;
@@ -108,6 +111,14 @@ impl Timeline {
 
     pub fn windows(&self) -> &[RecordedWindow] {
         &self.windows
+    }
+
+    /// The processes' memory figures at the end of the window just closed.
+    pub fn set_last_memory(&mut self, memory: crate::process_memory::MemoryFigures) {
+        if let Some(last) = self.windows.last_mut() {
+            last.rss_bytes = memory.rss_bytes;
+            last.memory = Some(memory);
+        }
     }
 }
 
@@ -127,6 +138,7 @@ pub fn merge_pairs(windows: Vec<RecordedWindow>) -> Vec<RecordedWindow> {
             first.closed_by = second.closed_by;
             first.live_bytes = second.live_bytes;
             first.rss_bytes = second.rss_bytes;
+            first.memory = second.memory;
         }
         merged.push(first);
     }

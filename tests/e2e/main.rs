@@ -14,6 +14,7 @@ mod flask_service;
 mod leak_basic;
 mod mapped;
 mod output;
+mod process_memory;
 mod process_trees;
 mod processes;
 mod python;

@@ -5,6 +5,7 @@ use std::io::{self, Write};
 use super::escape::escape_control;
 use crate::{
     classify::Verdict,
+    process_memory::MemoryFigures,
     processes::Following,
     report::{Frame, MappedReport, ProcessReport, Report},
     requests::{Percentiles, RequestsReport},
@@ -49,6 +50,14 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
             peak.at_s,
             report.windows.len()
         )?;
+    }
+    // Each process as last read: at the end, or at its exit stop.
+    let mut memory = MemoryFigures::default();
+    for figures in report.processes.iter().filter_map(|p| p.memory.as_ref()) {
+        memory.add(figures);
+    }
+    if memory.processes > 0 {
+        render_memory(&memory, out)?;
     }
     let m = &report.mapped;
     if m.alloc_count > 0 {
@@ -130,6 +139,27 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
     Ok(())
 }
 
+/// The followed processes' memory at the end, as the kernel counts it.
+fn render_memory(m: &MemoryFigures, out: &mut impl Write) -> io::Result<()> {
+    writeln!(
+        out,
+        "memory: RSS {} (PSS {}, USS {}; anonymous {}, file {}, shmem {}), swap {}, VMS {}{} in {} processes, {} threads",
+        format_bytes(m.rss_bytes),
+        format_bytes(m.pss_bytes),
+        format_bytes(m.uss_bytes),
+        format_bytes(m.anon_bytes),
+        format_bytes(m.file_bytes),
+        format_bytes(m.shmem_bytes),
+        format_bytes(m.swap_bytes),
+        format_bytes(m.vms_bytes),
+        m.vms_rss_ratio()
+            .map(|r| format!(" ({r:.1} x RSS)"))
+            .unwrap_or_default(),
+        m.processes,
+        m.threads
+    )
+}
+
 /// `, 1.0 MiB resident, 127.0 MiB reserved`: what a measured mapping's
 /// committed bytes leave out.
 fn mapped_words(m: &MappedReport) -> String {
@@ -204,8 +234,17 @@ fn render_processes(report: &Report, limit: usize, out: &mut impl Write) -> io::
     writeln!(out)?;
     writeln!(
         out,
-        "{:>8} {:>8} {:>14} {:>14} {:>14} {:>10} {:>10}  COMMAND",
-        "PID", "PPID", "LIVE BYTES", "GROWTH", "ALLOC BYTES", "STATE", "FOLLOW"
+        "{:>8} {:>8} {:>14} {:>14} {:>14} {:>10} {:>10} {:>10} {:>10} {:>10}  COMMAND",
+        "PID",
+        "PPID",
+        "LIVE BYTES",
+        "GROWTH",
+        "ALLOC BYTES",
+        "RSS",
+        "PSS",
+        "USS",
+        "STATE",
+        "FOLLOW"
     )?;
     let mut shown: Vec<&ProcessReport> = report.processes.iter().collect();
     shown.sort_by_key(|p| {
@@ -222,14 +261,22 @@ fn render_processes(report: &Report, limit: usize, out: &mut impl Write) -> io::
             Some(t) => format!("exit {t:.1}s"),
             None => "running".into(),
         };
+        let memory = |figure: fn(&MemoryFigures) -> u64| {
+            p.memory
+                .as_ref()
+                .map_or("-".to_owned(), |m| format_bytes(figure(m)))
+        };
         writeln!(
             out,
-            "{:>8} {:>8} {:>14} {:>+14} {:>14} {:>10} {:>10}  {}",
+            "{:>8} {:>8} {:>14} {:>+14} {:>14} {:>10} {:>10} {:>10} {:>10} {:>10}  {}",
             p.pid,
             ppid,
             p.totals.live_bytes,
             p.growth_bytes,
             p.totals.alloc_bytes,
+            memory(|m| m.rss_bytes),
+            memory(|m| m.pss_bytes),
+            memory(|m| m.uss_bytes),
             state,
             following_word(p.following),
             escape_control(&p.command)

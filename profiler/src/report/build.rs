@@ -167,6 +167,7 @@ pub fn build_report(
                 python_objects: p.python_objects,
                 peak_bytes: peak_of(p).map(|peak| peak.peak_bytes),
                 peak_s: peak_of(p).map(|peak| seconds(peak.peak_ns)),
+                memory: p.memory,
             }
         })
         .collect();
@@ -259,6 +260,7 @@ fn windows_of(
                 growth_bytes: malloc.growth_bytes(),
                 live_bytes: window.live_bytes,
                 rss_bytes: window.rss_bytes,
+                memory: window.memory,
                 top_sites: top_growing(window, frames),
             }
         })

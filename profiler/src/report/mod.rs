@@ -82,6 +82,10 @@ pub struct WindowReport {
     /// At the window's end.
     pub live_bytes: u64,
     pub rss_bytes: u64,
+    /// The followed processes' memory at the window's end, summed: RSS,
+    /// PSS, USS and the rest (see `process_memory`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<crate::process_memory::MemoryFigures>,
     /// The sites that grew most in the window (malloc and mmap), largest first.
     pub top_sites: Vec<WindowSite>,
 }
@@ -214,6 +218,10 @@ pub struct ProcessReport {
     pub peak_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_s: Option<f64>,
+    /// What the process held as the kernel counts it, read at the end
+    /// (or at its exit stop with `run`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<crate::process_memory::MemoryFigures>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

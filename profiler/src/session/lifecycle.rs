@@ -120,6 +120,11 @@ impl Session {
                     }
                     Err(error) => tracing::debug!(pid, "address space not read: {error}"),
                 }
+                if let Ok(figures) = crate::process_memory::MemoryFigures::read(pid)
+                    && let Some(record) = self.record_mut(pid)
+                {
+                    record.memory = Some(figures);
+                }
                 if event.held != 0 {
                     self.kernel.holds.release(pid, event.hold_ns);
                 }

@@ -771,11 +771,19 @@ impl Session {
             }
         };
         let cumulative = report::combined_totals(&totals, &self.adjustments);
-        let rss_bytes = self.resident_bytes();
-        let Some(window) = self
+        let memory = self.read_memory();
+        let rss_bytes = memory.rss_bytes;
+        if self
             .timeline
             .close(self.now(), cumulative, rss_bytes, closed_by)
-        else {
+            .is_none()
+        {
+            return;
+        }
+        if memory.processes > 0 {
+            self.timeline.set_last_memory(memory);
+        }
+        let Some(window) = self.timeline.windows().last() else {
             return;
         };
         let change = window.malloc_changes();
@@ -910,26 +918,38 @@ impl Session {
         measured
     }
 
-    /// Resident memory of the running followed processes.
-    fn resident_bytes(&self) -> u64 {
-        let page = procfs::page_size();
-        self.alive
-            .iter()
-            .filter_map(|pid| procfs::process::Process::new(pid as i32).ok()?.statm().ok())
-            .map(|statm| statm.resident * page)
-            .sum()
+    /// The running followed processes' memory figures, summed; each one's
+    /// goes to its record.
+    fn read_memory(&mut self) -> crate::process_memory::MemoryFigures {
+        // NB: one smaps_rollup per process: a walk of its page tables.
+        let (each, sum) = crate::process_memory::read_all(self.alive.iter());
+        for (pid, figures) in each {
+            if let Some(record) = self.record_mut(pid) {
+                record.memory = Some(figures);
+            }
+        }
+        sum
     }
 
     /// Reads the kernel maps and builds the report of everything so far.
     pub fn report(&mut self) -> Result<Report, SessionError> {
         // Processes forked since the end (with --follow image they count).
+        // NB: after the snapshot: a child's fork event is on the ring before
+        // its first instruction, so every process whose allocations the
+        // snapshot holds is then recorded.
+        let snapshot = collect::read_snapshot(&self.kernel.ebpf)?;
         self.drain_pending_events();
         self.refresh_maps();
-        let snapshot = collect::read_snapshot(&self.kernel.ebpf)?;
         let cumulative = report::combined_totals(&snapshot.totals, &self.adjustments);
-        let rss_bytes = self.resident_bytes();
-        self.timeline
-            .close(self.now(), cumulative, rss_bytes, WindowEnd::End);
+        let memory = self.read_memory();
+        if self
+            .timeline
+            .close(self.now(), cumulative, memory.rss_bytes, WindowEnd::End)
+            .is_some()
+            && memory.processes > 0
+        {
+            self.timeline.set_last_memory(memory);
+        }
         let windows = self.timeline.windows();
         let scan = collect::scan_live(&self.kernel.ebpf, windows.len(), |ns| {
             crate::timeline::window_of(windows, ns)
