@@ -31,6 +31,7 @@ pub mod classify;
 pub mod collect;
 pub mod completeness;
 pub mod follow;
+pub mod fragmentation;
 pub mod holds;
 pub mod kernel_btf;
 pub mod map_batch;

@@ -272,6 +272,7 @@ fn show_saved_report(
     // Verdicts are derived from the saved histories again, by this
     // version's rule.
     memscope::classify::classify_sites(&mut report);
+    report.fragmentation = memscope::fragmentation::assess(&report);
     if let Some(dir) = output {
         output::write_all(dir, &report)
             .with_context(|| format!("cannot write to {}", dir.display()))?;

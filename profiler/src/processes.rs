@@ -172,14 +172,33 @@ pub fn release_live_set(
 /// for the processes still running (gunicorn recycles workers). Their
 /// totals stay: the report shows what each held when it exited. One pass
 /// for many processes: a pass reads every key of the map.
-pub fn forget_live_sets(ebpf: &mut Ebpf, pids: &HashSet<u32>) -> Result<usize, LiveSetError> {
+///
+/// Returns what of them requests had allocated, per (process, stack): the
+/// report's sites that keep still count an exited worker's.
+pub fn forget_live_sets(
+    ebpf: &mut Ebpf,
+    pids: &HashSet<u32>,
+) -> Result<BTreeMap<StackKey, StackTotals>, LiveSetError> {
     let mut map = live_map(ebpf)?;
     let keys: HashSet<LiveKey> = map
         .keys()
         .filter_map(Result::ok)
         .filter(|k| pids.contains(&k.tgid))
         .collect();
-    Ok(keys.iter().filter(|key| map.remove(key).is_ok()).count())
+    let mut kept_by_requests: BTreeMap<StackKey, StackTotals> = BTreeMap::new();
+    for key in &keys {
+        if let Ok(block) = map.get(key, 0)
+            && block.request != 0
+        {
+            let kept = kept_by_requests
+                .entry(block.stack_key(key.tgid))
+                .or_default();
+            kept.alloc_count += 1;
+            kept.alloc_bytes += block.size;
+        }
+        let _ = map.remove(key);
+    }
+    Ok(kept_by_requests)
 }
 
 /// Takes `pid`'s heap top out of the kernel map: at its exit (the map has

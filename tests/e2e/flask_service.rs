@@ -131,7 +131,10 @@ fn flask_analyze_leak_is_found_to_the_byte_in_each_gunicorn_worker() {
 }
 
 /// Every /analyze request memscope counted allocated, retained and kept
-/// one payload, at analyze's allocation line.
+/// one payload, at analyze's allocation line. (Past 64 payloads a worker's
+/// list of them grows through malloc, inside the request that appends:
+/// those few requests keep the list's growth too, so only the median is
+/// exactly one payload.)
 fn assert_requests(report: &memscope::report::Report, counted: u64, line: u32) {
     let requests = report.requests.as_ref().expect("requests in the report");
     assert!(
@@ -143,20 +146,20 @@ fn assert_requests(report: &memscope::report::Report, counted: u64, line: u32) {
         requests.kept_count + 2 * 10 >= requests.count,
         "{requests:#?}"
     );
-    let exactly = Some(memscope::requests::Percentiles {
-        p50: PAYLOAD_MALLOC_BYTES,
-        p95: PAYLOAD_MALLOC_BYTES,
-        max: PAYLOAD_MALLOC_BYTES,
-    });
-    assert_eq!(requests.alloc_bytes, exactly, "{requests:#?}");
-    assert_eq!(requests.retained_bytes, exactly, "{requests:#?}");
-    assert_eq!(requests.kept_bytes, exactly, "{requests:#?}");
-    let keeper = &requests.sites[0];
-    assert_eq!(requests.sites.len(), 1, "{:#?}", requests.sites);
-    assert_eq!(
-        (keeper.frames[0].function.as_str(), keeper.frames[0].line),
-        ("analyze", Some(line))
-    );
+    for figure in [
+        requests.alloc_bytes,
+        requests.retained_bytes,
+        requests.kept_bytes,
+    ] {
+        let figure = figure.expect("figures");
+        assert_eq!(figure.p50, PAYLOAD_MALLOC_BYTES, "{requests:#?}");
+        assert!(figure.max >= PAYLOAD_MALLOC_BYTES, "{requests:#?}");
+    }
+    let keeper = requests
+        .sites
+        .iter()
+        .find(|s| s.frames[0].function == "analyze" && s.frames[0].line == Some(line))
+        .unwrap_or_else(|| panic!("no keeping site at analyze: {:#?}", requests.sites));
     // Partial requests' blocks are theirs too.
     let tagged = requests.count + requests.partial;
     assert_eq!(
@@ -190,12 +193,17 @@ fn send_analyze_until(
 }
 
 /// The worker's one site of `analyze`'s payloads: first frame `analyze`,
-/// in app.py, at the line of the allocation.
+/// in app.py, at the line of the allocation. (Past 64 payloads the list
+/// holding them grows through malloc too, at the next line.)
 fn analyze_site(worker: &ProcessReport, line: u32) -> &Site {
     let matches: Vec<&Site> = worker
         .sites
         .iter()
-        .filter(|s| s.frames.first().is_some_and(|f| f.function == "analyze"))
+        .filter(|s| {
+            s.frames
+                .first()
+                .is_some_and(|f| f.function == "analyze" && f.line == Some(line))
+        })
         .collect();
     assert_eq!(matches.len(), 1, "one analyze site: {:#?}", worker.sites);
     let frame = &matches[0].frames[0];

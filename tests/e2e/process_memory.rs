@@ -63,3 +63,45 @@ fn attach_reports_the_process_memory_proc_has() {
         assert_eq!(window.processes, 1);
     }
 }
+
+/// Check that freeing every other small block of 200 MiB is found to be
+/// the allocator keeping freed memory, with its numbers and advice, and
+/// that a program whose heap is live gets no such verdict.
+#[test]
+fn freed_memory_the_allocator_keeps_is_allocator_retention() {
+    if !bpf_available() {
+        return;
+    }
+    use memscope::fragmentation::FragmentationVerdict;
+    let (report, output) = run_fixture("retention", "retention", &[]);
+    let f = report.fragmentation.as_ref().expect("assessed");
+    assert_eq!(
+        f.verdict,
+        FragmentationVerdict::AllocatorRetention,
+        "{f:#?}"
+    );
+    let kept = report
+        .sites
+        .iter()
+        .find(|s| s.frames[0].function == "small_block_site")
+        .expect("the kept blocks' site");
+    assert_eq!(kept.live_bytes, 100 << 20);
+    assert!(f.live_heap_bytes >= 100 << 20, "{f:#?}");
+    // The other 100 MiB and their headers, give or take the heap's slack.
+    let freed = (100 << 20) + (200 << 20) / 256 / 2 * 16;
+    assert!(
+        f.retained_free_bytes.abs_diff(freed) * 100 <= freed * 5,
+        "{} retained, about {freed} freed: {f:#?}",
+        f.retained_free_bytes
+    );
+    assert!(!f.advice.is_empty());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("fragmentation: allocator-retention"),
+        "{stdout}"
+    );
+
+    let (report, _) = run_fixture("leak_basic_fragmentation", "leak_basic", &[]);
+    let f = report.fragmentation.as_ref().expect("assessed");
+    assert_eq!(f.verdict, FragmentationVerdict::None, "{f:#?}");
+}

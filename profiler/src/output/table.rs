@@ -5,6 +5,7 @@ use std::io::{self, Write};
 use super::escape::escape_control;
 use crate::{
     classify::Verdict,
+    fragmentation::FragmentationVerdict,
     process_memory::MemoryFigures,
     processes::Following,
     report::{Frame, MappedReport, ProcessReport, Report},
@@ -58,6 +59,17 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
     }
     if memory.processes > 0 {
         render_memory(&memory, out)?;
+    }
+    if let Some(f) = &report.fragmentation {
+        writeln!(
+            out,
+            "fragmentation: {}: {}",
+            fragmentation_word(f.verdict),
+            f.reason
+        )?;
+        for advice in &f.advice {
+            writeln!(out, "  advice: {advice}")?;
+        }
     }
     let m = &report.mapped;
     if m.alloc_count > 0 {
@@ -295,6 +307,14 @@ fn render_processes(report: &Report, limit: usize, out: &mut impl Write) -> io::
         )?;
     }
     Ok(())
+}
+
+fn fragmentation_word(verdict: FragmentationVerdict) -> &'static str {
+    match verdict {
+        FragmentationVerdict::None => "none",
+        FragmentationVerdict::AllocatorRetention => "allocator-retention",
+        FragmentationVerdict::Unknown => "unknown",
+    }
 }
 
 fn verdict_word(verdict: Verdict) -> &'static str {

@@ -203,7 +203,7 @@ pub fn build_report(
     };
     let windows = windows_of(&context.windows, &frames);
     let peak = peak_report(snapshot, &context, &processes, &frames, seconds);
-    Report {
+    let mut report = Report {
         schema: SCHEMA.to_owned(),
         target: context.target.unwrap_or(TargetInfo {
             pid: 0,
@@ -226,6 +226,7 @@ pub fn build_report(
         alerts: Vec::new(),
         mapped_memory,
         loader: loader_totals,
+        fragmentation: None,
         requests: context.requests.map(|mut requests| {
             requests.sites = sites_of(
                 context.kept_by_requests.iter(),
@@ -236,7 +237,9 @@ pub fn build_report(
             requests.sites.truncate(REQUEST_SITES);
             requests
         }),
-    }
+    };
+    report.fragmentation = crate::fragmentation::assess(&report);
+    report
 }
 
 fn windows_of(

@@ -59,6 +59,10 @@ pub struct Report {
     /// (their .bss, its own early heap): the images', not allocation sites.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loader: Option<Totals>,
+    /// Anonymous RSS against the live heap: what the allocator keeps
+    /// (see `fragmentation`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fragmentation: Option<crate::fragmentation::Fragmentation>,
     /// Per request of the handler (`--request-fn`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<crate::requests::RequestsReport>,
@@ -656,6 +660,7 @@ pub(crate) mod tests_support {
             alerts: Vec::new(),
             mapped_memory: None,
             loader: None,
+            fragmentation: None,
             requests: None,
         }
     }

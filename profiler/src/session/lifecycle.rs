@@ -300,8 +300,9 @@ impl Session {
             return;
         }
         let pids = std::mem::take(&mut self.exited_in_live_map);
-        if let Err(error) = processes::forget_live_sets(&mut self.kernel.ebpf, &pids) {
-            tracing::warn!("{error}");
+        match processes::forget_live_sets(&mut self.kernel.ebpf, &pids) {
+            Ok(kept) => processes::merge_adjustments(&mut self.kept_by_exited, kept),
+            Err(error) => tracing::warn!("{error}"),
         }
     }
 

@@ -348,6 +348,9 @@ pub struct Session {
     /// Address spaces read as processes stopped at their exit (`run`), for
     /// the mappings they still held (see `measure_mappings`).
     address_spaces: std::collections::HashMap<u32, crate::address_space::AddressSpace>,
+    /// Request-tagged live blocks of exited processes, whose live sets were
+    /// dropped from the kernel map (see `forget_exited`).
+    kept_by_exited: Adjustments,
 }
 
 impl Session {
@@ -566,6 +569,7 @@ impl Session {
             object_allocators: std::collections::HashMap::new(),
             requests: None,
             address_spaces: std::collections::HashMap::new(),
+            kept_by_exited: Adjustments::new(),
         };
         if let Some(options) = &options.requests {
             session.requests = Some(requests::Requests::start(
@@ -951,9 +955,13 @@ impl Session {
             self.timeline.set_last_memory(memory);
         }
         let windows = self.timeline.windows();
-        let scan = collect::scan_live(&self.kernel.ebpf, windows.len(), |ns| {
+        let mut scan = collect::scan_live(&self.kernel.ebpf, windows.len(), |ns| {
             crate::timeline::window_of(windows, ns)
         })?;
+        crate::processes::merge_adjustments(
+            &mut scan.kept_by_requests,
+            std::mem::take(&mut self.kept_by_exited),
+        );
         let requests = self.requests_report();
         let measured = self.measure_mappings(&scan.mappings);
         let symbolizer = &mut self.symbolizer;
