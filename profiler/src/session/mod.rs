@@ -938,12 +938,13 @@ impl Session {
     /// Reads the kernel maps and builds the report of everything so far.
     pub fn report(&mut self) -> Result<Report, SessionError> {
         // Processes forked since the end (with --follow image they count).
-        // NB: after the snapshot: a child's fork event is on the ring before
-        // its first instruction, so every process whose allocations the
-        // snapshot holds is then recorded.
-        let snapshot = collect::read_snapshot(&self.kernel.ebpf)?;
-        self.drain_pending_events();
+        // NB: the snapshot right after the drain: a child forked between
+        // the two would be counted without its record, one recorded after
+        // the snapshot without its allocations; the mappings (a slow read)
+        // are refreshed before, not between.
         self.refresh_maps();
+        self.drain_pending_events();
+        let snapshot = collect::read_snapshot(&self.kernel.ebpf)?;
         let cumulative = report::combined_totals(&snapshot.totals, &self.adjustments);
         let memory = self.read_memory();
         if self
