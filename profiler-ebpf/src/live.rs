@@ -57,8 +57,9 @@ pub fn record_alloc(ctx: &impl StackIdContext, addr: u64, size: u64, kind: u32, 
         _pad: 0,
         addr,
     };
-    let (python_stack, python_frame) = crate::python::current_stack(tgid);
-    let request = if crate::request::enabled() {
+    let requests = crate::request::enabled();
+    let (python_stack, python_frame) = crate::python::current_stack(tgid, requests);
+    let request = if requests {
         crate::request::current(python_frame)
     } else {
         0

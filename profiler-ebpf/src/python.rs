@@ -87,15 +87,15 @@ pub fn forget(tgid: u32) {
 
 /// The current thread's Python stack, recorded in `PY_STACKS`: its hash, or
 /// zero when the thread runs no Python code (or it could not be read; that
-/// is counted). With a request handler known in the process, also the
-/// outermost of its frames on the stack (zero when none is), for
-/// `request::current`; `None` without one or when the walk failed.
-pub fn current_stack(tgid: u32) -> (u64, Option<u64>) {
+/// is counted). With `requests` on and a request handler known in the
+/// process, also the outermost of its frames on the stack (zero when none
+/// is), for `request::current`; `None` without one or when the walk failed.
+pub fn current_stack(tgid: u32, requests: bool) -> (u64, Option<u64>) {
     // SAFETY: the value is copied out.
     let Some(process) = (unsafe { PY_PROCS.get(tgid) }).copied() else {
         return (0, None);
     };
-    let handlers = if crate::request::enabled() {
+    let handlers = if requests {
         // SAFETY: the value is copied out.
         unsafe { PY_HANDLERS.get(tgid) }.copied()
     } else {

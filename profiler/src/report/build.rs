@@ -109,8 +109,7 @@ pub fn build_report(
     let (totals, mut mapped) = class_totals(combined.iter());
     let mapped_memory = measured_sum(combined.keys(), measured);
     if let Some(m) = &mapped_memory {
-        mapped.live_bytes =
-            (mapped.live_bytes + m.committed_bytes).saturating_sub(m.recorded_bytes);
+        mapped.live_bytes = m.committed_live(mapped.live_bytes);
     }
     let mut sites = sites_of(combined.iter(), &frames, &context.adjustments, measured);
     let histories = site_histories(&context.windows, &context.survivors, &frames);
@@ -515,30 +514,26 @@ fn sites_of<'a>(
         .into_iter()
         .map(|((class, frames), (t, keys))| {
             let mapped = measured_sum(keys.iter(), measured);
-            (class, frames, t, keys, mapped)
-        })
-        .map(|(class, frames, t, keys, mapped)| Site {
-            mapped,
-            growth_bytes: t.live_bytes() as i64
-                - keys
-                    .iter()
-                    .filter_map(|key| inherited.get(key))
-                    .map(|i| i.alloc_bytes as i64)
-                    .sum::<i64>(),
-            history: None,
-            classification: None,
-            kind: SiteKind::of_class(class),
-            frames: frames.to_vec(),
-            // A measured mapping holds its committed bytes, not its range.
-            live_bytes: match mapped {
-                Some(m) => (t.live_bytes() + m.committed_bytes).saturating_sub(m.recorded_bytes),
-                None => t.live_bytes(),
-            },
-            live_count: t.live_count(),
-            alloc_bytes: t.alloc_bytes,
-            alloc_count: t.alloc_count,
-            free_bytes: t.free_bytes,
-            free_count: t.free_count,
+            Site {
+                growth_bytes: t.live_bytes() as i64
+                    - keys
+                        .iter()
+                        .filter_map(|key| inherited.get(key))
+                        .map(|i| i.alloc_bytes as i64)
+                        .sum::<i64>(),
+                history: None,
+                classification: None,
+                kind: SiteKind::of_class(class),
+                frames: frames.to_vec(),
+                // A measured mapping holds its committed bytes, not its range.
+                live_bytes: mapped.map_or(t.live_bytes(), |m| m.committed_live(t.live_bytes())),
+                mapped,
+                live_count: t.live_count(),
+                alloc_bytes: t.alloc_bytes,
+                alloc_count: t.alloc_count,
+                free_bytes: t.free_bytes,
+                free_count: t.free_count,
+            }
         })
         .collect();
     // Stable order for equal live bytes keeps outputs deterministic.

@@ -458,6 +458,12 @@ pub struct MappedReport {
 }
 
 impl MappedReport {
+    /// `live_bytes` of the measured ranges among them counted at their
+    /// committed size, not their recorded one.
+    pub fn committed_live(&self, live_bytes: u64) -> u64 {
+        (live_bytes + self.committed_bytes).saturating_sub(self.recorded_bytes)
+    }
+
     pub fn add(&mut self, recorded: u64, bytes: crate::address_space::MappedBytes) {
         self.recorded_bytes += recorded;
         self.mapped_bytes += bytes.mapped;

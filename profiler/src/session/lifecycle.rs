@@ -41,16 +41,7 @@ impl Session {
     }
 
     pub(super) fn drain_events(&mut self, ring: &mut RingBuf<MapData>) {
-        let mut events = Vec::new();
-        while let Some(item) = ring.next() {
-            if item.len() >= size_of::<ProcessEvent>() {
-                // SAFETY: the kernel wrote a ProcessEvent; read unaligned.
-                events.push(unsafe {
-                    std::ptr::read_unaligned(item.as_ptr().cast::<ProcessEvent>())
-                });
-            }
-        }
-        for event in events {
+        for event in ring_records::<ProcessEvent>(ring) {
             self.handle_event(event);
         }
     }
@@ -437,6 +428,18 @@ impl Session {
         self.track(pid, ppid, Some(maps), Following::Forked);
         Ok(())
     }
+}
+
+/// The records waiting on a ring the kernel side writes `T`s to.
+pub(super) fn ring_records<T: aya::Pod>(ring: &mut RingBuf<MapData>) -> Vec<T> {
+    let mut records = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() >= size_of::<T>() {
+            // SAFETY: the kernel wrote a T (plain data); read unaligned.
+            records.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<T>()) });
+        }
+    }
+    records
 }
 
 /// Waits until the ring buffer has data; never resolves without one.

@@ -130,19 +130,6 @@ impl Requests {
     }
 }
 
-/// The records waiting on the ring.
-pub(super) fn read_records(ring: &mut RingBuf<MapData>) -> Vec<RequestRecord> {
-    let mut records = Vec::new();
-    while let Some(item) = ring.next() {
-        if item.len() >= size_of::<RequestRecord>() {
-            // SAFETY: the kernel wrote a RequestRecord; read unaligned.
-            records
-                .push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RequestRecord>()) });
-        }
-    }
-    records
-}
-
 impl Session {
     /// Says where the handler was found so far, and from now on as found:
     /// after the banner, which a script waits for first.
@@ -269,7 +256,7 @@ impl Session {
     /// Takes the records on the ring into the log; a request that retained
     /// past `--alert-growth` raises an alert.
     pub(super) fn drain_requests(&mut self, ring: &mut RingBuf<MapData>) {
-        for record in read_records(ring) {
+        for record in super::lifecycle::ring_records::<RequestRecord>(ring) {
             let Some(requests) = self.requests.as_mut() else {
                 return;
             };
