@@ -42,6 +42,8 @@ impl MappedBytes {
 struct Area {
     range: Range<u64>,
     committed: bool,
+    /// The brk heap, read for the main arena (no mmap'd range is in it).
+    brk: bool,
     resident: Vec<Range<u64>>,
 }
 
@@ -66,7 +68,8 @@ impl AddressSpace {
         let page = procfs::page_size();
         let mut areas = Vec::new();
         for map in maps {
-            let anonymous = matches!(map.pathname, MMapPath::Anonymous)
+            let brk = matches!(map.pathname, MMapPath::Heap);
+            let anonymous = (brk || matches!(map.pathname, MMapPath::Anonymous))
                 && map.perms.contains(MMPermissions::PRIVATE);
             if !anonymous {
                 continue;
@@ -85,6 +88,7 @@ impl AddressSpace {
             areas.push(Area {
                 range,
                 committed,
+                brk,
                 resident,
             });
         }
@@ -113,6 +117,41 @@ impl AddressSpace {
             }
         }
         bytes
+    }
+}
+
+impl AddressSpace {
+    /// glibc's arena heaps: the brk heap (the main arena's) and each
+    /// committed area at a 64 MiB boundary that is the head of a 64 MiB
+    /// reservation (the rest PROT_NONE, or none left), with their
+    /// committed ranges and resident bytes.
+    pub fn glibc_heaps(&self) -> Vec<(crate::arenas::HeapKind, Range<u64>, u64)> {
+        use crate::arenas::{HEAP_MAX_BYTES, HeapKind};
+        let mut heaps = Vec::new();
+        for (i, area) in self.areas.iter().enumerate() {
+            let start = area.range.start;
+            let kind = if area.brk {
+                HeapKind::Main
+            } else {
+                let len = area.range.end - start;
+                let reserved_rest = self.areas.get(i + 1).is_some_and(|next| {
+                    !next.committed
+                        && !next.brk
+                        && next.range.start == area.range.end
+                        && next.range.end >= start + HEAP_MAX_BYTES
+                });
+                let head = area.committed
+                    && start % HEAP_MAX_BYTES == 0
+                    && (len == HEAP_MAX_BYTES || (len < HEAP_MAX_BYTES && reserved_rest));
+                if !head {
+                    continue;
+                }
+                HeapKind::Thread
+            };
+            let resident = area.resident.iter().map(|r| r.end - r.start).sum();
+            heaps.push((kind, area.range.clone(), resident));
+        }
+        heaps
     }
 }
 
@@ -147,11 +186,13 @@ mod tests {
                 Area {
                     range: 0x10_0000..0x20_0000,
                     committed: true,
+                    brk: false,
                     resident: std::iter::once(0x10_0000..0x10_2000).collect(),
                 },
                 Area {
                     range: 0x20_0000..0x50_0000,
                     committed: false,
+                    brk: false,
                     resident: Vec::new(),
                 },
             ],
@@ -183,6 +224,41 @@ mod tests {
     #[test]
     fn a_range_inside_an_area_gets_its_share_of_resident_pages() {
         assert_eq!(space().figures(0x10_1000, PAGE).resident, PAGE);
+    }
+
+    #[test]
+    fn arena_heaps_are_the_brk_heap_and_aligned_reservation_heads() {
+        use crate::arenas::{HEAP_MAX_BYTES as MAX, HeapKind};
+        let area = |range: Range<u64>, committed, brk| Area {
+            resident: if committed {
+                std::iter::once(range.start..range.start + PAGE).collect()
+            } else {
+                Vec::new()
+            },
+            range,
+            committed,
+            brk,
+        };
+        let space = AddressSpace {
+            areas: vec![
+                area(0x10_0000..0x30_0000, true, true),
+                // A thread heap: 1 MiB committed of its 64 MiB.
+                area(MAX..MAX + 0x10_0000, true, false),
+                area(MAX + 0x10_0000..2 * MAX, false, false),
+                // Aligned but not a reservation's head: a plain mapping.
+                area(3 * MAX..3 * MAX + 0x1000, true, false),
+                // A heap grown to its whole reservation.
+                area(4 * MAX..5 * MAX, true, false),
+            ],
+        };
+        assert_eq!(
+            space.glibc_heaps(),
+            vec![
+                (HeapKind::Main, 0x10_0000..0x30_0000, PAGE),
+                (HeapKind::Thread, MAX..MAX + 0x10_0000, PAGE),
+                (HeapKind::Thread, 4 * MAX..5 * MAX, PAGE),
+            ]
+        );
     }
 
     #[test]

@@ -136,12 +136,14 @@ pub fn scan_live(
     ebpf: &Ebpf,
     windows: usize,
     window_of: impl Fn(u64) -> usize,
+    mut each_block: impl FnMut(&LiveKey, &LiveAllocation),
 ) -> Result<LiveScan, CollectError> {
     let name = map_names::LIVE;
     let fd = map(ebpf, name).map(crate::multi_uprobe::map_fd)?;
     let fd = fd.ok_or(CollectError::MissingMap(name))?;
     let mut scan = LiveScan::default();
     crate::map_batch::for_each(fd, |key: &LiveKey, block: &LiveAllocation| {
+        each_block(key, block);
         let stack = block.stack_key(key.tgid);
         let by_window = scan
             .survivors

@@ -13,7 +13,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    process_memory::MemoryFigures, processes::Following, report::Report, units::format_bytes,
+    arenas::{ArenaHeap, arena_max_saving},
+    process_memory::MemoryFigures,
+    processes::Following,
+    report::{Frame, Report, SiteKind},
+    units::format_bytes,
 };
 
 /// glibc's chunk header (8 bytes) and 16-byte alignment, on average per
@@ -31,6 +35,10 @@ pub enum FragmentationVerdict {
     None,
     /// The allocator keeps freed memory resident.
     AllocatorRetention,
+    /// Threads' arenas each keep free memory the others could reuse.
+    ArenaBloat,
+    /// Anonymous mappings made outside malloc hold the memory.
+    MappedGrowth,
     /// Not every block was seen (attached to a running process).
     Unknown,
 }
@@ -56,6 +64,18 @@ pub struct Fragmentation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vms_rss_ratio: Option<f64>,
     pub threads: u64,
+    /// glibc arena heaps (the main arena's brk heap and thread heaps).
+    #[serde(default)]
+    pub arenas: u64,
+    #[serde(default)]
+    pub arena_resident_bytes: u64,
+    /// Resident in the arena heaps and holding no live block.
+    #[serde(default)]
+    pub arena_free_bytes: u64,
+    /// What MALLOC_ARENA_MAX=`ADVISED_ARENA_MAX` would give back at most
+    /// (see `arenas::arena_max_saving`).
+    #[serde(default)]
+    pub arena_max_saving_bytes: u64,
     pub verdict: FragmentationVerdict,
     /// Why, with the numbers.
     pub reason: String,
@@ -66,10 +86,12 @@ pub struct Fragmentation {
 pub fn assess(report: &Report) -> Option<Fragmentation> {
     let mut memory = MemoryFigures::default();
     let mut from_start = true;
+    let mut arenas = ArenaFigures::default();
     for process in &report.processes {
         if let Some(figures) = &process.memory {
             memory.add(figures);
             from_start &= matches!(process.following, Following::Started | Following::Forked);
+            arenas.add(&process.arenas);
         }
     }
     if memory.processes == 0 {
@@ -81,7 +103,9 @@ pub fn assess(report: &Report) -> Option<Fragmentation> {
     let loader_bytes = report.loader.map_or(0, |l| l.live_bytes);
     let explained = live_heap_bytes + heap_overhead_bytes + mapped_resident_bytes + loader_bytes;
     let retained = memory.anon_bytes.saturating_sub(explained);
-    let share = retained as f64 / memory.anon_bytes.max(1) as f64;
+    let share = |bytes: u64| bytes as f64 / memory.anon_bytes.max(1) as f64;
+    let significant =
+        |bytes: u64| bytes >= MIN_RETAINED_BYTES && share(bytes) >= MIN_RETAINED_SHARE;
     let words = format!(
         "anonymous RSS {} = live heap {} + headers {} + mappings {} + loader {} + {} unexplained ({:.0}%)",
         format_bytes(memory.anon_bytes),
@@ -90,7 +114,7 @@ pub fn assess(report: &Report) -> Option<Fragmentation> {
         format_bytes(mapped_resident_bytes),
         format_bytes(loader_bytes),
         format_bytes(retained),
-        share * 100.0
+        share(retained) * 100.0
     );
     let (verdict, reason, advice) = if !from_start {
         (
@@ -100,7 +124,30 @@ pub fn assess(report: &Report) -> Option<Fragmentation> {
             ),
             Vec::new(),
         )
-    } else if retained >= MIN_RETAINED_BYTES && share >= MIN_RETAINED_SHARE {
+    } else if significant(arenas.saving) && arenas.saving * 2 >= retained {
+        // The arenas' free memory is most of what is retained: fewer
+        // arenas is the fix, not a trim.
+        (
+            FragmentationVerdict::ArenaBloat,
+            format!(
+                "{words}: {} arena heaps keep {} free and resident; with MALLOC_ARENA_MAX={ADVISED_ARENA_MAX} threads would reuse up to {} of it",
+                arenas.heaps,
+                format_bytes(arenas.free_bytes),
+                format_bytes(arenas.saving)
+            ),
+            arena_advice(arenas.saving),
+        )
+    } else if significant(mapped_resident_bytes) && mapped_resident_bytes > retained {
+        (
+            FragmentationVerdict::MappedGrowth,
+            format!(
+                "{words}: mappings made outside malloc hold {} resident ({:.0}% of anonymous RSS)",
+                format_bytes(mapped_resident_bytes),
+                share(mapped_resident_bytes) * 100.0
+            ),
+            mapped_advice(report),
+        )
+    } else if significant(retained) {
         (
             FragmentationVerdict::AllocatorRetention,
             format!("{words}: the program freed that memory, the allocator keeps it resident"),
@@ -124,10 +171,71 @@ pub fn assess(report: &Report) -> Option<Fragmentation> {
         ratio: (live_heap_bytes > 0).then(|| memory.anon_bytes as f64 / live_heap_bytes as f64),
         vms_rss_ratio: memory.vms_rss_ratio(),
         threads: memory.threads,
+        arenas: arenas.heaps,
+        arena_resident_bytes: arenas.resident_bytes,
+        arena_free_bytes: arenas.free_bytes,
+        arena_max_saving_bytes: arenas.saving,
         verdict,
         reason,
         advice,
     })
+}
+
+/// The MALLOC_ARENA_MAX advised: two arenas serve most threaded services
+/// (what Heroku's and the JVM's users settled on).
+pub const ADVISED_ARENA_MAX: usize = 2;
+
+/// The arena heaps of the processes assessed, summed.
+#[derive(Default)]
+struct ArenaFigures {
+    heaps: u64,
+    resident_bytes: u64,
+    free_bytes: u64,
+    /// Summed per process: each has its own arenas.
+    saving: u64,
+}
+
+impl ArenaFigures {
+    fn add(&mut self, heaps: &[ArenaHeap]) {
+        self.heaps += heaps.len() as u64;
+        self.resident_bytes += heaps.iter().map(|h| h.resident_bytes).sum::<u64>();
+        self.free_bytes += heaps.iter().map(|h| h.free_bytes).sum::<u64>();
+        self.saving += arena_max_saving(heaps, ADVISED_ARENA_MAX);
+    }
+}
+
+fn arena_advice(saving: u64) -> Vec<String> {
+    vec![
+        format!(
+            "start the service with MALLOC_ARENA_MAX={ADVISED_ARENA_MAX} in its environment (for gunicorn the master's: workers inherit it) to give back up to {}: the free memory of all but the {ADVISED_ARENA_MAX} arenas per process that hold most (threads allocating at once still need theirs)",
+            format_bytes(saving)
+        ),
+        "glibc gives each new thread its own arena while there are fewer than 8 per core, and each keeps the memory its threads freed".to_owned(),
+        "or use an allocator whose thread caches return memory (jemalloc, tcmalloc, mimalloc, via LD_PRELOAD)".to_owned(),
+        "gc.collect() does not help: the objects are freed already".to_owned(),
+    ]
+}
+
+/// Advice naming the mapping sites that hold most.
+fn mapped_advice(report: &Report) -> Vec<String> {
+    let mut sites: Vec<(u64, String)> = report
+        .sites
+        .iter()
+        .filter(|s| s.kind == SiteKind::Mmap)
+        .filter_map(|s| {
+            let resident = s.mapped?.resident_bytes;
+            (resident > 0).then(|| (resident, Frame::chain(&s.frames, 3)))
+        })
+        .collect();
+    sites.sort_by_key(|s| std::cmp::Reverse(s.0));
+    let mut advice: Vec<String> = sites
+        .iter()
+        .take(3)
+        .map(|(resident, chain)| format!("{} resident, mapped at {chain}", format_bytes(*resident)))
+        .collect();
+    advice.push("these are mmap calls of the program or a library, not malloc: munmap what is done with, or bound what is mapped (a cache, a buffer pool, a file read whole)".to_owned());
+    advice.push("for thread stacks: fewer threads, or smaller stacks (ulimit -s, pthread_attr_setstacksize, threading.stack_size)".to_owned());
+    advice
 }
 
 fn retention_advice(retained: u64) -> Vec<String> {

@@ -25,6 +25,7 @@
 pub mod address_space;
 pub mod alert;
 pub mod allocator;
+pub mod arenas;
 pub mod attach;
 pub mod bpf;
 pub mod classify;

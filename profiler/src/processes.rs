@@ -33,6 +33,8 @@ pub struct ProcessRecord {
     pub peak_at_exit: Option<profiler_common::ProcessPeak>,
     /// Its memory figures, last read (see `process_memory`).
     pub memory: Option<crate::process_memory::MemoryFigures>,
+    /// Its glibc arena heaps, as last read (see `arenas`).
+    pub arenas: Vec<crate::arenas::ArenaHeap>,
 }
 
 impl ProcessRecord {
@@ -57,6 +59,7 @@ impl ProcessRecord {
             heap_at_exit: None,
             peak_at_exit: None,
             memory: None,
+            arenas: Vec::new(),
         }
     }
 }
@@ -178,6 +181,7 @@ pub fn release_live_set(
 pub fn forget_live_sets(
     ebpf: &mut Ebpf,
     pids: &HashSet<u32>,
+    mut each_block: impl FnMut(&LiveKey, &LiveAllocation),
 ) -> Result<BTreeMap<StackKey, StackTotals>, LiveSetError> {
     let mut map = live_map(ebpf)?;
     let keys: HashSet<LiveKey> = map
@@ -187,9 +191,11 @@ pub fn forget_live_sets(
         .collect();
     let mut kept_by_requests: BTreeMap<StackKey, StackTotals> = BTreeMap::new();
     for key in &keys {
-        if let Ok(block) = map.get(key, 0)
-            && block.request != 0
-        {
+        let Ok(block) = map.get(key, 0) else {
+            continue; // freed meanwhile
+        };
+        each_block(key, &block);
+        if block.request != 0 {
             let kept = kept_by_requests
                 .entry(block.stack_key(key.tgid))
                 .or_default();

@@ -105,3 +105,133 @@ fn freed_memory_the_allocator_keeps_is_allocator_retention() {
     let f = report.fragmentation.as_ref().expect("assessed");
     assert_eq!(f.verdict, FragmentationVerdict::None, "{f:#?}");
 }
+
+/// Check that 16 threads each keeping 8 MiB free in their own arena is
+/// found as arena bloat: every arena heap counted at its committed size
+/// (not its 64 MiB reservation) with its free bytes, MALLOC_ARENA_MAX=2
+/// advised with a saving; and that running with it saves that much.
+#[test]
+fn threads_keeping_free_memory_in_their_own_arenas_is_arena_bloat() {
+    if !bpf_available() {
+        return;
+    }
+    use memscope::{arenas::HeapKind, fragmentation::FragmentationVerdict};
+    const MIB: u64 = 1 << 20;
+    let (report, output) = run_fixture("arenas", "arenas", &[]);
+    let f = report.fragmentation.as_ref().expect("assessed");
+    assert_eq!(f.verdict, FragmentationVerdict::ArenaBloat, "{f:#?}");
+    // glibc makes arenas while there are fewer than 8 per core: the main
+    // one and a new one for each thread up to that.
+    // SAFETY: sysconf has no preconditions.
+    let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } as u64;
+    let thread_heaps = 16.min(8 * cores - 1);
+    let heaps = &report.processes[0].arenas;
+    assert_eq!(heaps.len() as u64, 1 + thread_heaps, "{heaps:#?}");
+    assert_eq!(heaps.iter().filter(|h| h.kind == HeapKind::Main).count(), 1);
+    for heap in heaps.iter().filter(|h| h.kind == HeapKind::Thread) {
+        // 8 MiB of 1000-byte blocks and their headers, one block live.
+        assert!(
+            (8 * MIB..9 * MIB).contains(&heap.committed_bytes),
+            "{heap:?}"
+        );
+        assert_eq!((heap.live_bytes, heap.live_count), (1000, 1), "{heap:?}");
+        assert!(heap.free_bytes + 1016 <= heap.resident_bytes, "{heap:?}");
+        assert!(heap.free_bytes >= 8 * MIB, "{heap:?}");
+    }
+    assert_eq!(f.arenas, heaps.len() as u64);
+    let free: u64 = heaps.iter().map(|h| h.free_bytes).sum();
+    assert_eq!(f.arena_free_bytes, free);
+    // All but the two arenas holding most free memory give theirs back.
+    let mut each: Vec<u64> = heaps.iter().map(|h| h.free_bytes).collect();
+    each.sort_unstable();
+    let advised = f.arena_max_saving_bytes;
+    assert_eq!(advised, each[..each.len() - 2].iter().sum::<u64>());
+    assert!(
+        f.advice.iter().any(|a| a.contains("MALLOC_ARENA_MAX=2")),
+        "{f:#?}"
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("fragmentation: arena-bloat"), "{stdout}");
+
+    // The advice taken: the saving happens, as computed.
+    let command = ["env", "MALLOC_ARENA_MAX=2"].map(std::ffi::OsString::from);
+    let mut command = command.to_vec();
+    command.push(fixture("arenas").into_os_string());
+    let (advised_run, _) = run_command("arenas_advised", &command, &[]);
+    let after = advised_run.fragmentation.as_ref().expect("assessed");
+    assert_eq!(advised_run.processes[0].arenas.len(), 2);
+    assert_ne!(
+        after.verdict,
+        FragmentationVerdict::ArenaBloat,
+        "{after:#?}"
+    );
+    let saved = f.anon_bytes - after.anon_bytes;
+    assert!(
+        saved.abs_diff(advised) * 100 <= advised * 3,
+        "saved {saved}, {advised} advised"
+    );
+}
+
+/// Check that a program that frees what it allocates has no live site,
+/// whether memscope starts it or attaches to it (as bcc's memleak test
+/// does with its no_leak mode): the loader's mappings and stdout's buffer
+/// are the runtime's, reported apart; and that its verdict is none.
+#[test]
+fn a_program_that_frees_all_it_allocates_has_no_live_site() {
+    if !bpf_available() {
+        return;
+    }
+    use memscope::fragmentation::FragmentationVerdict;
+    use std::io::Write as _;
+    let no_live_site = |report: &memscope::report::Report| {
+        let live: Vec<_> = report.sites.iter().filter(|s| s.live_bytes > 0).collect();
+        assert!(live.is_empty(), "live sites: {live:#?}");
+        assert_eq!(figures(site(report, "main")), (0, 0, 30_000, 1));
+        // stdout is a pipe: stdio gives it one 4 KiB buffer at the printf,
+        // the heap's only block left.
+        let stdio = report.stdio_buffers.expect("stdout's buffer");
+        assert_eq!((stdio.live_count, stdio.live_bytes), (1, 4096));
+        assert_eq!(report.totals.live_bytes, 4096);
+    };
+
+    let command = [fixture("no_leak").into_os_string(), "30000".into()];
+    let (report, output) = run_command("no_leak", &command, &[]);
+    no_live_site(&report);
+    assert!(report.loader.is_some_and(|l| l.live_bytes > 0));
+    let f = report.fragmentation.as_ref().expect("assessed");
+    assert_eq!(f.verdict, FragmentationVerdict::None, "{f:#?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("kept by the runtime, not sites: stdio buffers 4.0 KiB in 1 blocks"),
+        "{stdout}"
+    );
+
+    let mut target = Command::new(fixture("no_leak"))
+        .arg("30000")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("fixture starts");
+    let dir = output_dir("no_leak_attach");
+    let mut memscope = Command::new(MEMSCOPE)
+        .args(["attach", "-o"])
+        .arg(&dir)
+        .arg(target.id().to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("memscope starts");
+    let said = lines(memscope.stderr.take().expect("stderr"));
+    wait_for(
+        &said,
+        |l| l.starts_with("memscope: profiling pid"),
+        "the banner",
+    );
+    let mut stdin = target.stdin.take().expect("stdin");
+    stdin.write_all(b"x").expect("release the fixture");
+    drop(stdin);
+    assert!(target.wait().expect("fixture exits").success());
+    assert!(memscope.wait().expect("memscope exits").success());
+    let report = read_report(&dir);
+    no_live_site(&report);
+}

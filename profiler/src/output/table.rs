@@ -67,6 +67,24 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
             fragmentation_word(f.verdict),
             f.reason
         )?;
+        if f.arenas > 1 {
+            let saving = if f.arena_max_saving_bytes > 0 {
+                format!(
+                    "; MALLOC_ARENA_MAX={} would give back up to {}",
+                    crate::fragmentation::ADVISED_ARENA_MAX,
+                    format_bytes(f.arena_max_saving_bytes)
+                )
+            } else {
+                String::new()
+            };
+            writeln!(
+                out,
+                "  arenas: {} heaps, {} resident, {} of it free{saving}",
+                f.arenas,
+                format_bytes(f.arena_resident_bytes),
+                format_bytes(f.arena_free_bytes),
+            )?;
+        }
         for advice in &f.advice {
             writeln!(out, "  advice: {advice}")?;
         }
@@ -86,6 +104,28 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
                 .unwrap_or_default(),
             m.alloc_bytes,
             m.alloc_count
+        )?;
+    }
+    let mut runtime = Vec::new();
+    if let Some(stdio) = report.stdio_buffers.filter(|t| t.live_count > 0) {
+        runtime.push(format!(
+            "stdio buffers {} in {} blocks",
+            format_bytes(stdio.live_bytes),
+            stdio.live_count
+        ));
+    }
+    if let Some(loader) = report.loader.filter(|t| t.live_count > 0) {
+        runtime.push(format!(
+            "the loader's {} in {} mappings for the images",
+            format_bytes(loader.live_bytes),
+            loader.live_count
+        ));
+    }
+    if !runtime.is_empty() {
+        writeln!(
+            out,
+            "kept by the runtime, not sites: {}",
+            runtime.join("; ")
         )?;
     }
     writeln!(out)?;
@@ -313,6 +353,8 @@ fn fragmentation_word(verdict: FragmentationVerdict) -> &'static str {
     match verdict {
         FragmentationVerdict::None => "none",
         FragmentationVerdict::AllocatorRetention => "allocator-retention",
+        FragmentationVerdict::ArenaBloat => "arena-bloat",
+        FragmentationVerdict::MappedGrowth => "mapped-growth",
         FragmentationVerdict::Unknown => "unknown",
     }
 }

@@ -61,6 +61,18 @@ fn is_loader(frames: Option<&Vec<Frame>>) -> bool {
     name.starts_with("ld-linux") || name.starts_with("ld-musl") || name == "ld.so"
 }
 
+/// Whether a block's allocating frame is stdio's buffer allocation: a
+/// stream's buffer lives as long as the stream, to the exit for stdout and
+/// stderr, by design (valgrind calls it "still reachable").
+fn is_stdio_buffer(frames: Option<&Vec<Frame>>) -> bool {
+    frames.and_then(|f| f.first()).is_some_and(|f| {
+        matches!(
+            f.function.as_str(),
+            "_IO_file_doallocate" | "__GI__IO_file_doallocate" | "_IO_wfile_doallocate"
+        )
+    })
+}
+
 /// Sites that keep a request's memory, listed in the report.
 pub const REQUEST_SITES: usize = 20;
 
@@ -105,13 +117,24 @@ pub fn build_report(
         .into_iter()
         .partition(|(key, _)| key.class == site_class::MMAP && is_loader(frames.get(key)));
     let loader_totals = (!loader.is_empty()).then(|| class_totals(loader.iter()).1);
+    // stdio's buffers are the C runtime's, kept by design: heap blocks,
+    // in the totals (as in every window), but no sites.
+    let (stdio, site_keys): (Vec<_>, Vec<_>) = combined
+        .iter()
+        .partition(|(key, _)| key.class == site_class::MALLOC && is_stdio_buffer(frames.get(key)));
+    let stdio_totals = (!stdio.is_empty()).then(|| class_totals(stdio.into_iter()).0);
     let measured = &context.measured;
     let (totals, mut mapped) = class_totals(combined.iter());
     let mapped_memory = measured_sum(combined.keys(), measured);
     if let Some(m) = &mapped_memory {
         mapped.live_bytes = m.committed_live(mapped.live_bytes);
     }
-    let mut sites = sites_of(combined.iter(), &frames, &context.adjustments, measured);
+    let mut sites = sites_of(
+        site_keys.into_iter(),
+        &frames,
+        &context.adjustments,
+        measured,
+    );
     let histories = site_histories(&context.windows, &context.survivors, &frames);
     for site in &mut sites {
         if site.live_bytes > 0 {
@@ -167,6 +190,7 @@ pub fn build_report(
                 peak_bytes: peak_of(p).map(|peak| peak.peak_bytes),
                 peak_s: peak_of(p).map(|peak| seconds(peak.peak_ns)),
                 memory: p.memory,
+                arenas: p.arenas.clone(),
             }
         })
         .collect();
@@ -225,6 +249,7 @@ pub fn build_report(
         alerts: Vec::new(),
         mapped_memory,
         loader: loader_totals,
+        stdio_buffers: stdio_totals,
         fragmentation: None,
         requests: context.requests.map(|mut requests| {
             requests.sites = sites_of(

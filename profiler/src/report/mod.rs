@@ -59,6 +59,10 @@ pub struct Report {
     /// (their .bss, its own early heap): the images', not allocation sites.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loader: Option<Totals>,
+    /// stdio's stream buffers (malloc'd at a stream's first use, kept to
+    /// the exit by design): the C runtime's, not allocation sites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdio_buffers: Option<Totals>,
     /// Anonymous RSS against the live heap: what the allocator keeps
     /// (see `fragmentation`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -226,6 +230,9 @@ pub struct ProcessReport {
     /// (or at its exit stop with `run`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<crate::process_memory::MemoryFigures>,
+    /// Its glibc arena heaps, read with `memory`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arenas: Vec<crate::arenas::ArenaHeap>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -665,6 +672,7 @@ pub(crate) mod tests_support {
             peak: None,
             alerts: Vec::new(),
             mapped_memory: None,
+            stdio_buffers: None,
             loader: None,
             fragmentation: None,
             requests: None,

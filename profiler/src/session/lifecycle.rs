@@ -105,12 +105,7 @@ impl Session {
                 // Stopped in `_exit`: its mappings are read one last time,
                 // and what its anonymous ones hold.
                 self.refresh_maps();
-                match crate::address_space::AddressSpace::read(pid) {
-                    Ok(space) => {
-                        self.address_spaces.insert(pid, space);
-                    }
-                    Err(error) => tracing::debug!(pid, "address space not read: {error}"),
-                }
+                self.read_address_space(pid);
                 if let Ok(figures) = crate::process_memory::MemoryFigures::read(pid)
                     && let Some(record) = self.record_mut(pid)
                 {
@@ -291,7 +286,10 @@ impl Session {
             return;
         }
         let pids = std::mem::take(&mut self.exited_in_live_map);
-        match processes::forget_live_sets(&mut self.kernel.ebpf, &pids) {
+        let arenas = &mut self.arenas;
+        match processes::forget_live_sets(&mut self.kernel.ebpf, &pids, |key, block| {
+            super::credit_arena(arenas, key, block)
+        }) {
             Ok(kept) => processes::merge_adjustments(&mut self.kept_by_exited, kept),
             Err(error) => tracing::warn!("{error}"),
         }
@@ -347,6 +345,7 @@ impl Session {
         self.start_times.insert(pid, start_time);
         // A pid seen before was another process: its address space is gone.
         self.address_spaces.remove(&pid);
+        self.arenas.remove(&pid);
         self.alive.insert(pid);
         self.processes.push(ProcessRecord::new(
             pid,

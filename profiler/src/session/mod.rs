@@ -348,6 +348,10 @@ pub struct Session {
     /// Address spaces read as processes stopped at their exit (`run`), for
     /// the mappings they still held (see `measure_mappings`).
     address_spaces: std::collections::HashMap<u32, crate::address_space::AddressSpace>,
+    /// The arena heaps found in those address spaces, with the live blocks
+    /// credited to them so far (an exited child's as they are dropped from
+    /// the kernel map, the rest at the end).
+    arenas: std::collections::HashMap<u32, crate::arenas::ProcessArenas>,
     /// Request-tagged live blocks of exited processes, whose live sets were
     /// dropped from the kernel map (see `forget_exited`).
     kept_by_exited: Adjustments,
@@ -569,6 +573,7 @@ impl Session {
             object_allocators: std::collections::HashMap::new(),
             requests: None,
             address_spaces: std::collections::HashMap::new(),
+            arenas: std::collections::HashMap::new(),
             kept_by_exited: Adjustments::new(),
         };
         if let Some(options) = &options.requests {
@@ -896,22 +901,25 @@ impl Session {
         )
     }
 
+    /// Reads `pid`'s address space (at its exit stop, or at the end) for
+    /// its mappings and arena heaps.
+    pub(super) fn read_address_space(&mut self, pid: u32) {
+        match crate::address_space::AddressSpace::read(pid) {
+            Ok(space) => {
+                self.arenas
+                    .insert(pid, crate::arenas::ProcessArenas::of(&space));
+                self.address_spaces.insert(pid, space);
+            }
+            Err(error) => tracing::debug!(pid, "address space not read: {error}"),
+        }
+    }
+
     /// What each live mapping outside malloc holds: from the address
-    /// spaces read as processes stopped at their exit, else now for those
-    /// still running; a process read neither way is left unmeasured.
-    fn measure_mappings(&mut self, mappings: &[(StackKey, u64, u64)]) -> crate::report::Measured {
+    /// spaces read as processes stopped at their exit, else at the end for
+    /// those still running; a process read neither way is left unmeasured.
+    fn measure_mappings(&self, mappings: &[(StackKey, u64, u64)]) -> crate::report::Measured {
         let mut measured = crate::report::Measured::new();
         for &(key, addr, size) in mappings {
-            if !self.address_spaces.contains_key(&key.tgid) && self.alive.contains(&key.tgid) {
-                match crate::address_space::AddressSpace::read(key.tgid) {
-                    Ok(space) => {
-                        self.address_spaces.insert(key.tgid, space);
-                    }
-                    Err(error) => {
-                        tracing::debug!(pid = key.tgid, "address space not read: {error}")
-                    }
-                }
-            }
             let Some(space) = self.address_spaces.get(&key.tgid) else {
                 continue;
             };
@@ -955,10 +963,28 @@ impl Session {
         {
             self.timeline.set_last_memory(memory);
         }
+        let running: Vec<u32> = self.alive.iter().collect();
+        for pid in running {
+            self.read_address_space(pid);
+        }
         let windows = self.timeline.windows();
-        let mut scan = collect::scan_live(&self.kernel.ebpf, windows.len(), |ns| {
-            crate::timeline::window_of(windows, ns)
-        })?;
+        let arenas = &mut self.arenas;
+        let mut scan = collect::scan_live(
+            &self.kernel.ebpf,
+            windows.len(),
+            |ns| crate::timeline::window_of(windows, ns),
+            |key, block| credit_arena(arenas, key, block),
+        )?;
+        let heaps: Vec<_> = self
+            .arenas
+            .iter()
+            .map(|(pid, a)| (*pid, a.finish()))
+            .collect();
+        for (pid, heaps) in heaps {
+            if let Some(record) = self.record_mut(pid) {
+                record.arenas = heaps;
+            }
+        }
         crate::processes::merge_adjustments(
             &mut scan.kept_by_requests,
             std::mem::take(&mut self.kept_by_exited),
@@ -1005,6 +1031,20 @@ impl Session {
             .warnings
             .extend(completeness::loss_warnings(&report, self.capacity));
         Ok(report)
+    }
+}
+
+/// Credits a malloc-family block to the arena heap of its process that
+/// holds it.
+pub(super) fn credit_arena(
+    arenas: &mut std::collections::HashMap<u32, crate::arenas::ProcessArenas>,
+    key: &profiler_common::LiveKey,
+    block: &profiler_common::LiveAllocation,
+) {
+    if block.kind != profiler_common::alloc_kind::MMAP
+        && let Some(heaps) = arenas.get_mut(&key.tgid)
+    {
+        heaps.credit(key.addr, block.size);
     }
 }
 
