@@ -39,6 +39,8 @@ pub enum FragmentationVerdict {
     ArenaBloat,
     /// Anonymous mappings made outside malloc hold the memory.
     MappedGrowth,
+    /// Pre-fork workers each allocated the same startup memory.
+    DuplicationAcrossWorkers,
     /// Not every block was seen (attached to a running process).
     Unknown,
 }
@@ -116,6 +118,48 @@ pub fn assess(report: &Report) -> Option<Fragmentation> {
         format_bytes(retained),
         share(retained) * 100.0
     );
+    // Each explanation that holds, with the bytes it accounts for; the
+    // largest is the verdict.
+    let mut candidates: Vec<(u64, FragmentationVerdict, String, Vec<String>)> = Vec::new();
+    let arena_bloat = significant(arenas.saving) && arenas.saving * 2 >= retained;
+    if arena_bloat {
+        // The arenas' free memory is most of what is retained: fewer
+        // arenas is the fix, not a trim.
+        candidates.push((
+            arenas.saving,
+            FragmentationVerdict::ArenaBloat,
+            format!(
+                "{} arena heaps keep {} free and resident; with MALLOC_ARENA_MAX={ADVISED_ARENA_MAX} threads would reuse up to {} of it",
+                arenas.heaps,
+                format_bytes(arenas.free_bytes),
+                format_bytes(arenas.saving)
+            ),
+            arena_advice(arenas.saving),
+        ));
+    } else if significant(retained) {
+        candidates.push((
+            retained,
+            FragmentationVerdict::AllocatorRetention,
+            "the program freed that memory, the allocator keeps it resident".to_owned(),
+            retention_advice(retained),
+        ));
+    }
+    if significant(mapped_resident_bytes) {
+        candidates.push((
+            mapped_resident_bytes,
+            FragmentationVerdict::MappedGrowth,
+            format!(
+                "mappings made outside malloc hold {} resident ({:.0}% of anonymous RSS)",
+                format_bytes(mapped_resident_bytes),
+                share(mapped_resident_bytes) * 100.0
+            ),
+            mapped_advice(report),
+        ));
+    }
+    if let Some(duplication) = duplication(report) {
+        candidates.push(duplication);
+    }
+    let best = candidates.into_iter().max_by_key(|c| c.0);
     let (verdict, reason, advice) = if !from_start {
         (
             FragmentationVerdict::Unknown,
@@ -124,35 +168,8 @@ pub fn assess(report: &Report) -> Option<Fragmentation> {
             ),
             Vec::new(),
         )
-    } else if significant(arenas.saving) && arenas.saving * 2 >= retained {
-        // The arenas' free memory is most of what is retained: fewer
-        // arenas is the fix, not a trim.
-        (
-            FragmentationVerdict::ArenaBloat,
-            format!(
-                "{words}: {} arena heaps keep {} free and resident; with MALLOC_ARENA_MAX={ADVISED_ARENA_MAX} threads would reuse up to {} of it",
-                arenas.heaps,
-                format_bytes(arenas.free_bytes),
-                format_bytes(arenas.saving)
-            ),
-            arena_advice(arenas.saving),
-        )
-    } else if significant(mapped_resident_bytes) && mapped_resident_bytes > retained {
-        (
-            FragmentationVerdict::MappedGrowth,
-            format!(
-                "{words}: mappings made outside malloc hold {} resident ({:.0}% of anonymous RSS)",
-                format_bytes(mapped_resident_bytes),
-                share(mapped_resident_bytes) * 100.0
-            ),
-            mapped_advice(report),
-        )
-    } else if significant(retained) {
-        (
-            FragmentationVerdict::AllocatorRetention,
-            format!("{words}: the program freed that memory, the allocator keeps it resident"),
-            retention_advice(retained),
-        )
+    } else if let Some((_, verdict, why, advice)) = best {
+        (verdict, format!("{words}: {why}"), advice)
     } else {
         (
             FragmentationVerdict::None,
@@ -179,6 +196,58 @@ pub fn assess(report: &Report) -> Option<Fragmentation> {
         reason,
         advice,
     })
+}
+
+/// Pre-fork workers that each allocated the same memory for themselves:
+/// the verdict when every worker of a group holds at least
+/// `MIN_RETAINED_SHARE` of its private memory (USS) at sites all of them
+/// allocated at, and the copies beyond one come to `MIN_RETAINED_BYTES`.
+fn duplication(report: &Report) -> Option<(u64, FragmentationVerdict, String, Vec<String>)> {
+    let mut copies = 0;
+    let mut words = Vec::new();
+    let mut sites = Vec::new();
+    for group in &report.workers {
+        let Some(memory) = group.memory else {
+            continue;
+        };
+        let n = group.workers.len() as u64;
+        let uss_per_worker = memory.uss_bytes / memory.processes.max(1);
+        let each = group.repeated_bytes_per_worker;
+        if (each as f64) < MIN_RETAINED_SHARE * uss_per_worker as f64 {
+            continue;
+        }
+        copies += (n - 1) * each;
+        words.push(format!(
+            "each of the {n} workers of pid {} allocated {} itself at the same sites ({:.0}% of its {} private memory; {} shared)",
+            group.master,
+            format_bytes(each),
+            each as f64 * 100.0 / uss_per_worker.max(1) as f64,
+            format_bytes(uss_per_worker),
+            format_bytes(memory.shared_bytes / memory.processes.max(1)),
+        ));
+        sites.extend(group.repeated_sites.iter().take(3).map(|s| {
+            format!(
+                "{} in every worker at {}",
+                format_bytes(s.bytes_per_worker),
+                Frame::chain(&s.frames, 3)
+            )
+        }));
+    }
+    if copies < MIN_RETAINED_BYTES {
+        return None;
+    }
+    let mut advice = sites;
+    advice.push(format!(
+        "do that work once in the master before it forks (gunicorn: preload_app = True or --preload) and the workers share those pages copy-on-write: up to {} less (Python's reference counts write to shared objects; gc.freeze() before the fork keeps more of them shared)",
+        format_bytes(copies)
+    ));
+    advice.push("or run fewer workers with more threads each".to_owned());
+    Some((
+        copies,
+        FragmentationVerdict::DuplicationAcrossWorkers,
+        words.join("; "),
+        advice,
+    ))
 }
 
 /// The MALLOC_ARENA_MAX advised: two arenas serve most threaded services

@@ -56,3 +56,4 @@ pub mod target;
 pub mod timeline;
 pub mod units;
 pub mod watchdog;
+pub mod workers;

@@ -88,36 +88,49 @@ pub enum Following {
 pub type Adjustments = BTreeMap<StackKey, StackTotals>;
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot update the live-allocation map: {0}")]
-pub struct LiveSetError(#[source] aya::maps::MapError);
+pub enum LiveSetError {
+    #[error("cannot update the live-allocation map: {0}")]
+    Map(#[source] aya::maps::MapError),
+    #[error("cannot read the live-allocation map: {0}")]
+    Read(#[source] std::io::Error),
+}
+
+fn no_live_map() -> LiveSetError {
+    LiveSetError::Map(aya::maps::MapError::InvalidName {
+        name: map_names::LIVE.into(),
+    })
+}
 
 fn live_map(
     ebpf: &mut Ebpf,
 ) -> Result<BpfHashMap<&mut MapData, LiveKey, LiveAllocation>, LiveSetError> {
-    let map =
-        ebpf.map_mut(map_names::LIVE)
-            .ok_or(LiveSetError(aya::maps::MapError::InvalidName {
-                name: map_names::LIVE.into(),
-            }))?;
-    BpfHashMap::try_from(map).map_err(LiveSetError)
+    let map = ebpf.map_mut(map_names::LIVE).ok_or_else(no_live_map)?;
+    BpfHashMap::try_from(map).map_err(LiveSetError::Map)
 }
 
-/// Live blocks of `pid` allocated no later than `before_ns`. Keys are read
-/// first and deduplicated: the kernel changes the map while it is walked.
+fn live_fd(ebpf: &Ebpf) -> Result<std::os::fd::BorrowedFd<'_>, LiveSetError> {
+    ebpf.map(map_names::LIVE)
+        .and_then(crate::multi_uprobe::map_fd)
+        .ok_or_else(no_live_map)
+}
+
+/// Live blocks of the processes `wanted` says, in one batched pass (a walk
+/// key by key costs two system calls for every block of every process:
+/// tens of milliseconds a fork holds its child for). Deduplicated: the
+/// kernel changes the map while it is read.
 fn blocks_of(
-    map: &BpfHashMap<&mut MapData, LiveKey, LiveAllocation>,
-    pid: u32,
-    before_ns: u64,
-) -> Vec<(LiveKey, LiveAllocation)> {
-    let keys: HashSet<LiveKey> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| k.tgid == pid)
-        .collect();
-    keys.into_iter()
-        .filter_map(|key| map.get(&key, 0).ok().map(|block| (key, block)))
-        .filter(|(_, block)| block.timestamp_ns <= before_ns)
-        .collect()
+    ebpf: &Ebpf,
+    wanted: impl Fn(&LiveKey, &LiveAllocation) -> bool,
+) -> Result<Vec<(LiveKey, LiveAllocation)>, LiveSetError> {
+    let fd = live_fd(ebpf)?;
+    let mut blocks = std::collections::HashMap::new();
+    crate::map_batch::for_each(fd, |key: &LiveKey, block: &LiveAllocation| {
+        if wanted(key, block) {
+            blocks.insert(*key, *block);
+        }
+    })
+    .map_err(LiveSetError::Read)?;
+    Ok(blocks.into_iter().collect())
 }
 
 /// Copies `parent`'s blocks live at the fork (`fork_ns`) to `child`, so the
@@ -131,19 +144,30 @@ pub fn copy_live_set(
     child: u32,
     fork_ns: u64,
 ) -> Result<Adjustments, LiveSetError> {
-    let mut map = live_map(ebpf)?;
+    let blocks = blocks_of(ebpf, |key, block| {
+        key.tgid == parent && block.timestamp_ns <= fork_ns
+    })?;
+    // The child's copies, written in batches. A copy is no request's: the
+    // parent's request holds the parent's block, which the child's free
+    // does not free.
+    let (keys, copies): (Vec<LiveKey>, Vec<LiveAllocation>) = blocks
+        .iter()
+        .map(|(key, block)| {
+            let copy = LiveAllocation {
+                request: 0,
+                ..*block
+            };
+            (LiveKey { tgid: child, ..*key }, copy)
+        })
+        .unzip();
+    // Map full: the rest are not copied, and the kernel counts the loss at
+    // the child's free of one.
+    let (written, result) = crate::map_batch::update(live_fd(ebpf)?, &keys, &copies);
+    if let Err(error) = result {
+        tracing::debug!("{written} of {} blocks copied to {child}: {error}", keys.len());
+    }
     let mut inherited = Adjustments::new();
-    for (key, block) in blocks_of(&map, parent, fork_ns) {
-        let child_key = LiveKey { tgid: child, ..key };
-        // The child's copy is no request's: the parent's request holds the
-        // parent's block, which the child's free does not free.
-        let block = LiveAllocation {
-            request: 0,
-            ..block
-        };
-        if map.insert(child_key, block, 0).is_err() {
-            continue; // map full: the kernel counts the loss on the child's free
-        }
+    for block in &copies[..written] {
         let totals = inherited.entry(block.stack_key(child)).or_default();
         totals.alloc_count += 1;
         totals.alloc_bytes += block.size;
@@ -158,9 +182,12 @@ pub fn release_live_set(
     pid: u32,
     exec_ns: u64,
 ) -> Result<Adjustments, LiveSetError> {
+    let blocks = blocks_of(ebpf, |key, block| {
+        key.tgid == pid && block.timestamp_ns <= exec_ns
+    })?;
     let mut map = live_map(ebpf)?;
     let mut released = Adjustments::new();
-    for (key, block) in blocks_of(&map, pid, exec_ns) {
+    for (key, block) in blocks {
         if map.remove(&key).is_err() {
             continue; // freed meanwhile by the kernel side
         }
@@ -183,18 +210,11 @@ pub fn forget_live_sets(
     pids: &HashSet<u32>,
     mut each_block: impl FnMut(&LiveKey, &LiveAllocation),
 ) -> Result<BTreeMap<StackKey, StackTotals>, LiveSetError> {
+    let blocks = blocks_of(ebpf, |key, _| pids.contains(&key.tgid))?;
     let mut map = live_map(ebpf)?;
-    let keys: HashSet<LiveKey> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| pids.contains(&k.tgid))
-        .collect();
     let mut kept_by_requests: BTreeMap<StackKey, StackTotals> = BTreeMap::new();
-    for key in &keys {
-        let Ok(block) = map.get(key, 0) else {
-            continue; // freed meanwhile
-        };
-        each_block(key, &block);
+    for (key, block) in &blocks {
+        each_block(key, block);
         if block.request != 0 {
             let kept = kept_by_requests
                 .entry(block.stack_key(key.tgid))

@@ -235,3 +235,117 @@ fn a_program_that_frees_all_it_allocates_has_no_live_site() {
     let report = read_report(&dir);
     no_live_site(&report);
 }
+
+/// Check that memory held in mappings made outside malloc is found as
+/// mapped growth, with the site that maps it named in the advice.
+#[test]
+fn memory_mapped_outside_malloc_is_mapped_growth() {
+    if !bpf_available() {
+        return;
+    }
+    use memscope::fragmentation::FragmentationVerdict;
+    let (report, _) = run_fixture("mmap_growth", "mmap_growth", &[]);
+    let f = report.fragmentation.as_ref().expect("assessed");
+    assert_eq!(f.verdict, FragmentationVerdict::MappedGrowth, "{f:#?}");
+    let site = site(&report, "map_chunk_site");
+    let mapped = site.mapped.expect("measured at the exit stop");
+    assert_eq!((site.live_bytes, site.live_count), (48 << 20, 48));
+    assert_eq!(mapped.resident_bytes, 48 << 20);
+    assert!(f.mapped_resident_bytes >= 48 << 20, "{f:#?}");
+    assert!(
+        f.advice[0].starts_with("48.0 MiB resident, mapped at map_chunk_site <- main"),
+        "{f:#?}"
+    );
+}
+
+/// Check that a pre-fork server's workers get their RSS split into
+/// private and shared memory as /proc has it (within 1%), what each added
+/// after the fork, and that startup work every worker repeats is found as
+/// duplication across workers, with the site and the saving of doing it
+/// once before the fork.
+#[test]
+fn startup_work_every_worker_repeats_is_duplication_across_workers() {
+    if !bpf_available() {
+        return;
+    }
+    use memscope::fragmentation::FragmentationVerdict;
+    const MIB: u64 = 1 << 20;
+    let dir = output_dir("prefork_startup");
+    let mut memscope = Command::new(MEMSCOPE)
+        .arg("run")
+        .arg("-o")
+        .arg(&dir)
+        .arg("--")
+        .arg(fixture("prefork_startup"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("memscope runs");
+    let said = lines(memscope.stdout.take().expect("stdout"));
+    wait_for(&said, |l| l == "ready", "the workers");
+    // The master ignores SIGINT: memscope writes its report with all alive.
+    // SAFETY: a signal to the child just spawned.
+    unsafe { libc::kill(memscope.id() as i32, libc::SIGINT) };
+    let stdin = memscope.stdin.take();
+    assert!(memscope.wait().expect("memscope exits").success());
+    let table: Vec<String> = said.try_iter().collect();
+    let report = read_report(&dir);
+    let proc_now: Vec<MemoryFigures> = report.processes[1..]
+        .iter()
+        .map(|w| MemoryFigures::read(w.pid).expect("a worker's figures"))
+        .collect();
+    drop(stdin); // the fixture ends
+
+    assert_eq!(report.workers.len(), 1, "{:#?}", report.workers);
+    let group = &report.workers[0];
+    assert_eq!((group.master, group.workers.len()), (report.target.pid, 3));
+    for (worker, now) in report.processes[1..].iter().zip(&proc_now) {
+        let m = worker.memory.expect("read at the end");
+        let near = |ours: u64, theirs: u64, what: &str| {
+            assert!(
+                ours.abs_diff(theirs) * 100 <= theirs,
+                "{what}: {ours} reported, {theirs} in /proc"
+            );
+        };
+        near(m.rss_bytes, now.rss_bytes, "RSS");
+        near(m.pss_bytes, now.pss_bytes, "PSS");
+        near(m.uss_bytes, now.uss_bytes, "USS");
+        near(m.shared_bytes, now.shared_bytes, "shared");
+        // Its own 24 MiB private, the master's 32 MiB table shared.
+        assert!((24 * MIB..25 * MIB).contains(&m.uss_bytes), "{m:?}");
+        assert!((32 * MIB..34 * MIB).contains(&m.shared_bytes), "{m:?}");
+        assert_eq!(m.rss_bytes, m.uss_bytes + m.shared_bytes, "{m:?}");
+        assert_eq!(worker.growth_bytes, 24 << 20);
+    }
+    assert_eq!(group.added_bytes, 3 * (24 << 20));
+    assert_eq!(group.repeated_bytes_per_worker, 24 << 20);
+    assert_eq!(
+        group.repeated_sites[0].frames[0].function,
+        "worker_import_site"
+    );
+    let f = report.fragmentation.as_ref().expect("assessed");
+    assert_eq!(
+        f.verdict,
+        FragmentationVerdict::DuplicationAcrossWorkers,
+        "{f:#?}"
+    );
+    assert!(
+        f.advice
+            .iter()
+            .any(|a| a.contains("preload_app") && a.contains("up to 48.0 MiB less")),
+        "{f:#?}"
+    );
+    let table = table.join("\n");
+    assert!(table.contains(" SHARED "), "{table}");
+    assert!(
+        table.contains(&format!(
+            "workers of {}: 3, each on average, RSS",
+            group.master
+        )),
+        "{table}"
+    );
+    assert!(
+        table.contains("24.0 MiB in each at worker_import_site <- fill <- main"),
+        "{table}"
+    );
+}

@@ -286,7 +286,7 @@ fn render_processes(report: &Report, limit: usize, out: &mut impl Write) -> io::
     writeln!(out)?;
     writeln!(
         out,
-        "{:>8} {:>8} {:>14} {:>14} {:>14} {:>10} {:>10} {:>10} {:>10} {:>10}  COMMAND",
+        "{:>8} {:>8} {:>14} {:>14} {:>14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}  COMMAND",
         "PID",
         "PPID",
         "LIVE BYTES",
@@ -295,6 +295,7 @@ fn render_processes(report: &Report, limit: usize, out: &mut impl Write) -> io::
         "RSS",
         "PSS",
         "USS",
+        "SHARED",
         "STATE",
         "FOLLOW"
     )?;
@@ -320,7 +321,7 @@ fn render_processes(report: &Report, limit: usize, out: &mut impl Write) -> io::
         };
         writeln!(
             out,
-            "{:>8} {:>8} {:>14} {:>+14} {:>14} {:>10} {:>10} {:>10} {:>10} {:>10}  {}",
+            "{:>8} {:>8} {:>14} {:>+14} {:>14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}  {}",
             p.pid,
             ppid,
             p.totals.live_bytes,
@@ -329,6 +330,7 @@ fn render_processes(report: &Report, limit: usize, out: &mut impl Write) -> io::
             memory(|m| m.rss_bytes),
             memory(|m| m.pss_bytes),
             memory(|m| m.uss_bytes),
+            memory(|m| m.shared_bytes),
             state,
             following_word(p.following),
             escape_control(&p.command)
@@ -346,6 +348,42 @@ fn render_processes(report: &Report, limit: usize, out: &mut impl Write) -> io::
             rest.len()
         )?;
     }
+    for group in &report.workers {
+        render_workers(group, out)?;
+    }
+    Ok(())
+}
+
+/// A master's workers: per worker, private and shared memory, what it
+/// added itself and what every one of them allocated again.
+fn render_workers(group: &crate::workers::WorkerGroup, out: &mut impl Write) -> io::Result<()> {
+    let n = group.workers.len() as u64;
+    let per = |bytes: u64| format_bytes(bytes / n.max(1));
+    let memory = group.memory.map_or(String::new(), |m| {
+        let read = m.processes.max(1);
+        format!(
+            ", RSS {} = private (USS) {} + shared {}, PSS {}",
+            format_bytes(m.rss_bytes / read),
+            format_bytes(m.uss_bytes / read),
+            format_bytes(m.shared_bytes / read),
+            format_bytes(m.pss_bytes / read)
+        )
+    });
+    writeln!(
+        out,
+        "workers of {}: {n}, each on average{memory}; added after the fork {}, of which {} at sites every worker allocated at",
+        group.master,
+        per(group.added_bytes),
+        format_bytes(group.repeated_bytes_per_worker)
+    )?;
+    for site in group.repeated_sites.iter().take(3) {
+        writeln!(
+            out,
+            "  {:>10} in each at {}",
+            format_bytes(site.bytes_per_worker),
+            escape_control(&Frame::chain(&site.frames, 4))
+        )?;
+    }
     Ok(())
 }
 
@@ -355,6 +393,7 @@ fn fragmentation_word(verdict: FragmentationVerdict) -> &'static str {
         FragmentationVerdict::AllocatorRetention => "allocator-retention",
         FragmentationVerdict::ArenaBloat => "arena-bloat",
         FragmentationVerdict::MappedGrowth => "mapped-growth",
+        FragmentationVerdict::DuplicationAcrossWorkers => "duplication-across-workers",
         FragmentationVerdict::Unknown => "unknown",
     }
 }

@@ -1,7 +1,7 @@
 //! Builds the report from a kernel snapshot: totals per class, sites (stacks
 //! with equal frames merged), processes and completeness.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use profiler_common::{StackKey, StackTotals, UNKNOWN_STACK, site_class};
 
@@ -11,6 +11,7 @@ use super::{
 };
 use crate::{
     attach::AttachedProbe,
+    classify::Verdict,
     collect::{KernelSnapshot, RecordedPythonStack},
     processes::{Adjustments, Following, ProcessRecord},
     symbolize::trim::trim_allocator_frames,
@@ -224,6 +225,32 @@ pub fn build_report(
         requests_full: c.requests_full,
         request_events_lost: c.request_events_lost,
     };
+    // What each worker allocated itself: its live bytes beyond what it
+    // inherited, per site. Sites whose memory keeps growing are leaks,
+    // not startup work.
+    let growing: BTreeSet<(SiteKind, &[Frame])> = sites
+        .iter()
+        .filter(|s| {
+            s.classification
+                .as_ref()
+                .is_some_and(|c| matches!(c.verdict, Verdict::Leak | Verdict::Growing))
+        })
+        .map(|s| (s.kind, s.frames.as_slice()))
+        .collect();
+    let own = combined.iter().filter_map(|(key, t)| {
+        let inherited = context.adjustments.get(key).map_or(0, |a| a.alloc_bytes);
+        let frames = frames.get(key)?;
+        let live = t.live_bytes().saturating_sub(inherited);
+        Some((
+            key.tgid,
+            SiteKind::of_class(key.class),
+            frames.as_slice(),
+            live,
+        ))
+    });
+    let workers = crate::workers::groups(&processes, own, |kind, frames| {
+        !growing.contains(&(kind, frames))
+    });
     let windows = windows_of(&context.windows, &frames);
     let peak = peak_report(snapshot, &context, &processes, &frames, seconds);
     let mut report = Report {
@@ -250,6 +277,7 @@ pub fn build_report(
         mapped_memory,
         loader: loader_totals,
         stdio_buffers: stdio_totals,
+        workers,
         fragmentation: None,
         requests: context.requests.map(|mut requests| {
             requests.sites = sites_of(

@@ -63,6 +63,10 @@ pub struct Report {
     /// the exit by design): the C runtime's, not allocation sites.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdio_buffers: Option<Totals>,
+    /// Pre-fork workers, per master: shared and private memory, and what
+    /// every worker allocated again (see `workers`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workers: Vec<crate::workers::WorkerGroup>,
     /// Anonymous RSS against the live heap: what the allocator keeps
     /// (see `fragmentation`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -291,7 +295,7 @@ impl From<HeapTop> for HeapReport {
 }
 
 /// One source location in a call stack.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Frame {
     pub function: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -673,6 +677,7 @@ pub(crate) mod tests_support {
             alerts: Vec::new(),
             mapped_memory: None,
             stdio_buffers: None,
+            workers: Vec::new(),
             loader: None,
             fragmentation: None,
             requests: None,
