@@ -127,7 +127,7 @@ impl AddressSpace {
     /// committed ranges and resident bytes.
     pub fn glibc_heaps(&self) -> Vec<(crate::arenas::HeapKind, Range<u64>, u64)> {
         use crate::arenas::{HEAP_MAX_BYTES, HeapKind};
-        let mut heaps = Vec::new();
+        let mut heaps: Vec<(HeapKind, Range<u64>, u64)> = Vec::new();
         for (i, area) in self.areas.iter().enumerate() {
             let start = area.range.start;
             let kind = if area.brk {
@@ -148,7 +148,17 @@ impl AddressSpace {
                 }
                 HeapKind::Thread
             };
-            let resident = area.resident.iter().map(|r| r.end - r.start).sum();
+            let resident: u64 = area.resident.iter().map(|r| r.end - r.start).sum();
+            // The brk heap may be split in areas (a fork's child grows it
+            // with other flags): one heap.
+            if let Some((HeapKind::Main, range, bytes)) = heaps.last_mut()
+                && kind == HeapKind::Main
+                && range.end == start
+            {
+                range.end = area.range.end;
+                *bytes += resident;
+                continue;
+            }
             heaps.push((kind, area.range.clone(), resident));
         }
         heaps
@@ -241,7 +251,8 @@ mod tests {
         };
         let space = AddressSpace {
             areas: vec![
-                area(0x10_0000..0x30_0000, true, true),
+                area(0x10_0000..0x20_0000, true, true),
+                area(0x20_0000..0x30_0000, true, true),
                 // A thread heap: 1 MiB committed of its 64 MiB.
                 area(MAX..MAX + 0x10_0000, true, false),
                 area(MAX + 0x10_0000..2 * MAX, false, false),
@@ -254,7 +265,7 @@ mod tests {
         assert_eq!(
             space.glibc_heaps(),
             vec![
-                (HeapKind::Main, 0x10_0000..0x30_0000, PAGE),
+                (HeapKind::Main, 0x10_0000..0x30_0000, 2 * PAGE),
                 (HeapKind::Thread, MAX..MAX + 0x10_0000, PAGE),
                 (HeapKind::Thread, 4 * MAX..5 * MAX, PAGE),
             ]

@@ -115,10 +115,18 @@ pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
         ));
     }
     if c.unknown_frees > 0 {
-        warnings.push(format!(
-            "{} frees of memory allocated before memscope attached were ignored",
-            c.unknown_frees
-        ));
+        let attached = report
+            .processes
+            .iter()
+            .any(|p| !matches!(p.following, Following::Started | Following::Forked));
+        let why = if attached {
+            "memory allocated before memscope attached"
+        } else {
+            // Followed from the start: glibc's own blocks (a thread's
+            // cache, freed at its exit) are made without malloc's entry.
+            "blocks memscope never saw allocated (glibc frees its internal ones, such as each exiting thread's cache, with free)"
+        };
+        warnings.push(format!("{} frees of {why} were ignored", c.unknown_frees));
     }
     if report.totals.alloc_count == 0 {
         warnings.push(

@@ -55,6 +55,10 @@ pub struct Fragmentation {
     pub heap_overhead_bytes: u64,
     /// Resident mappings outside malloc (thread stacks included).
     pub mapped_resident_bytes: u64,
+    /// Of those, CPython's object arenas (where objects are counted by
+    /// arena): the Python heap, not mappings that grow on their own.
+    #[serde(default)]
+    pub python_arena_bytes: u64,
     /// The loader's anonymous mappings for the images.
     pub loader_bytes: u64,
     /// Anonymous RSS none of the above explains: free memory the
@@ -102,14 +106,21 @@ pub fn assess(report: &Report) -> Option<Fragmentation> {
     let live_heap_bytes = report.totals.live_bytes;
     let heap_overhead_bytes = report.totals.live_count * OVERHEAD_PER_BLOCK;
     let mapped_resident_bytes = report.mapped_memory.map_or(0, |m| m.resident_bytes);
+    let python_arena_bytes = python_arena_resident(report);
+    let other_mapped = mapped_resident_bytes.saturating_sub(python_arena_bytes);
     let loader_bytes = report.loader.map_or(0, |l| l.live_bytes);
     let explained = live_heap_bytes + heap_overhead_bytes + mapped_resident_bytes + loader_bytes;
     let retained = memory.anon_bytes.saturating_sub(explained);
     let share = |bytes: u64| bytes as f64 / memory.anon_bytes.max(1) as f64;
     let significant =
         |bytes: u64| bytes >= MIN_RETAINED_BYTES && share(bytes) >= MIN_RETAINED_SHARE;
+    let arenas_word = if python_arena_bytes > 0 {
+        format!(" (Python's object arenas {} of them)", format_bytes(python_arena_bytes))
+    } else {
+        String::new()
+    };
     let words = format!(
-        "anonymous RSS {} = live heap {} + headers {} + mappings {} + loader {} + {} unexplained ({:.0}%)",
+        "anonymous RSS {} = live heap {} + headers {} + mappings {}{arenas_word} + loader {} + {} unexplained ({:.0}%)",
         format_bytes(memory.anon_bytes),
         format_bytes(live_heap_bytes),
         format_bytes(heap_overhead_bytes),
@@ -144,14 +155,15 @@ pub fn assess(report: &Report) -> Option<Fragmentation> {
             retention_advice(retained),
         ));
     }
-    if significant(mapped_resident_bytes) {
+    if significant(other_mapped) {
         candidates.push((
-            mapped_resident_bytes,
+            other_mapped,
             FragmentationVerdict::MappedGrowth,
             format!(
-                "mappings made outside malloc hold {} resident ({:.0}% of anonymous RSS)",
-                format_bytes(mapped_resident_bytes),
-                share(mapped_resident_bytes) * 100.0
+                "mappings made outside malloc{} hold {} resident ({:.0}% of anonymous RSS)",
+                if python_arena_bytes > 0 { ", Python's arenas aside," } else { "" },
+                format_bytes(other_mapped),
+                share(other_mapped) * 100.0
             ),
             mapped_advice(report),
         ));
@@ -183,6 +195,7 @@ pub fn assess(report: &Report) -> Option<Fragmentation> {
         live_heap_bytes,
         heap_overhead_bytes,
         mapped_resident_bytes,
+        python_arena_bytes,
         loader_bytes,
         retained_free_bytes: retained,
         ratio: (live_heap_bytes > 0).then(|| memory.anon_bytes as f64 / live_heap_bytes as f64),
@@ -285,6 +298,38 @@ fn arena_advice(saving: u64) -> Vec<String> {
     ]
 }
 
+/// The resident bytes of CPython's object arenas, where a process counts
+/// its objects by arena: the mmap sites whose every live mapping is an
+/// arena (1 MiB from CPython 3.10, 256 KiB before) of a version running.
+fn python_arena_resident(report: &Report) -> u64 {
+    let sizes: Vec<u64> = report
+        .processes
+        .iter()
+        .filter(|p| p.python_objects == Some(crate::report::PythonObjects::Arenas))
+        .filter_map(|p| p.python.as_deref().map(python_arena_size))
+        .collect();
+    if sizes.is_empty() {
+        return 0;
+    }
+    report
+        .sites
+        .iter()
+        .filter(|s| s.kind == SiteKind::Mmap && s.live_count > 0)
+        .filter(|s| sizes.iter().any(|size| s.live_bytes == s.live_count * size))
+        .filter_map(|s| s.mapped.map(|m| m.resident_bytes))
+        .sum()
+}
+
+/// CPython's ARENA_SIZE for a version string such as "3.11.2".
+fn python_arena_size(version: &str) -> u64 {
+    let minor = version
+        .split('.')
+        .nth(1)
+        .and_then(|m| m.parse::<u32>().ok())
+        .unwrap_or(0);
+    if minor >= 10 { 1 << 20 } else { 256 << 10 }
+}
+
 /// Advice naming the mapping sites that hold most.
 fn mapped_advice(report: &Report) -> Vec<String> {
     let mut sites: Vec<(u64, String)> = report
@@ -358,6 +403,59 @@ mod tests {
             f.reason
         );
         assert!(!f.advice.is_empty());
+    }
+
+    #[test]
+    fn the_explanation_that_accounts_for_most_bytes_is_the_verdict() {
+        use crate::workers::WorkerGroup;
+        // 100 MiB retained, and 3 workers repeating 60 MiB each: the two
+        // copies too many (120 MiB) are more.
+        let mut r = report(200 << 20, 100 << 20, Following::Started);
+        r.workers = vec![WorkerGroup {
+            master: 1,
+            workers: vec![2, 3, 4],
+            memory: Some(MemoryFigures {
+                uss_bytes: 3 * (64 << 20),
+                processes: 3,
+                ..MemoryFigures::default()
+            }),
+            repeated_bytes_per_worker: 60 << 20,
+            ..WorkerGroup::default()
+        }];
+        let f = assess(&r).expect("assessed");
+        assert_eq!(f.verdict, FragmentationVerdict::DuplicationAcrossWorkers);
+        assert!(f.advice.iter().any(|a| a.contains("up to 120.0 MiB less")), "{f:#?}");
+        // Repeating a small part of their private memory is no verdict.
+        r.workers[0].repeated_bytes_per_worker = 8 << 20;
+        let f = assess(&r).expect("assessed");
+        assert_eq!(f.verdict, FragmentationVerdict::AllocatorRetention);
+    }
+
+    #[test]
+    fn python_arenas_are_not_mapped_growth() {
+        use crate::report::{MappedReport, PythonObjects, Site};
+        let mut r = report(100 << 20, 1 << 20, Following::Started);
+        r.processes[0].python = Some("3.11.2".into());
+        r.processes[0].python_objects = Some(PythonObjects::Arenas);
+        let resident = 90 << 20;
+        r.mapped_memory = Some(MappedReport {
+            resident_bytes: resident,
+            ..MappedReport::default()
+        });
+        r.sites = vec![Site {
+            kind: SiteKind::Mmap,
+            live_bytes: 90 << 20,
+            live_count: 90,
+            mapped: r.mapped_memory,
+            ..Site::default()
+        }];
+        let f = assess(&r).expect("assessed");
+        assert_eq!(f.python_arena_bytes, resident);
+        assert_eq!(f.verdict, FragmentationVerdict::None, "{f:#?}");
+        // On 3.9 arenas are 256 KiB: these 1 MiB mappings are not theirs.
+        r.processes[0].python = Some("3.9.18".into());
+        let f = assess(&r).expect("assessed");
+        assert_eq!(f.verdict, FragmentationVerdict::MappedGrowth, "{f:#?}");
     }
 
     #[test]

@@ -237,16 +237,22 @@ pub fn build_report(
         })
         .map(|s| (s.kind, s.frames.as_slice()))
         .collect();
+    // A mapping counts at its resident bytes where it was measured (its
+    // length may be mostly reserved: arenas, stacks), in proportion to the
+    // part of it the process did not inherit.
     let own = combined.iter().filter_map(|(key, t)| {
         let inherited = context.adjustments.get(key).map_or(0, |a| a.alloc_bytes);
         let frames = frames.get(key)?;
-        let live = t.live_bytes().saturating_sub(inherited);
-        Some((
-            key.tgid,
-            SiteKind::of_class(key.class),
-            frames.as_slice(),
-            live,
-        ))
+        let own_live = t.live_bytes().saturating_sub(inherited);
+        let kind = SiteKind::of_class(key.class);
+        let bytes = match kind {
+            SiteKind::Malloc => own_live,
+            SiteKind::Mmap => {
+                let resident = measured.get(key)?.1.resident;
+                (resident as f64 * own_live as f64 / t.live_bytes().max(1) as f64) as u64
+            }
+        };
+        Some((key.tgid, kind, frames.as_slice(), bytes))
     });
     let workers = crate::workers::groups(&processes, own, |kind, frames| {
         !growing.contains(&(kind, frames))

@@ -420,7 +420,7 @@ impl SiteKind {
 }
 
 /// An allocating call stack and what it holds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Site {
     #[serde(default)]
     pub kind: SiteKind,

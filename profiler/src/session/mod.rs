@@ -51,6 +51,9 @@ use crate::{
 /// it maps later (dlopen) can be symbolized after it exits.
 const MAPS_REFRESH: Duration = Duration::from_millis(500);
 
+/// Processes whose memory figures a window reads (see `read_memory`).
+const MEMORY_READS_PER_WINDOW: usize = 32;
+
 /// What to profile.
 #[derive(Clone, Debug)]
 pub enum TargetSpec {
@@ -352,6 +355,10 @@ pub struct Session {
     /// credited to them so far (an exited child's as they are dropped from
     /// the kernel map, the rest at the end).
     arenas: std::collections::HashMap<u32, crate::arenas::ProcessArenas>,
+    /// Whether `measure_running` has run.
+    measured_running: bool,
+    /// The last process whose memory a window read (see `read_memory`).
+    memory_cursor: u32,
     /// Request-tagged live blocks of exited processes, whose live sets were
     /// dropped from the kernel map (see `forget_exited`).
     kept_by_exited: Adjustments,
@@ -574,6 +581,8 @@ impl Session {
             requests: None,
             address_spaces: std::collections::HashMap::new(),
             arenas: std::collections::HashMap::new(),
+            measured_running: false,
+            memory_cursor: 0,
             kept_by_exited: Adjustments::new(),
         };
         if let Some(options) = &options.requests {
@@ -718,6 +727,9 @@ impl Session {
         if let Some(status) = self.status.take() {
             status.finish_and_clear();
         }
+        // What the processes hold, read before the command is signalled:
+        // its workers may go with it, unstopped, their mappings unread.
+        self.measure_running();
         if self.is_child {
             self.finish_child(reason).await;
         }
@@ -780,7 +792,7 @@ impl Session {
             }
         };
         let cumulative = report::combined_totals(&totals, &self.adjustments);
-        let memory = self.read_memory();
+        let memory = self.read_memory(Some(MEMORY_READS_PER_WINDOW));
         let rss_bytes = memory.rss_bytes;
         if self
             .timeline
@@ -914,6 +926,21 @@ impl Session {
         }
     }
 
+    /// Reads the address space and memory figures of every running
+    /// followed process, for the report (once: at the end of `wait`, or by
+    /// `report` if it comes first).
+    fn measure_running(&mut self) {
+        if self.measured_running {
+            return;
+        }
+        self.measured_running = true;
+        let running: Vec<u32> = self.alive.iter().collect();
+        for pid in running {
+            self.read_address_space(pid);
+        }
+        self.read_memory(None);
+    }
+
     /// What each live mapping outside malloc holds: from the address
     /// spaces read as processes stopped at their exit, else at the end for
     /// those still running; a process read neither way is left unmeasured.
@@ -931,13 +958,32 @@ impl Session {
     }
 
     /// The running followed processes' memory figures, summed; each one's
-    /// goes to its record.
-    fn read_memory(&mut self) -> crate::process_memory::MemoryFigures {
-        // NB: one smaps_rollup per process: a walk of its page tables.
-        let (each, sum) = crate::process_memory::read_all(self.alive.iter());
+    /// goes to its record. With `limit`, only that many are read, in turn
+    /// from where the last read stopped, and the others count at their
+    /// last figures: one smaps_rollup walks a process's page tables (0.1
+    /// to a few ms), too much for every window of a hundred workers.
+    fn read_memory(&mut self, limit: Option<usize>) -> crate::process_memory::MemoryFigures {
+        let alive: Vec<u32> = self.alive.iter().collect();
+        let read: Vec<u32> = match limit {
+            Some(limit) if alive.len() > limit => {
+                let from = alive.partition_point(|&pid| pid <= self.memory_cursor);
+                let read: Vec<u32> = alive.iter().cycle().skip(from).take(limit).copied().collect();
+                self.memory_cursor = read.last().copied().unwrap_or(0);
+                read
+            }
+            _ => alive.clone(),
+        };
+        let (each, _) = crate::process_memory::read_all(read.into_iter());
         for (pid, figures) in each {
             if let Some(record) = self.record_mut(pid) {
                 record.memory = Some(figures);
+            }
+        }
+        let mut sum = crate::process_memory::MemoryFigures::default();
+        for pid in alive {
+            let last = self.processes.iter().rev().find(|p| p.pid == pid);
+            if let Some(figures) = last.and_then(|p| p.memory.as_ref()) {
+                sum.add(figures);
             }
         }
         sum
@@ -949,12 +995,15 @@ impl Session {
         // NB: the snapshot right after the drain: a child forked between
         // the two would be counted without its record, one recorded after
         // the snapshot without its allocations; the mappings (a slow read)
-        // are refreshed before, not between.
+        // are refreshed before, not between, and the processes' memory and
+        // address spaces read before that (unless `wait` did).
+        self.measure_running();
         self.refresh_maps();
         self.drain_pending_events();
         let snapshot = collect::read_snapshot(&self.kernel.ebpf)?;
         let cumulative = report::combined_totals(&snapshot.totals, &self.adjustments);
-        let memory = self.read_memory();
+        // The figures just read.
+        let memory = self.read_memory(Some(0));
         if self
             .timeline
             .close(self.now(), cumulative, memory.rss_bytes, WindowEnd::End)
@@ -962,10 +1011,6 @@ impl Session {
             && memory.processes > 0
         {
             self.timeline.set_last_memory(memory);
-        }
-        let running: Vec<u32> = self.alive.iter().collect();
-        for pid in running {
-            self.read_address_space(pid);
         }
         let windows = self.timeline.windows();
         let arenas = &mut self.arenas;
