@@ -165,6 +165,54 @@ impl AddressSpace {
     }
 }
 
+/// Anonymous mappings of one size class, as report.json's
+/// `processes[].anon_mappings[]`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SizeClass {
+    /// Areas of at least this many bytes (and less than the next class's).
+    pub min_bytes: u64,
+    pub count: u64,
+    pub mapped_bytes: u64,
+    pub committed_bytes: u64,
+    pub resident_bytes: u64,
+}
+
+/// The classes' lower bounds: pages, small buffers, 1 MiB (CPython's
+/// arenas), 8 MiB (thread stacks), 64 MiB (arena reservations).
+const SIZE_CLASSES: [u64; 5] = [0, 64 << 10, 1 << 20, 8 << 20, 64 << 20];
+
+impl AddressSpace {
+    /// The anonymous private areas (the brk heap aside) by size, the
+    /// classes that have any.
+    pub fn by_size(&self) -> Vec<SizeClass> {
+        let mut classes: Vec<SizeClass> = SIZE_CLASSES
+            .iter()
+            .map(|&min_bytes| SizeClass {
+                min_bytes,
+                count: 0,
+                mapped_bytes: 0,
+                committed_bytes: 0,
+                resident_bytes: 0,
+            })
+            .collect();
+        for area in self.areas.iter().filter(|a| !a.brk) {
+            let len = area.range.end - area.range.start;
+            let at = SIZE_CLASSES
+                .partition_point(|&min| min <= len)
+                .saturating_sub(1);
+            let class = &mut classes[at];
+            class.count += 1;
+            class.mapped_bytes += len;
+            if area.committed {
+                class.committed_bytes += len;
+            }
+            class.resident_bytes += area.resident.iter().map(|r| r.end - r.start).sum::<u64>();
+        }
+        classes.retain(|c| c.count > 0);
+        classes
+    }
+}
+
 /// The present pages of an area starting at `start`, as address ranges.
 fn resident_runs(start: u64, page: u64, pages: &[PageInfo]) -> Vec<Range<u64>> {
     let mut runs: Vec<Range<u64>> = Vec::new();
@@ -269,6 +317,18 @@ mod tests {
                 (HeapKind::Thread, MAX..MAX + 0x10_0000, PAGE),
                 (HeapKind::Thread, 4 * MAX..5 * MAX, PAGE),
             ]
+        );
+    }
+
+    #[test]
+    fn areas_are_counted_by_size() {
+        let classes = space().by_size();
+        assert_eq!(classes.len(), 1, "{classes:?}");
+        let c = &classes[0];
+        assert_eq!((c.min_bytes, c.count), (1 << 20, 2));
+        assert_eq!(
+            (c.mapped_bytes, c.committed_bytes, c.resident_bytes),
+            (0x40_0000, 0x10_0000, 2 * PAGE)
         );
     }
 

@@ -115,7 +115,10 @@ pub fn assess(report: &Report) -> Option<Fragmentation> {
     let significant =
         |bytes: u64| bytes >= MIN_RETAINED_BYTES && share(bytes) >= MIN_RETAINED_SHARE;
     let arenas_word = if python_arena_bytes > 0 {
-        format!(" (Python's object arenas {} of them)", format_bytes(python_arena_bytes))
+        format!(
+            " (Python's object arenas {} of them)",
+            format_bytes(python_arena_bytes)
+        )
     } else {
         String::new()
     };
@@ -161,7 +164,11 @@ pub fn assess(report: &Report) -> Option<Fragmentation> {
             FragmentationVerdict::MappedGrowth,
             format!(
                 "mappings made outside malloc{} hold {} resident ({:.0}% of anonymous RSS)",
-                if python_arena_bytes > 0 { ", Python's arenas aside," } else { "" },
+                if python_arena_bytes > 0 {
+                    ", Python's arenas aside,"
+                } else {
+                    ""
+                },
                 format_bytes(other_mapped),
                 share(other_mapped) * 100.0
             ),
@@ -172,6 +179,14 @@ pub fn assess(report: &Report) -> Option<Fragmentation> {
         candidates.push(duplication);
     }
     let best = candidates.into_iter().max_by_key(|c| c.0);
+    // A high VMS/RSS is what people read as fragmentation: say what it is.
+    let vms_words = match memory.vms_rss_ratio() {
+        Some(ratio) if ratio >= 2.0 => format!(
+            "; VMS is {ratio:.1} x RSS: {} of address space is not resident, mostly reserved and never touched (thread stacks, arenas' 64 MiB reservations), which is not fragmentation",
+            format_bytes(memory.vms_bytes.saturating_sub(memory.rss_bytes))
+        ),
+        _ => String::new(),
+    };
     let (verdict, reason, advice) = if !from_start {
         (
             FragmentationVerdict::Unknown,
@@ -181,11 +196,11 @@ pub fn assess(report: &Report) -> Option<Fragmentation> {
             Vec::new(),
         )
     } else if let Some((_, verdict, why, advice)) = best {
-        (verdict, format!("{words}: {why}"), advice)
+        (verdict, format!("{words}: {why}{vms_words}"), advice)
     } else {
         (
             FragmentationVerdict::None,
-            format!("{words}: the program holds its anonymous memory"),
+            format!("{words}: the program holds its anonymous memory{vms_words}"),
             Vec::new(),
         )
     };
@@ -402,6 +417,13 @@ mod tests {
             "{}",
             f.reason
         );
+        // VMS is 4 x RSS in this report.
+        assert!(
+            f.reason
+                .contains("; VMS is 4.0 x RSS: 599.0 MiB of address space is not resident"),
+            "{}",
+            f.reason
+        );
         assert!(!f.advice.is_empty());
     }
 
@@ -424,7 +446,10 @@ mod tests {
         }];
         let f = assess(&r).expect("assessed");
         assert_eq!(f.verdict, FragmentationVerdict::DuplicationAcrossWorkers);
-        assert!(f.advice.iter().any(|a| a.contains("up to 120.0 MiB less")), "{f:#?}");
+        assert!(
+            f.advice.iter().any(|a| a.contains("up to 120.0 MiB less")),
+            "{f:#?}"
+        );
         // Repeating a small part of their private memory is no verdict.
         r.workers[0].repeated_bytes_per_worker = 8 << 20;
         let f = assess(&r).expect("assessed");

@@ -35,6 +35,8 @@ pub struct ProcessRecord {
     pub memory: Option<crate::process_memory::MemoryFigures>,
     /// Its glibc arena heaps, as last read (see `arenas`).
     pub arenas: Vec<crate::arenas::ArenaHeap>,
+    /// Its anonymous mappings by size, read with `arenas`.
+    pub anon_mappings: Vec<crate::address_space::SizeClass>,
 }
 
 impl ProcessRecord {
@@ -60,6 +62,7 @@ impl ProcessRecord {
             peak_at_exit: None,
             memory: None,
             arenas: Vec::new(),
+            anon_mappings: Vec::new(),
         }
     }
 }
@@ -157,14 +160,23 @@ pub fn copy_live_set(
                 request: 0,
                 ..*block
             };
-            (LiveKey { tgid: child, ..*key }, copy)
+            (
+                LiveKey {
+                    tgid: child,
+                    ..*key
+                },
+                copy,
+            )
         })
         .unzip();
     // Map full: the rest are not copied, and the kernel counts the loss at
     // the child's free of one.
     let (written, result) = crate::map_batch::update(live_fd(ebpf)?, &keys, &copies);
     if let Err(error) = result {
-        tracing::debug!("{written} of {} blocks copied to {child}: {error}", keys.len());
+        tracing::debug!(
+            "{written} of {} blocks copied to {child}: {error}",
+            keys.len()
+        );
     }
     let mut inherited = Adjustments::new();
     for block in &copies[..written] {

@@ -139,6 +139,10 @@ fn threads_keeping_free_memory_in_their_own_arenas_is_arena_bloat() {
         assert!(heap.free_bytes >= 8 * MIB, "{heap:?}");
     }
     assert_eq!(f.arenas, heaps.len() as u64);
+    // Each thread heap is a 64 MiB reservation, mapped whole.
+    let by_size = &report.processes[0].anon_mappings;
+    let mapped: u64 = by_size.iter().map(|c| c.mapped_bytes).sum();
+    assert!(mapped >= thread_heaps * 64 * MIB, "{by_size:#?}");
     let free: u64 = heaps.iter().map(|h| h.free_bytes).sum();
     assert_eq!(f.arena_free_bytes, free);
     // All but the two arenas holding most free memory give theirs back.

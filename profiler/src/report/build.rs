@@ -192,6 +192,7 @@ pub fn build_report(
                 peak_s: peak_of(p).map(|peak| seconds(peak.peak_ns)),
                 memory: p.memory,
                 arenas: p.arenas.clone(),
+                anon_mappings: p.anon_mappings.clone(),
             }
         })
         .collect();

@@ -237,6 +237,9 @@ pub struct ProcessReport {
     /// Its glibc arena heaps, read with `memory`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub arenas: Vec<crate::arenas::ArenaHeap>,
+    /// Its anonymous mappings by size class, read with `arenas`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anon_mappings: Vec<crate::address_space::SizeClass>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

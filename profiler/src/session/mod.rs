@@ -920,6 +920,10 @@ impl Session {
             Ok(space) => {
                 self.arenas
                     .insert(pid, crate::arenas::ProcessArenas::of(&space));
+                let by_size = space.by_size();
+                if let Some(record) = self.record_mut(pid) {
+                    record.anon_mappings = by_size;
+                }
                 self.address_spaces.insert(pid, space);
             }
             Err(error) => tracing::debug!(pid, "address space not read: {error}"),
@@ -967,7 +971,13 @@ impl Session {
         let read: Vec<u32> = match limit {
             Some(limit) if alive.len() > limit => {
                 let from = alive.partition_point(|&pid| pid <= self.memory_cursor);
-                let read: Vec<u32> = alive.iter().cycle().skip(from).take(limit).copied().collect();
+                let read: Vec<u32> = alive
+                    .iter()
+                    .cycle()
+                    .skip(from)
+                    .take(limit)
+                    .copied()
+                    .collect();
                 self.memory_cursor = read.last().copied().unwrap_or(0);
                 read
             }
