@@ -18,7 +18,8 @@ use profiler_common::{DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS};
     after_help = "Exit codes: 0 ok, 1 failure, 2 usage (or --max-live/--max-stacks too large for the \
                   memory available), 3 not permitted (run as root), 4 no such process (or a zombie), \
                   5 BPF or uprobes unavailable, 6 command not found or not executable, 7 unsupported \
-                  target (a kernel thread, pid 1 with its children, memscope itself), 8 cannot write output"
+                  target (a kernel thread, pid 1 with its children, memscope itself), 8 cannot write output. \
+                  `memscope check`: 0 pass, 1 fail, 2 memscope could not run"
 )]
 pub struct Cli {
     /// More logging on stderr (-v: probe sites, -vv: debug).
@@ -45,6 +46,18 @@ pub enum Command {
         profile: ProfileArgs,
         /// Process id of the target.
         pid: u32,
+    },
+    /// Run a command under memscope and pass or fail it on its memory: a
+    /// leak-regression gate for CI (docs/ci.md). Exit 0 pass, 1 a leak,
+    /// a regression or a threshold exceeded, 2 memscope could not run.
+    Check {
+        #[command(flatten)]
+        profile: ProfileArgs,
+        #[command(flatten)]
+        gate: GateArgs,
+        /// The command and its arguments, after `--`.
+        #[arg(required = true, last = true, value_name = "CMD")]
+        command: Vec<OsString>,
     },
     /// Close the current window of running memscope sessions now (a load
     /// script cuts windows at its own boundaries); the same as SIGUSR2 to
@@ -91,9 +104,10 @@ pub struct ProfileArgs {
     #[arg(long)]
     pub json: bool,
     /// Length of a window: what each one allocated, freed and kept is in
-    /// report.json's `windows` (`memscope mark` closes one early).
-    #[arg(short, long, value_parser = parse_duration, default_value = "10s", value_name = "DUR")]
-    pub window: Duration,
+    /// report.json's `windows` (`memscope mark` closes one early)
+    /// [default: 10s; 25ms with check, doubling as the run grows].
+    #[arg(short, long, value_parser = parse_duration, value_name = "DUR")]
+    pub window: Option<Duration>,
     /// Sites shown in the table.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub top: usize,
@@ -159,6 +173,43 @@ pub struct ProfileArgs {
     /// trace, and room for 8 processes' totals of it).
     #[arg(long, default_value_t = DEFAULT_MAX_STACKS, value_name = "N")]
     pub max_stacks: u32,
+}
+
+/// What `memscope check` fails on, besides a leak.
+#[derive(Debug, Args)]
+pub struct GateArgs {
+    /// Fail when more than this is still live at the exit, every site
+    /// summed (heaptrack's "leaked").
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub max_leaked: Option<u64>,
+    /// Fail when one window grows the live bytes by more than this; with
+    /// --request-fn, when one request still holds more at its return.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub max_growth: Option<u64>,
+    /// Fail when the processes' RSS, summed, passes this at a window's end.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub max_rss: Option<u64>,
+    /// Leave out what the first DUR allocated (startup, imports).
+    #[arg(long, value_parser = parse_duration, value_name = "DUR")]
+    pub warmup: Option<Duration>,
+    /// Write what each site leaked in this run, by function chain, to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub save_baseline: Option<PathBuf>,
+    /// Compare with a baseline: fail on a site that is new or leaks more
+    /// than the baseline plus --tolerance (instead of on every leak).
+    #[arg(long, value_name = "FILE")]
+    pub baseline: Option<PathBuf>,
+    /// How much more than its baseline a site may leak: a percentage
+    /// (at least 4 KiB) or a size.
+    #[arg(long, default_value = "10%", value_name = "PCT|SIZE")]
+    pub tolerance: memscope::gate::Tolerance,
+    /// Sites to accept: one function, file or `inner <- outer` pattern per
+    /// line (`*`, `?`; `leak:` prefix allowed; `#` comments).
+    #[arg(long, value_name = "FILE")]
+    pub suppress: Option<PathBuf>,
+    /// Write the checks as JUnit XML to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

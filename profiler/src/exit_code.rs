@@ -14,6 +14,8 @@ pub const BPF_UNAVAILABLE: u8 = 5;
 pub const COMMAND_NOT_FOUND: u8 = 6;
 pub const UNSUPPORTED_TARGET: u8 = 7;
 pub const OUTPUT_FAILED: u8 = 8;
+/// `memscope check` could not run (its 1 is a failed check).
+pub const CHECK_ERROR: u8 = 2;
 
 pub fn for_error(error: &anyhow::Error) -> u8 {
     // First, wherever it sits in the chain: the session may carry it as a

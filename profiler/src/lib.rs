@@ -33,6 +33,7 @@ pub mod collect;
 pub mod completeness;
 pub mod follow;
 pub mod fragmentation;
+pub mod gate;
 pub mod holds;
 pub mod kernel_btf;
 pub mod map_batch;

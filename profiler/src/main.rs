@@ -1,5 +1,6 @@
 //! The `memscope` command: parses arguments and drives the library.
 
+mod check;
 mod cli;
 mod exit_code;
 
@@ -46,11 +47,17 @@ fn main() -> ExitCode {
             return ExitCode::from(exit_code::FAILURE);
         }
     };
+    // `check`'s codes are its verdict's: any error of its own is 2.
+    let checking = matches!(cli.command, Command::Check { .. });
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(error) => {
             eprintln!("memscope: {}", one_line(&error));
-            ExitCode::from(exit_code::for_error(&error))
+            ExitCode::from(if checking {
+                exit_code::CHECK_ERROR
+            } else {
+                exit_code::for_error(&error)
+            })
         }
     }
 }
@@ -84,19 +91,62 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<u8> {
     let (spec, args) = match cli.command {
         Command::Run { profile, command } => (TargetSpec::Run(command), profile),
         Command::Attach { profile, pid } => (TargetSpec::Attach(pid), profile),
+        Command::Check {
+            profile,
+            gate,
+            command,
+        } => return check::check(command, profile, gate).await,
         Command::Report {
             path,
             output,
             json,
             top,
-        } => return show_saved_report(&path, output.as_deref(), json, top),
-        Command::Mark { pid } => return mark(pid),
-        Command::Watchdog { .. } => return Ok(()),
+        } => return show_saved_report(&path, output.as_deref(), json, top).map(|()| 0),
+        Command::Mark { pid } => return mark(pid).map(|()| 0),
+        Command::Watchdog { .. } => return Ok(0),
     };
+    let window = args.window.unwrap_or(memscope::session::DEFAULT_WINDOW);
+    let profiled = profile(&spec, &args, window, memscope::timeline::MAX_WINDOWS).await?;
+    print_result(&profiled.report, args.json, args.top)?;
+    profiled.finish()?;
+    Ok(0)
+}
+
+/// A finished profile: its report, where it was written (or why not).
+struct Profiled {
+    report: memscope::report::Report,
+    reason: StopReason,
+    dir: PathBuf,
+    written: Result<(), memscope::output::OutputError>,
+}
+
+impl Profiled {
+    /// Says what was written, or fails on what could not be.
+    fn finish(self) -> anyhow::Result<()> {
+        let dir = self.dir;
+        self.written
+            .with_context(|| format!("cannot write the report to {}", dir.display()))?;
+        eprintln!(
+            "memscope: {}; wrote {} to {}",
+            describe(self.reason),
+            output::FILES.join(", "),
+            dir.display()
+        );
+        Ok(())
+    }
+}
+
+/// Profiles `spec` until the session ends and writes its outputs.
+async fn profile(
+    spec: &TargetSpec,
+    args: &cli::ProfileArgs,
+    window: std::time::Duration,
+    max_windows: usize,
+) -> anyhow::Result<Profiled> {
     let options = SessionOptions {
         capacity: args.capacity(),
         duration: args.duration,
@@ -105,7 +155,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         follow_mode: args.follow_mode(),
         python_frames: !args.no_python_frames,
         python_objects: args.python_objects,
-        window: args.window,
+        window,
+        max_windows,
         requests: args
             .request_fn
             .clone()
@@ -117,7 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(url) = &args.alert_webhook {
         memscope::alert::check_webhook(url)?;
     }
-    let mut session = Session::start(&spec, &options)?;
+    let mut session = Session::start(spec, &options)?;
     // The command line and library path are the target's to choose; escaped,
     // they cannot send escape sequences to the terminal of root running this.
     eprintln!(
@@ -165,8 +216,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     session.set_alerts(
-        alert_rules(&args, session.pid()),
-        alert_sinks(&args, out.as_ref())?,
+        alert_rules(args, session.pid()),
+        alert_sinks(args, out.as_ref())?,
     );
     if io::stderr().is_terminal() {
         session.show_status();
@@ -180,15 +231,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(out) => output::write_into(out, &report),
         None => output::write_all(&dir, &report),
     };
-    print_result(&report, args.json, args.top)?;
-    written.with_context(|| format!("cannot write the report to {}", dir.display()))?;
-    eprintln!(
-        "memscope: {}; wrote {} to {}",
-        describe(reason),
-        output::FILES.join(", "),
-        dir.display()
-    );
-    Ok(())
+    Ok(Profiled {
+        report,
+        reason,
+        dir,
+        written,
+    })
 }
 
 fn alert_rules(args: &cli::ProfileArgs, pid: u32) -> memscope::alert::AlertRules {

@@ -60,6 +60,10 @@ pub struct Timeline {
     last: BTreeMap<StackKey, StackTotals>,
     last_s: f64,
     windows: Vec<RecordedWindow>,
+    /// Past this many windows, neighbours merge (0: `MAX_WINDOWS`).
+    max_windows: usize,
+    /// How many times they merged.
+    merges: u32,
 }
 
 /// Windows kept at most: past this, neighbours are merged pairwise (each
@@ -72,6 +76,20 @@ pub const MAX_WINDOWS: usize = 512;
 const EMPTY_WINDOW_S: f64 = 0.001;
 
 impl Timeline {
+    /// A timeline that keeps at most `max_windows` (at least 8).
+    pub fn with_max_windows(max_windows: usize) -> Self {
+        Self {
+            max_windows: max_windows.max(8),
+            ..Self::default()
+        }
+    }
+
+    /// How many times the windows merged pairwise: each merge makes every
+    /// window twice as long, and the next ones should be too.
+    pub fn merges(&self) -> u32 {
+        self.merges
+    }
+
     /// Closes the window that ends now, `at_s` into the session, given the
     /// cumulative totals then (userspace adjustments included). Returns it,
     /// or None when it would be empty and instantaneous.
@@ -103,8 +121,14 @@ impl Timeline {
         });
         self.last = cumulative;
         self.last_s = at_s;
-        if self.windows.len() > MAX_WINDOWS {
+        let max = if self.max_windows == 0 {
+            MAX_WINDOWS
+        } else {
+            self.max_windows
+        };
+        if self.windows.len() > max {
             self.windows = merge_pairs(std::mem::take(&mut self.windows));
+            self.merges += 1;
         }
         self.windows.last()
     }

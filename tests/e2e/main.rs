@@ -7,6 +7,7 @@ mod support;
 mod alloc_family;
 mod allocators;
 mod attach;
+mod check;
 mod errors;
 mod example;
 mod exec_failure;

@@ -92,6 +92,9 @@ pub struct SessionOptions {
     pub python_objects: bool,
     /// How long a window lasts (see `timeline`).
     pub window: Duration,
+    /// Windows kept before neighbours merge (each merge doubles the
+    /// window, as `window` then does for the next ones).
+    pub max_windows: usize,
     /// Follow requests of this handler (see `requests`).
     pub requests: Option<RequestOptions>,
 }
@@ -110,6 +113,7 @@ impl Default for SessionOptions {
             python_frames: true,
             python_objects: false,
             window: DEFAULT_WINDOW,
+            max_windows: crate::timeline::MAX_WINDOWS,
             requests: None,
         }
     }
@@ -541,7 +545,7 @@ impl Session {
             capacity: options.capacity,
             started,
             started_ns,
-            timeline: Timeline::default(),
+            timeline: Timeline::with_max_windows(options.max_windows),
             window: options.window,
             tick_costs: Vec::new(),
             merged_peak,
@@ -705,7 +709,20 @@ impl Session {
                 _ = child_events.recv(), if self.is_child => {
                     self.handle_child_event(&mut events);
                 }
-                _ = window.tick() => self.close_window(WindowEnd::Timer),
+                _ = window.tick() => {
+                    let merges = self.timeline.merges();
+                    self.close_window(WindowEnd::Timer);
+                    if self.timeline.merges() > merges {
+                        // The windows merged two by two: the next ones
+                        // are as long as they now are.
+                        self.window *= 2;
+                        window = tokio::time::interval_at(
+                            tokio::time::Instant::now() + self.window,
+                            self.window,
+                        );
+                        window.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                }
                 _ = mark.recv() => {
                     self.close_window(WindowEnd::Mark);
                     // The next window is a whole one.
