@@ -115,6 +115,10 @@ pub mod event_kind {
     /// `pid` started initialising a shared libpython it had not mapped at
     /// its exec, and is stopped (SIGSTOP) until its interpreter is found.
     pub const PYTHON_START: u32 = 5;
+    /// `pid`'s interpreter started finalizing (`Py_FinalizeEx`), and is
+    /// stopped (SIGSTOP) while a window closes on what its program held
+    /// before the interpreter frees it all.
+    pub const FINALIZING: u32 = 6;
 }
 
 /// Extra time a process may be held beyond the usual budget at the stops

@@ -320,24 +320,27 @@ fn posix_memalign_return(ctx: &RetProbeContext, call: InFlightCall) {
 
 /// A stop on a function's entry, the event kind in its cookie: libc's
 /// `_exit` for a command memscope started (`EXITING`: its mappings are read
-/// before its address space goes; perf-event probes carry no cookie), and
-/// a shared libpython's first initialisation step (`PYTHON_START`: its
-/// interpreter is found before Python code runs). Every stop memscope
+/// before its address space goes; perf-event probes carry no cookie), a
+/// shared libpython's first initialisation step (`PYTHON_START`: its
+/// interpreter is found before Python code runs), and `Py_FinalizeEx`
+/// (`FINALIZING`: a window closes before the interpreter frees it all). Every stop memscope
 /// causes is ended by the handler of its event, once.
 #[uprobe]
 pub fn exit_enter(ctx: ProbeContext) -> u32 {
-    use profiler_common::event_kind::{EXITING, PYTHON_START};
+    use profiler_common::event_kind::{EXITING, FINALIZING, PYTHON_START};
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let kind = if cookie(&ctx) == PYTHON_START {
-        // Some versions pass here again and again (3.8: from the
-        // allocator); once the interpreter is known, the stop has done
-        // its job.
-        if python::is_known(tgid) {
-            return 0;
+    let kind = match cookie(&ctx) {
+        PYTHON_START => {
+            // Some versions pass here again and again (3.8: from the
+            // allocator); once the interpreter is known, the stop has
+            // done its job.
+            if python::is_known(tgid) {
+                return 0;
+            }
+            PYTHON_START
         }
-        PYTHON_START
-    } else {
-        EXITING
+        FINALIZING => FINALIZING,
+        _ => EXITING,
     };
     processes::hold(kind, tgid, 0);
     0

@@ -622,16 +622,42 @@ pub fn attach_python_start(
     maps: &ProcessMaps,
     library: &Path,
 ) -> Result<Option<ProbeLink>, AttachError> {
+    use crate::python::startup::START_SYMBOL;
+    let kind = profiler_common::event_kind::PYTHON_START;
+    attach_python_stop(programs, pid, maps, library, START_SYMBOL, kind)
+}
+
+/// Stops `pid` when its interpreter (`library`) starts finalizing, before
+/// it frees every object: what the program held then is its end
+/// (`memscope check`). Multi-uprobe kernels only.
+pub fn attach_python_finalize(
+    programs: &mut Programs<'_>,
+    pid: u32,
+    maps: &ProcessMaps,
+    library: &Path,
+) -> Result<Option<ProbeLink>, AttachError> {
+    let kind = profiler_common::event_kind::FINALIZING;
+    attach_python_stop(programs, pid, maps, library, "Py_FinalizeEx", kind)
+}
+
+fn attach_python_stop(
+    programs: &mut Programs<'_>,
+    pid: u32,
+    maps: &ProcessMaps,
+    library: &Path,
+    symbol: &str,
+    kind: u32,
+) -> Result<Option<ProbeLink>, AttachError> {
     let Some(multi) = programs.multi else {
         return Ok(None);
     };
     let host_path = maps.host_path(library);
-    let Some(file_offset) = crate::python::startup::start_offset(&host_path) else {
+    let Some(file_offset) = crate::python::startup::symbol_offset(&host_path, symbol) else {
         return Ok(None);
     };
     let point = ProbePoint {
         file_offset,
-        cookie: u64::from(profiler_common::event_kind::PYTHON_START),
+        cookie: u64::from(kind),
     };
     Ok(Some(ProbeLink::multi(
         multi.attach_exit_stop(&host_path, point, pid)?,

@@ -47,7 +47,7 @@ pub async fn check(
     };
     let window = args.window.unwrap_or(CHECK_WINDOW);
     let spec = TargetSpec::Run(command);
-    let profiled = crate::profile(&spec, &args, window, CHECK_WINDOWS).await?;
+    let profiled = crate::profile(&spec, &args, window, CHECK_WINDOWS, true).await?;
     let report = &profiled.report;
     let result = gate::evaluate(report, &rules, baseline.as_ref(), &suppressions);
     let command = report.target.command.clone();

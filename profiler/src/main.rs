@@ -110,7 +110,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Watchdog { .. } => return Ok(0),
     };
     let window = args.window.unwrap_or(memscope::session::DEFAULT_WINDOW);
-    let profiled = profile(&spec, &args, window, memscope::timeline::MAX_WINDOWS).await?;
+    let profiled = profile(&spec, &args, window, memscope::timeline::MAX_WINDOWS, false).await?;
     print_result(&profiled.report, args.json, args.top)?;
     profiled.finish()?;
     Ok(0)
@@ -146,6 +146,7 @@ async fn profile(
     args: &cli::ProfileArgs,
     window: std::time::Duration,
     max_windows: usize,
+    python_teardown: bool,
 ) -> anyhow::Result<Profiled> {
     let options = SessionOptions {
         capacity: args.capacity(),
@@ -155,6 +156,7 @@ async fn profile(
         follow_mode: args.follow_mode(),
         python_frames: !args.no_python_frames,
         python_objects: args.python_objects,
+        python_teardown,
         window,
         max_windows,
         requests: args

@@ -37,6 +37,8 @@ pub struct ProcessRecord {
     pub arenas: Vec<crate::arenas::ArenaHeap>,
     /// Its anonymous mappings by size, read with `arenas`.
     pub anon_mappings: Vec<crate::address_space::SizeClass>,
+    /// When its interpreter began to finalize (`python_teardown`).
+    pub teardown_s: Option<f64>,
 }
 
 impl ProcessRecord {
@@ -63,6 +65,7 @@ impl ProcessRecord {
             memory: None,
             arenas: Vec::new(),
             anon_mappings: Vec::new(),
+            teardown_s: None,
         }
     }
 }

@@ -18,6 +18,8 @@ pub enum WindowEnd {
     Mark,
     /// The session ended.
     End,
+    /// An interpreter began to finalize (`memscope check`).
+    Teardown,
 }
 
 /// One window as collected, before symbolization.

@@ -20,7 +20,10 @@ use service::{Attached, Gunicorn, PAYLOAD_MALLOC_BYTES, VenvState};
 const ANALYZE_REQUESTS: u64 = 40;
 /// Each worker serves at least this many of them, or more are sent.
 const MIN_PER_WORKER: u64 = 5;
-const MAX_REQUESTS: u64 = 400;
+/// Requests sent at most while waiting for either: memscope names the
+/// handler at a maps refresh (every 0.5 s), later when the machine is busy
+/// with the other tests; a request takes a few milliseconds.
+const MAX_REQUESTS: u64 = 4000;
 
 fn or_panic<T>(result: anyhow::Result<T>) -> T {
     result.unwrap_or_else(|error| panic!("{error:#}"))

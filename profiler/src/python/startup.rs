@@ -57,17 +57,18 @@ pub fn linked_library(pid: u32, maps: &ProcessMaps, exe: &Path, prefix: &str) ->
         .find(|path| maps.host_path(path).exists())
 }
 
-/// The file offset of `START_SYMBOL` in libpython at `host_path`, for a
-/// probe. NB: only headers and symbol tables are read: a pyenv libpython
-/// is 25-30 MB with its DWARF, and this runs while the process waits.
-pub fn start_offset(host_path: &Path) -> Option<u64> {
+/// The file offset of the exported `symbol` in libpython (or a python
+/// executable) at `host_path`, for a probe. NB: only headers and symbol
+/// tables are read: a pyenv libpython is 25-30 MB with its DWARF, and this
+/// runs while the process waits.
+pub fn symbol_offset(host_path: &Path, symbol: &str) -> Option<u64> {
     use object::{ObjectSegment as _, ObjectSymbol as _};
     let file = std::fs::File::open(host_path).ok()?;
     let cache = object::ReadCache::new(file);
     let elf = object::File::parse(&cache).ok()?;
     let address = elf
         .dynamic_symbols()
-        .find(|s| s.is_definition() && s.name() == Ok(START_SYMBOL))?
+        .find(|s| s.is_definition() && s.name() == Ok(symbol))?
         .address();
     elf.segments().find_map(|segment| {
         let (offset, size) = segment.file_range();
@@ -158,7 +159,11 @@ mod tests {
             assert_eq!(library, expected, "{}", exe.display());
             // 3.8 brought Py_InitializeFromConfig (and the frames walked).
             if let Some(library) = library.filter(|_| minor.parse::<u32>().is_ok_and(|m| m >= 8)) {
-                assert!(start_offset(&library).is_some(), "{}", library.display());
+                assert!(
+                    symbol_offset(&library, START_SYMBOL).is_some(),
+                    "{}",
+                    library.display()
+                );
             }
             found += 1;
         }

@@ -137,9 +137,18 @@ pub fn build_report(
         measured,
     );
     let histories = site_histories(&context.windows, &context.survivors, &frames);
+    // A site an interpreter's teardown freed keeps its history up to it.
+    let teardown = context
+        .windows
+        .iter()
+        .position(|w| w.closed_by == crate::timeline::WindowEnd::Teardown);
     for site in &mut sites {
-        if site.live_bytes > 0 {
-            site.history = histories.get(&(site.kind, site.frames.as_slice())).cloned();
+        let history = histories.get(&(site.kind, site.frames.as_slice()));
+        let live_at_teardown = teardown
+            .and_then(|i| history.and_then(|h| h.live_bytes.get(i)))
+            .is_some_and(|&bytes| bytes > 0);
+        if site.live_bytes > 0 || live_at_teardown {
+            site.history = history.cloned();
         }
         site.classification = Some(crate::classify::classify(
             site.live_bytes,
@@ -193,6 +202,7 @@ pub fn build_report(
                 memory: p.memory,
                 arenas: p.arenas.clone(),
                 anon_mappings: p.anon_mappings.clone(),
+                teardown_s: p.teardown_s,
             }
         })
         .collect();

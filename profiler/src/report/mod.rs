@@ -240,6 +240,10 @@ pub struct ProcessReport {
     /// Its anonymous mappings by size class, read with `arenas`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub anon_mappings: Vec<crate::address_space::SizeClass>,
+    /// Seconds into the session when its interpreter began to finalize
+    /// (with `memscope check`): what it held then is the program's end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teardown_s: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -115,6 +115,19 @@ impl Session {
                     self.kernel.holds.release(pid, event.hold_ns);
                 }
             }
+            event_kind::FINALIZING => {
+                // The program's end, before the interpreter frees it all.
+                self.close_window(crate::timeline::WindowEnd::Teardown);
+                let now = self.started.elapsed().as_secs_f64();
+                if let Some(record) = self.record_mut(pid)
+                    && record.teardown_s.is_none()
+                {
+                    record.teardown_s = Some(now);
+                }
+                if event.held != 0 {
+                    self.kernel.holds.release(pid, event.hold_ns);
+                }
+            }
             event_kind::EXIT => self.exit_seen(pid),
             _ => {}
         }

@@ -90,6 +90,10 @@ pub struct SessionOptions {
     pub python_frames: bool,
     /// Count CPython's small objects one by one (see `python::objects`).
     pub python_objects: bool,
+    /// Close a window when an interpreter started by `run` begins to
+    /// finalize (what its program held before the interpreter frees it
+    /// all: `memscope check`'s end).
+    pub python_teardown: bool,
     /// How long a window lasts (see `timeline`).
     pub window: Duration,
     /// Windows kept before neighbours merge (each merge doubles the
@@ -113,6 +117,7 @@ impl Default for SessionOptions {
             python_frames: true,
             python_objects: false,
             window: DEFAULT_WINDOW,
+            python_teardown: false,
             max_windows: crate::timeline::MAX_WINDOWS,
             requests: None,
         }
@@ -325,6 +330,8 @@ pub struct Session {
     python_frames: bool,
     /// See `SessionOptions::python_objects`.
     python_objects: bool,
+    /// See `SessionOptions::python_teardown`.
+    python_teardown: bool,
     warnings: Vec<String>,
     /// (process, image) pairs whose malloc family is probed.
     probed_images: std::collections::HashSet<(u32, std::path::PathBuf)>,
@@ -571,6 +578,7 @@ impl Session {
             per_process_sites: options.per_process_sites,
             python_frames: options.python_frames,
             python_objects: options.python_objects,
+            python_teardown: options.python_teardown,
             warnings,
             probed_images: std::collections::HashSet::new(),
             links,

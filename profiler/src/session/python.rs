@@ -43,6 +43,25 @@ impl Session {
             record.python_objects = Some(objects);
         }
         self.stop_python_at_exit(pid, maps);
+        self.stop_python_at_teardown(pid, maps, &runtime.interpreter);
+    }
+
+    /// With `python_teardown`, a stop when the interpreter of a process
+    /// memscope started begins to finalize.
+    fn stop_python_at_teardown(
+        &mut self,
+        pid: u32,
+        maps: &ProcessMaps,
+        interpreter: &std::path::Path,
+    ) {
+        if !self.python_teardown || !self.is_child || self.tearing_down {
+            return;
+        }
+        match attach::attach_python_finalize(&mut self.kernel.programs(), pid, maps, interpreter) {
+            Ok(Some(link)) => self.links.entry(pid).or_default().push(link),
+            Ok(None) => tracing::debug!(pid, "no Py_FinalizeEx to stop at"),
+            Err(error) => tracing::debug!(pid, "no stop at Py_FinalizeEx: {error}"),
+        }
     }
 
     /// `--python-objects` with `attach`: probes on the functions behind the
