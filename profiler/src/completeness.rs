@@ -15,13 +15,25 @@ pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
             capacity.max_live.saturating_mul(4)
         ));
     }
-    if c.stack_errors > 0 {
+    let walk_failures = c.stack_errors - c.stack_collisions.min(c.stack_errors);
+    if c.stack_collisions > 0 {
         warnings.push(format!(
-            "{} stacks could not be recorded ({} collided with another in the stack map, {} could not be walked); their bytes are under [unknown stack]; rerun with --max-stacks {}",
-            c.stack_errors,
+            "{} stacks could not be recorded: they collided with another in the stack map ({} entries); their bytes are under [unknown stack]; rerun with --max-stacks {}",
             c.stack_collisions,
-            c.stack_errors - c.stack_collisions.min(c.stack_errors),
+            capacity.max_stacks,
             capacity.max_stacks.saturating_mul(4)
+        ));
+    }
+    if walk_failures > 0 {
+        warnings.push(format!(
+            "{walk_failures} stacks could not be walked (code built without frame pointers); their bytes are under [unknown stack]; a larger map would not help (docs/usage.md#short-or-broken-stacks)"
+        ));
+    }
+    if c.truncated_stacks > 0 {
+        warnings.push(format!(
+            "{} stacks end with [truncated]: the walk left the code at a function built without frame pointers (or reached {} frames); their callers beyond are unknown (docs/usage.md#short-or-broken-stacks)",
+            c.truncated_stacks,
+            profiler_common::MAX_STACK_DEPTH
         ));
     }
     if c.totals_map_full > 0 {
@@ -124,7 +136,7 @@ pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
         } else {
             // Followed from the start: glibc's own blocks (a thread's
             // cache, freed at its exit) are made without malloc's entry.
-            "blocks memscope never saw allocated (glibc frees its internal ones, such as each exiting thread's cache, with free)"
+            "blocks memscope never saw allocated (glibc frees some of its own with free, such as each exiting thread's cache; or the program freed a block twice, or an address malloc never returned)"
         };
         warnings.push(format!("{} frees of {why} were ignored", c.unknown_frees));
     }

@@ -181,10 +181,12 @@ pub fn assess(report: &Report) -> Option<Fragmentation> {
     let best = candidates.into_iter().max_by_key(|c| c.0);
     // A high VMS/RSS is what people read as fragmentation: say what it is.
     let vms_words = match memory.vms_rss_ratio() {
-        Some(ratio) if ratio >= 2.0 => format!(
-            "; VMS is {ratio:.1} x RSS: {} of address space is not resident, mostly reserved and never touched (thread stacks, arenas' 64 MiB reservations), which is not fragmentation",
-            format_bytes(memory.vms_bytes.saturating_sub(memory.rss_bytes))
-        ),
+        Some(ratio) if ratio >= 2.0 && memory.vms_bytes >= memory.rss_bytes + (64 << 20) => {
+            format!(
+                "; VMS is {ratio:.1} x RSS: {} of address space is not resident, mostly reserved and never touched (thread stacks, arenas' 64 MiB reservations), which is not fragmentation",
+                format_bytes(memory.vms_bytes.saturating_sub(memory.rss_bytes))
+            )
+        }
         _ => String::new(),
     };
     let (verdict, reason, advice) = if !from_start {

@@ -23,6 +23,7 @@ mod python_frames;
 mod requests;
 mod rust_fixture;
 mod scale;
+mod stacks;
 mod stopping;
 mod threads;
 mod windows;

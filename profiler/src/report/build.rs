@@ -235,6 +235,13 @@ pub fn build_report(
         peak_race_lost: c.peak_race_lost,
         requests_full: c.requests_full,
         request_events_lost: c.request_events_lost,
+        truncated_stacks: frames
+            .values()
+            .filter(|f| {
+                f.iter()
+                    .any(|frame| frame.function == crate::symbolize::TRUNCATED)
+            })
+            .count() as u64,
     };
     // What each worker allocated itself: its live bytes beyond what it
     // inherited, per site. Sites whose memory keeps growing are leaks,

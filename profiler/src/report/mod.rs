@@ -574,6 +574,12 @@ pub struct Completeness {
     /// Request records lost on a full ring: a request's figures are missing.
     #[serde(default)]
     pub request_events_lost: u64,
+    /// Recorded stacks (per process) cut short: the frame-pointer walk
+    /// left the code (a function built without frame pointers) or reached
+    /// the kernel's depth. Their sites end with `[truncated]`; nothing is
+    /// lost, the callers beyond are unknown.
+    #[serde(default)]
+    pub truncated_stacks: u64,
 }
 
 impl Completeness {

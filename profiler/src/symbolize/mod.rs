@@ -20,6 +20,10 @@ use crate::{
     report::{Frame, Language},
 };
 
+/// The last frame of a stack cut short: the walk left the code, or the
+/// kernel's depth was reached.
+pub const TRUNCATED: &str = "[truncated]";
+
 /// Symbolizes user stacks of the target's processes.
 pub struct StackSymbolizer {
     symbolizer: Symbolizer,
@@ -30,6 +34,8 @@ pub struct StackSymbolizer {
     main_pid: u32,
     /// Frames per (module host path, file offset).
     cache: HashMap<(PathBuf, u64), Vec<Frame>>,
+    /// Whether a call instruction ends at (module host path, file offset).
+    calls: HashMap<(PathBuf, u64), bool>,
     /// The CPython interpreter object (libpython, or the executable it is
     /// linked into) of each Python process.
     interpreters: HashMap<u32, PathBuf>,
@@ -42,11 +48,13 @@ impl StackSymbolizer {
             symbolizer: Symbolizer::builder()
                 .enable_code_info(true)
                 .enable_inlined_fns(true)
-                .enable_demangling(true)
+                // Demangled here, only names that are mangled (`demangle`).
+                .enable_demangling(false)
                 .build(),
             maps: HashMap::new(),
             main_pid,
             cache: HashMap::new(),
+            calls: HashMap::new(),
             interpreters: HashMap::new(),
             python: PythonSymbolizer::default(),
         }
@@ -126,6 +134,11 @@ impl StackSymbolizer {
         };
         let mut frames = self.symbolize_stack(pid, &ips[..kept]);
         if let Some(stack) = python {
+            // The native part ends where the interpreter's begins: the
+            // Python frames go on from there.
+            if frames.last().is_some_and(|f| f.function == TRUNCATED) {
+                frames.pop();
+            }
             for frame in &stack.frames {
                 let location = self.python.symbolize(pid, frame);
                 frames.push(Frame {
@@ -190,12 +203,57 @@ impl StackSymbolizer {
     /// exit where the first one is just past the syscall instruction): the
     /// call is the instruction before it, so look up `addr - 1`, or the line
     /// can land one past the call.
+    ///
+    /// A return address past the first that is in no executable mapping,
+    /// or that no call instruction ends at, was not one: the frame-pointer
+    /// walk went astray (a function built without frame pointers), and
+    /// what it read after is data. The stack ends there with `[truncated]`,
+    /// as it does at the kernel's depth.
     pub fn symbolize_stack(&mut self, pid: u32, ips: &[u64]) -> Vec<Frame> {
         let mut frames = Vec::new();
-        for &ip in ips {
+        for (i, &ip) in ips.iter().enumerate() {
+            if i > 0 && !(self.in_code(pid, ip) && self.follows_call(pid, ip)) {
+                frames.push(Frame::named(TRUNCATED));
+                return frames;
+            }
             frames.extend(self.symbolize_return_address(pid, ip));
         }
+        if ips.len() >= profiler_common::MAX_STACK_DEPTH {
+            frames.push(Frame::named(TRUNCATED));
+        }
         frames
+    }
+
+    /// Whether a call instruction ends at `return_addr`, read from the
+    /// mapped file (yes when it cannot be read: nothing to tell).
+    fn follows_call(&mut self, pid: u32, return_addr: u64) -> bool {
+        let Some(maps) = self.maps(pid) else {
+            return true;
+        };
+        let Some(mapping) = maps.find(return_addr.saturating_sub(1)) else {
+            return true;
+        };
+        let Some(path) = mapping.path.as_deref() else {
+            return true; // anonymous code: a JIT's
+        };
+        let host_path = maps.host_path(path);
+        let offset = return_addr - mapping.start + mapping.file_offset;
+        let key = (host_path, offset);
+        if let Some(&known) = self.calls.get(&key) {
+            return known;
+        }
+        let follows = call_ends_at(&key.0, offset).unwrap_or(true);
+        self.calls.insert(key, follows);
+        follows
+    }
+
+    /// Whether a return address is in executable code of `pid` (yes when
+    /// its mappings are unknown: nothing to tell).
+    fn in_code(&self, pid: u32, return_addr: u64) -> bool {
+        self.maps(pid).is_none_or(|maps| {
+            maps.find(return_addr.saturating_sub(1))
+                .is_some_and(|m| m.executable)
+        })
     }
 
     /// Unknown frames show the address as the stack holds it.
@@ -256,7 +314,7 @@ impl StackSymbolizer {
         for inlined in sym.inlined.iter().rev() {
             let (file, line) = location(inlined.code_info.as_ref()).unzip();
             frames.push(Frame {
-                function: inlined.name.to_string(),
+                function: demangle(&inlined.name),
                 module: Some(module.clone()),
                 file,
                 line: line.flatten(),
@@ -265,7 +323,7 @@ impl StackSymbolizer {
         }
         let (file, line) = location(sym.code_info.as_deref()).unzip();
         frames.push(Frame {
-            function: sym.name.to_string(),
+            function: demangle(&sym.name),
             module: Some(module),
             file,
             line: line.flatten(),
@@ -273,6 +331,52 @@ impl StackSymbolizer {
         });
         frames
     }
+}
+
+/// Whether an x86-64 call instruction (2 to 7 bytes: direct, through a
+/// register or memory) ends at `offset` of the file at `path`; None when
+/// the bytes cannot be read.
+fn call_ends_at(path: &Path, offset: u64) -> Option<bool> {
+    use std::os::unix::fs::FileExt as _;
+    const LONGEST: u64 = 7;
+    let start = offset.checked_sub(LONGEST)?;
+    let mut bytes = [0u8; LONGEST as usize];
+    std::fs::File::open(path)
+        .ok()?
+        .read_exact_at(&mut bytes, start)
+        .ok()?;
+    Some(ends_with_call(&bytes))
+}
+
+/// Whether the last 2 to 7 of `bytes` decode as one call instruction.
+fn ends_with_call(bytes: &[u8]) -> bool {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl};
+    (2..=bytes.len().min(7)).any(|len| {
+        let code = &bytes[bytes.len() - len..];
+        let instruction = Decoder::with_ip(64, code, 0, DecoderOptions::NONE).decode();
+        !instruction.is_invalid()
+            && instruction.len() == len
+            && matches!(
+                instruction.flow_control(),
+                FlowControl::Call | FlowControl::IndirectCall
+            )
+    })
+}
+
+/// A C++ (`_Z...`) or Rust (`_R...`, legacy `_ZN...E`) symbol demangled,
+/// Rust without its hash; any other name as it is: a C function named
+/// `f`, `i` or `St` is not the type `float`, `int` or `std`.
+pub fn demangle(name: &str) -> String {
+    if !(name.starts_with("_Z") || name.starts_with("_R")) {
+        return name.to_owned();
+    }
+    if let Ok(rust) = rustc_demangle::try_demangle(name) {
+        return format!("{rust:#}");
+    }
+    cpp_demangle::Symbol::new(name)
+        .ok()
+        .and_then(|symbol| symbol.demangle().ok())
+        .unwrap_or_else(|| name.to_owned())
 }
 
 fn file_name(path: &Path) -> String {
@@ -313,6 +417,47 @@ mod tests {
                 .any(|f| f.function.ends_with("marker_function_for_symbolizer_test")),
             "{frames:?}"
         );
+    }
+
+    #[test]
+    fn a_return_address_follows_a_call() {
+        // call rel32; call *%rax; call *0x10(%rip); call *0x8(%rbx)
+        assert!(ends_with_call(&[0x90, 0x90, 0xe8, 1, 2, 3, 4]));
+        assert!(ends_with_call(&[0x90, 0x90, 0x90, 0x90, 0x90, 0xff, 0xd0]));
+        assert!(ends_with_call(&[0x90, 0xff, 0x15, 0x10, 0, 0, 0]));
+        assert!(ends_with_call(&[0x90, 0x90, 0x90, 0x90, 0xff, 0x53, 0x08]));
+        // mov %rsp,%rbp; ret; a word of text
+        assert!(!ends_with_call(&[0x90, 0x90, 0x90, 0x90, 0x48, 0x89, 0xe5]));
+        assert!(!ends_with_call(&[0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0xc3]));
+        assert!(!ends_with_call(b"mnopqrs"));
+    }
+
+    #[test]
+    fn only_mangled_names_are_demangled() {
+        for plain in ["f", "i", "g", "Sa", "St", "main", "leak_site"] {
+            assert_eq!(demangle(plain), plain);
+        }
+        assert_eq!(demangle("_Z3fooi"), "foo(int)");
+        assert_eq!(
+            demangle("_ZN4core3ptr13drop_in_place17h1234567890abcdefE"),
+            "core::ptr::drop_in_place"
+        );
+        assert_eq!(demangle("_RNvCs1234_7mycrate4leak"), "mycrate::leak");
+        assert_eq!(demangle("_Znotmangled!"), "_Znotmangled!");
+    }
+
+    #[test]
+    fn a_walk_that_leaves_the_code_is_cut_there() {
+        let pid = std::process::id();
+        let mut symbolizer = StackSymbolizer::new(pid);
+        symbolizer.update_maps(ProcessMaps::read(pid).expect("own maps"));
+        let code = marker_function_for_symbolizer_test() + 1;
+        let frames = symbolizer.symbolize_stack(pid, &[code, 0x6418_ec83_48d3_8948, code]);
+        assert_eq!(frames.len(), 2, "{frames:?}");
+        assert_eq!(frames[1].function, TRUNCATED);
+        let deep = vec![code; profiler_common::MAX_STACK_DEPTH];
+        let frames = symbolizer.symbolize_stack(pid, &deep);
+        assert_eq!(frames.last().map(|f| f.function.as_str()), Some(TRUNCATED));
     }
 
     #[test]
