@@ -44,22 +44,16 @@ fn attach_reports_the_process_memory_proc_has() {
 
     let report = read_report(&dir);
     let memory = report.processes[0].memory.expect("memory figures");
-    let near = |ours: u64, theirs: u64, what: &str| {
-        assert!(
-            ours.abs_diff(theirs) * 100 <= theirs,
-            "{what}: {ours} reported, {theirs} in /proc"
-        );
-    };
-    near(memory.rss_bytes, proc_now.rss_bytes, "RSS");
-    near(memory.pss_bytes, proc_now.pss_bytes, "PSS");
-    near(memory.uss_bytes, proc_now.uss_bytes, "USS");
-    near(memory.anon_bytes, proc_now.anon_bytes, "anonymous");
+    assert_near(memory.rss_bytes, proc_now.rss_bytes, "RSS");
+    assert_near(memory.pss_bytes, proc_now.pss_bytes, "PSS");
+    assert_near(memory.uss_bytes, proc_now.uss_bytes, "USS");
+    assert_near(memory.anon_bytes, proc_now.anon_bytes, "anonymous");
     assert!(memory.anon_bytes >= 64 << 20, "{memory:?}");
     assert_eq!(memory.threads, proc_now.threads);
     let windows: Vec<_> = report.windows.iter().filter_map(|w| w.memory).collect();
     assert!(windows.len() >= 2, "{:#?}", report.windows);
     for window in windows {
-        near(window.rss_bytes, proc_now.rss_bytes, "a window's RSS");
+        assert_near(window.rss_bytes, proc_now.rss_bytes, "a window's RSS");
         assert_eq!(window.processes, 1);
     }
 }
@@ -217,20 +211,7 @@ fn a_program_that_frees_all_it_allocates_has_no_live_site() {
         .spawn()
         .expect("fixture starts");
     let dir = output_dir("no_leak_attach");
-    let mut memscope = Command::new(MEMSCOPE)
-        .args(["attach", "-o"])
-        .arg(&dir)
-        .arg(target.id().to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("memscope starts");
-    let said = lines(memscope.stderr.take().expect("stderr"));
-    wait_for(
-        &said,
-        |l| l.starts_with("memscope: profiling pid"),
-        "the banner",
-    );
+    let (mut memscope, _said) = attach_memscope(target.id(), &dir, &[]);
     let mut stdin = target.stdin.take().expect("stdin");
     stdin.write_all(b"x").expect("release the fixture");
     drop(stdin);
@@ -305,16 +286,10 @@ fn startup_work_every_worker_repeats_is_duplication_across_workers() {
     assert_eq!((group.master, group.workers.len()), (report.target.pid, 3));
     for (worker, now) in report.processes[1..].iter().zip(&proc_now) {
         let m = worker.memory.expect("read at the end");
-        let near = |ours: u64, theirs: u64, what: &str| {
-            assert!(
-                ours.abs_diff(theirs) * 100 <= theirs,
-                "{what}: {ours} reported, {theirs} in /proc"
-            );
-        };
-        near(m.rss_bytes, now.rss_bytes, "RSS");
-        near(m.pss_bytes, now.pss_bytes, "PSS");
-        near(m.uss_bytes, now.uss_bytes, "USS");
-        near(m.shared_bytes, now.shared_bytes, "shared");
+        assert_near(m.rss_bytes, now.rss_bytes, "RSS");
+        assert_near(m.pss_bytes, now.pss_bytes, "PSS");
+        assert_near(m.uss_bytes, now.uss_bytes, "USS");
+        assert_near(m.shared_bytes, now.shared_bytes, "shared");
         // Its own 24 MiB private, the master's 32 MiB table shared.
         assert!((24 * MIB..25 * MIB).contains(&m.uss_bytes), "{m:?}");
         assert!((32 * MIB..34 * MIB).contains(&m.shared_bytes), "{m:?}");

@@ -38,22 +38,8 @@ fn serve_attached(test: &str, args: &[&str]) -> std::path::PathBuf {
     wait_for(&from_server, |l| l.starts_with("ready"), "ready");
 
     let dir = output_dir(test);
-    let mut memscope = Command::new(MEMSCOPE)
-        .args(["attach", "--request-fn", "handle_request"])
-        .args(args)
-        .arg("-o")
-        .arg(&dir)
-        .arg(server.id().to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("memscope starts");
-    let said = lines(memscope.stderr.take().expect("stderr"));
-    wait_for(
-        &said,
-        |l| l.starts_with("memscope: profiling pid"),
-        "banner",
-    );
+    let args = [&["--request-fn", "handle_request"][..], args].concat();
+    let (mut memscope, said) = attach_memscope(server.id(), &dir, &args);
     wait_for(
         &said,
         |l| l.starts_with("memscope: request handler handle_request found"),

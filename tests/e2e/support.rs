@@ -217,3 +217,37 @@ pub fn wait_for(
         }
     }
 }
+
+/// `memscope attach ARGS -o DIR PID`, its stderr's lines, once it has said
+/// its banner (the probes are on).
+pub fn attach_memscope(
+    pid: u32,
+    dir: &Path,
+    args: &[&str],
+) -> (std::process::Child, mpsc::Receiver<String>) {
+    let mut memscope = Command::new(MEMSCOPE)
+        .arg("attach")
+        .args(args)
+        .arg("-o")
+        .arg(dir)
+        .arg(pid.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("memscope starts");
+    let said = lines(memscope.stderr.take().expect("stderr"));
+    wait_for(
+        &said,
+        |l| l.starts_with("memscope: profiling pid"),
+        "the banner",
+    );
+    (memscope, said)
+}
+
+/// Asserts a figure is within 1% of what /proc says.
+pub fn assert_near(ours: u64, theirs: u64, what: &str) {
+    assert!(
+        ours.abs_diff(theirs) * 100 <= theirs,
+        "{what}: {ours} reported, {theirs} in /proc"
+    );
+}
