@@ -67,7 +67,13 @@ fn preloaded_jemalloc_is_probed_instead_of_libc() {
         "{:?}",
         report.warnings
     );
-    assert_nothing_lost(&report);
+    // jemalloc is built without frame pointers: its walks read data, and
+    // so many distinct bogus stacks that two may hash to one slot of the
+    // stack map (counted; their bytes under [unknown stack]). Nothing
+    // else may be lost.
+    let c = &report.completeness;
+    assert_eq!((c.map_full, c.missed_returns), (0, 0), "{c:?}");
+    assert_eq!(c.stack_errors, c.stack_collisions, "only collisions: {c:?}");
     assert_eq!(report.completeness.unknown_frees, 0);
 }
 

@@ -273,13 +273,14 @@ fn startup_work_every_worker_repeats_is_duplication_across_workers() {
     unsafe { libc::kill(memscope.id() as i32, libc::SIGINT) };
     let stdin = memscope.stdin.take();
     assert!(memscope.wait().expect("memscope exits").success());
-    let table: Vec<String> = said.try_iter().collect();
     let report = read_report(&dir);
     let proc_now: Vec<MemoryFigures> = report.processes[1..]
         .iter()
         .map(|w| MemoryFigures::read(w.pid).expect("a worker's figures"))
         .collect();
     drop(stdin); // the fixture ends
+    // Every line, to the end of the output (the fixture shares it).
+    let table: Vec<String> = said.iter().collect();
 
     assert_eq!(report.workers.len(), 1, "{:#?}", report.workers);
     let group = &report.workers[0];

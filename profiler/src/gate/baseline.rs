@@ -68,9 +68,10 @@ impl Baseline {
     /// chain: the checks' own view of it.
     pub fn of(report: &crate::report::Report, warmup_s: f64, command: &str) -> Self {
         let warmup_windows = super::windows_before(report, warmup_s);
+        let teardown = super::teardown_window(report);
         let mut sites: Vec<BaselineSite> = Vec::new();
         for site in &report.sites {
-            let leaked = super::leaked_after(site, warmup_windows);
+            let (leaked, _) = super::site_at_end(site, teardown, warmup_windows);
             if leaked == 0 {
                 continue;
             }

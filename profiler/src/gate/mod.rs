@@ -167,12 +167,7 @@ pub fn evaluate(
     suppressions: &Suppressions,
 ) -> GateResult {
     let warmup_windows = windows_before(report, rules.warmup_s);
-    // A Python program ends when its interpreter begins to finalize: it
-    // frees every object after, leaked or not.
-    let teardown = report
-        .windows
-        .iter()
-        .position(|w| w.closed_by == crate::timeline::WindowEnd::Teardown);
+    let teardown = teardown_window(report);
     let mut suppressed: Vec<Suppressed> = suppressions
         .patterns
         .iter()
@@ -184,10 +179,7 @@ pub fn evaluate(
         .collect();
     let mut candidates = Vec::new();
     for site in &report.sites {
-        let (leaked, history) = match (teardown, &site.history) {
-            (Some(cut), Some(history)) => until_teardown(history, cut, warmup_windows),
-            _ => (leaked_after(site, warmup_windows), site.history.clone()),
-        };
+        let (leaked, history) = site_at_end(site, teardown, warmup_windows);
         if let Some(index) = suppressions.matching(&site.frames) {
             if leaked > 0 {
                 suppressed[index].sites.push(failing_site(site, leaked));
@@ -245,8 +237,40 @@ pub fn evaluate(
     }
 }
 
+/// A Python program ends when its interpreter begins to finalize (it
+/// frees every object after, leaked or not): the window that closed then,
+/// the target's if it runs Python, else the last interpreter's to finalize
+/// (a helper that finalized early must not end the run).
+pub(crate) fn teardown_window(report: &Report) -> Option<usize> {
+    let target = report.processes.iter().find(|p| p.ppid.is_none());
+    let at = target.and_then(|p| p.teardown_s).or_else(|| {
+        report
+            .processes
+            .iter()
+            .filter_map(|p| p.teardown_s)
+            .max_by(f64::total_cmp)
+    })?;
+    report
+        .windows
+        .iter()
+        .rposition(|w| w.closed_by == crate::timeline::WindowEnd::Teardown && w.end_s <= at + 1e-3)
+}
+
+/// What a site held at the run's end, beyond what it held after the
+/// warm-up, and its history to that end.
+pub(crate) fn site_at_end(
+    site: &Site,
+    teardown: Option<usize>,
+    warmup_windows: usize,
+) -> (u64, Option<SiteHistory>) {
+    match (teardown, &site.history) {
+        (Some(cut), Some(history)) => until_teardown(history, cut, warmup_windows),
+        _ => (leaked_after(site, warmup_windows), site.history.clone()),
+    }
+}
+
 /// The windows that ended within the warm-up.
-fn windows_before(report: &Report, warmup_s: f64) -> usize {
+pub(crate) fn windows_before(report: &Report, warmup_s: f64) -> usize {
     report
         .windows
         .iter()

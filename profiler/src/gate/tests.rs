@@ -230,3 +230,29 @@ fn failures_become_annotations_and_junit_cases() {
     assert_eq!(suite.test_cases.len(), 2, "{xml}");
     assert_eq!(suite.failures, 2, "{xml}");
 }
+
+#[test]
+fn the_end_is_the_targets_teardown_else_the_last_interpreters() {
+    use crate::{report::ProcessReport, timeline::WindowEnd};
+    let mut r = report(vec![site("leak_site", &LEAK)]);
+    assert_eq!(teardown_window(&r), None);
+    for i in [2, 5] {
+        r.windows[i].closed_by = WindowEnd::Teardown;
+    }
+    let process = |pid, ppid, teardown_s| ProcessReport {
+        pid,
+        ppid,
+        teardown_s,
+        ..ProcessReport::default()
+    };
+    // A helper finalized at 3 s, the target at 6 s.
+    r.processes = vec![process(1, None, Some(6.0)), process(2, Some(1), Some(3.0))];
+    assert_eq!(teardown_window(&r), Some(5));
+    // A native target: the last interpreter's.
+    r.processes = vec![process(1, None, None), process(2, Some(1), Some(3.0))];
+    assert_eq!(teardown_window(&r), Some(2));
+    // Judged at the cut: 30000 bytes then, rising.
+    let (leaked, history) = site_at_end(&r.sites[0], Some(2), 0);
+    assert_eq!(leaked, 30_000);
+    assert_eq!(history.map(|h| h.live_bytes.len()), Some(3));
+}

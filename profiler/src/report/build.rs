@@ -138,15 +138,20 @@ pub fn build_report(
     );
     let histories = site_histories(&context.windows, &context.survivors, &frames);
     // A site an interpreter's teardown freed keeps its history up to it.
-    let teardown = context
+    let teardowns: Vec<usize> = context
         .windows
         .iter()
-        .position(|w| w.closed_by == crate::timeline::WindowEnd::Teardown);
+        .enumerate()
+        .filter(|(_, w)| w.closed_by == crate::timeline::WindowEnd::Teardown)
+        .map(|(i, _)| i)
+        .collect();
     for site in &mut sites {
         let history = histories.get(&(site.kind, site.frames.as_slice()));
-        let live_at_teardown = teardown
-            .and_then(|i| history.and_then(|h| h.live_bytes.get(i)))
-            .is_some_and(|&bytes| bytes > 0);
+        let live_at_teardown = history.is_some_and(|h| {
+            teardowns
+                .iter()
+                .any(|&i| h.live_bytes.get(i).is_some_and(|&bytes| bytes > 0))
+        });
         if site.live_bytes > 0 || live_at_teardown {
             site.history = history.cloned();
         }
