@@ -75,11 +75,12 @@ pub enum Command {
         budget_ns: u64,
     },
     /// Show a saved report.json again (no root needed); with -o, also
-    /// render its flamegraph and folded stacks into DIR.
+    /// render its flamegraphs, folded stacks and pprof profile into DIR.
     Report {
         /// A report.json, or the directory holding it.
         path: PathBuf,
-        /// Write inuse.svg and stacks.folded (and a copy of report.json) here.
+        /// Write the flamegraphs, stacks.folded and profile.pb.gz (and a copy
+        /// of report.json) here.
         #[arg(short, long, value_name = "DIR")]
         output: Option<PathBuf>,
         /// Print the JSON instead of the table.

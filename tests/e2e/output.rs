@@ -70,3 +70,79 @@ fn sudo_user_owns_the_output() {
         assert_eq!(ids(&dir.join(name)), (12345, 12345, 0), "{name}");
     }
 }
+
+/// Check that profile.pb.gz reads in the real `go tool pprof`: the example
+/// server's leaking function with its exact in-use bytes, and the churning
+/// one with its exact allocation count; and that `memscope report DIR`
+/// renders the same profile again from the saved report.
+#[test]
+fn go_tool_pprof_reads_the_profile_with_exact_figures() {
+    if !bpf_available() {
+        return;
+    }
+    let server = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pprof-leaky-server");
+    let source = workspace_file("examples/leaky-server/leaky-server.c");
+    assert!(
+        compile_c(&source, &server, &[])
+            .expect("gcc runs")
+            .success()
+    );
+    let (report, _) = run_command("pprof", &[server.into_os_string()], &[]);
+    let dir = output_dir_path("pprof");
+    let profile = dir.join(memscope::output::PROFILE_PB_GZ);
+    let pprof = |index: &str, unit: &str| {
+        let output = Command::new("go")
+            .args(["tool", "pprof", "-top", "-nodecount=200"])
+            .arg(format!("-unit={unit}"))
+            .arg(format!("-sample_index={index}"))
+            .arg(&profile)
+            .env("HOME", env!("CARGO_TARGET_TMPDIR"))
+            .output()
+            .expect("go tool pprof runs (cargo xtask setup installs golang-go)");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        text
+    };
+    let line = |text: &str, function: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().last() == Some(function))
+            .unwrap_or_else(|| panic!("no {function} in:\n{text}"))
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let inuse = pprof("inuse_space", "B");
+    assert_eq!(line(&inuse, "cache_report_result"), "3276800B", "{inuse}");
+    // pprof sums a function's sites: every call it makes to the allocator.
+    let calls: u64 = report
+        .sites
+        .iter()
+        .filter(|s| s.frames[0].function == "read_request")
+        .map(|s| s.alloc_count)
+        .sum();
+    assert!(calls >= 667, "{calls}");
+    let allocs = pprof("alloc_objects", "minimum");
+    assert_eq!(line(&allocs, "read_request"), calls.to_string(), "{allocs}");
+
+    // Rendered again from report.json alone: the same bytes.
+    let again = output_dir("pprof_again");
+    let status = Command::new(MEMSCOPE)
+        .arg("report")
+        .arg(&dir)
+        .arg("-o")
+        .arg(&again)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("memscope report runs");
+    assert!(status.success());
+    let read = |path: &std::path::Path| std::fs::read(path).expect("profile.pb.gz");
+    assert_eq!(
+        read(&again.join(memscope::output::PROFILE_PB_GZ)),
+        read(&profile)
+    );
+}

@@ -33,12 +33,15 @@ pub fn run(root: &Path) -> Result<()> {
     if ensure_jemalloc()? {
         did.push("installed libjemalloc2 (a test preloads it)");
     }
+    if ensure_go()? {
+        did.push("installed golang-go (tests read profile.pb.gz with go tool pprof)");
+    }
     if ensure_python_venv()? {
         did.push("installed python3.11 and python3-venv (the Flask example's virtualenv)");
     }
     if did.is_empty() {
         eprintln!(
-            "xtask setup: nothing to do (rust-src, bpf-linker, tracefs, gcc, libjemalloc2, python3-venv present)"
+            "xtask setup: nothing to do (rust-src, bpf-linker, tracefs, gcc, libjemalloc2, go, python3-venv present)"
         );
     } else {
         for line in did {
@@ -225,6 +228,18 @@ fn ensure_jemalloc() -> Result<bool> {
         return Ok(false);
     }
     apt_install(&["libjemalloc2"])?;
+    Ok(true)
+}
+
+fn ensure_go() -> Result<bool> {
+    if Command::new("go")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(false);
+    }
+    apt_install(&["golang-go"])?;
     Ok(true)
 }
 

@@ -1,11 +1,13 @@
 //! Renderings of a report: the terminal table, folded stacks, the in-use
-//! and growth flamegraphs and report.json, and writing them atomically, as root, into
-//! a directory others may be able to write to.
+//! and growth flamegraphs, the pprof profile and report.json, and writing
+//! them atomically, as root, into a directory others may be able to write
+//! to.
 
 pub mod directory;
 pub mod escape;
 pub mod flamegraph;
 pub mod folded;
+pub mod pprof;
 pub mod table;
 
 use std::path::{Path, PathBuf};
@@ -46,8 +48,15 @@ pub const REPORT_JSON: &str = "report.json";
 pub const INUSE_SVG: &str = "inuse.svg";
 pub const GROWTH_SVG: &str = "growth.svg";
 pub const STACKS_FOLDED: &str = "stacks.folded";
+pub const PROFILE_PB_GZ: &str = "profile.pb.gz";
 /// Every file `write_all` writes, in the order the banner names them.
-pub const FILES: &[&str] = &[REPORT_JSON, INUSE_SVG, GROWTH_SVG, STACKS_FOLDED];
+pub const FILES: &[&str] = &[
+    REPORT_JSON,
+    INUSE_SVG,
+    GROWTH_SVG,
+    STACKS_FOLDED,
+    PROFILE_PB_GZ,
+];
 /// One JSON object per alert, written as each happens.
 pub const ALERTS_JSONL: &str = "alerts.jsonl";
 
@@ -67,6 +76,7 @@ pub fn write_into(out: &OutputDir, report: &Report) -> Result<(), OutputError> {
     let svg = flamegraph::render_inuse(report)?;
     out.write_atomically(INUSE_SVG, &svg)?;
     out.write_atomically(GROWTH_SVG, &flamegraph::render_growth(report)?)?;
+    out.write_atomically(PROFILE_PB_GZ, &pprof::render(report)?)?;
     out.sync()
 }
 
