@@ -1,5 +1,6 @@
-//! The flamegraphs, rendered by inferno: live bytes by stack (in use), and
-//! what became live during the session and stayed (growth).
+//! The flamegraphs, rendered by inferno: live bytes by stack (in use),
+//! what became live during the session and stayed (growth), and every
+//! byte allocated (alloc: churn and hot allocation paths).
 
 use inferno::flamegraph::{
     self, Options,
@@ -7,13 +8,16 @@ use inferno::flamegraph::{
 };
 
 use super::{OutputError, escape::escape_control, folded};
-use crate::report::Report;
+use crate::{report::Report, units::format_bytes};
 
 /// Renders inuse.svg. Deterministic: the same report gives the same bytes.
 pub fn render_inuse(report: &Report) -> Result<Vec<u8>, OutputError> {
     let subtitle = format!(
-        "{} live bytes in {} allocations after {:.1}s",
-        report.totals.live_bytes, report.totals.live_count, report.duration_s
+        "{} ({} bytes) live in {} allocations after {:.1}s",
+        format_bytes(report.totals.live_bytes),
+        report.totals.live_bytes,
+        report.totals.live_count,
+        report.duration_s
     );
     render(
         report,
@@ -34,7 +38,8 @@ pub fn render_growth(report: &Report) -> Result<Vec<u8>, OutputError> {
         .filter(|g| *g > 0)
         .sum();
     let subtitle = format!(
-        "{grown} bytes became live during the {:.1}s and stayed",
+        "{} ({grown} bytes) became live during the {:.1}s and stayed",
+        format_bytes(grown.max(0) as u64),
         report.duration_s
     );
     render(
@@ -43,6 +48,21 @@ pub fn render_growth(report: &Report) -> Result<Vec<u8>, OutputError> {
         ("memory growth", subtitle),
         super::GROWTH_SVG,
     )
+}
+
+/// Renders alloc.svg: every byte each site allocated, freed or not.
+pub fn render_alloc(report: &Report) -> Result<Vec<u8>, OutputError> {
+    let folded = folded::render_by(report, |site| {
+        i64::try_from(site.alloc_bytes).unwrap_or(i64::MAX)
+    });
+    let allocated: u64 = report.sites.iter().map(|s| s.alloc_bytes).sum();
+    let calls: u64 = report.sites.iter().map(|s| s.alloc_count).sum();
+    let subtitle = format!(
+        "{} ({allocated} bytes) allocated in {calls} calls over {:.1}s, freed or not",
+        format_bytes(allocated),
+        report.duration_s
+    );
+    render(report, &folded, ("allocations", subtitle), super::ALLOC_SVG)
 }
 
 fn render(
@@ -102,6 +122,12 @@ mod tests {
     fn inuse_svg_matches_golden_file() {
         let svg = render_inuse(&sample_report()).expect("render");
         crate::output::assert_golden("inuse.svg", &svg);
+    }
+
+    #[test]
+    fn alloc_svg_matches_golden_file() {
+        let svg = render_alloc(&sample_report()).expect("render");
+        crate::output::assert_golden("alloc.svg", &svg);
     }
 
     #[test]

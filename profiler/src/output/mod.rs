@@ -47,6 +47,7 @@ pub enum OutputError {
 pub const REPORT_JSON: &str = "report.json";
 pub const INUSE_SVG: &str = "inuse.svg";
 pub const GROWTH_SVG: &str = "growth.svg";
+pub const ALLOC_SVG: &str = "alloc.svg";
 pub const STACKS_FOLDED: &str = "stacks.folded";
 pub const PROFILE_PB_GZ: &str = "profile.pb.gz";
 /// Every file `write_all` writes, in the order the banner names them.
@@ -54,6 +55,7 @@ pub const FILES: &[&str] = &[
     REPORT_JSON,
     INUSE_SVG,
     GROWTH_SVG,
+    ALLOC_SVG,
     STACKS_FOLDED,
     PROFILE_PB_GZ,
 ];
@@ -76,6 +78,7 @@ pub fn write_into(out: &OutputDir, report: &Report) -> Result<(), OutputError> {
     let svg = flamegraph::render_inuse(report)?;
     out.write_atomically(INUSE_SVG, &svg)?;
     out.write_atomically(GROWTH_SVG, &flamegraph::render_growth(report)?)?;
+    out.write_atomically(ALLOC_SVG, &flamegraph::render_alloc(report)?)?;
     out.write_atomically(PROFILE_PB_GZ, &pprof::render(report)?)?;
     out.sync()
 }

@@ -243,6 +243,12 @@ mod tests {
     use crate::report::tests_support;
 
     #[test]
+    fn profile_matches_golden_file() {
+        let bytes = render(&tests_support::sample_report()).expect("renders");
+        crate::output::assert_golden("profile.pb.gz", &bytes);
+    }
+
+    #[test]
     fn sites_become_samples_with_the_four_heap_values() {
         let report = tests_support::sample_report();
         let profile = profile(&report);
