@@ -53,7 +53,7 @@ pub async fn check(
     let command = report.target.command.clone();
 
     let mut stdout = io::stdout().lock();
-    if args.json {
+    if args.json || args.format == crate::cli::Format::Json {
         let text = output::report_json(report)?;
         stdout.write_all(text.as_bytes())?;
     }

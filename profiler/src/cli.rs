@@ -83,13 +83,36 @@ pub enum Command {
         /// of report.json) here.
         #[arg(short, long, value_name = "DIR")]
         output: Option<PathBuf>,
-        /// Print the JSON instead of the table.
-        #[arg(long)]
+        /// Print the JSON instead of the table (`--format json`).
+        #[arg(long, conflicts_with = "format")]
         json: bool,
+        /// What goes to stdout.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
         /// Sites shown in the table.
         #[arg(long, default_value_t = 10, value_name = "N")]
         top: usize,
     },
+}
+
+/// What goes to stdout at the end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// The table of sites and figures.
+    Table,
+    /// report.json.
+    Json,
+    /// stacks.folded: live bytes per stack, root first.
+    Folded,
+    /// profile.pb.gz's bytes (redirect them to a file).
+    Pprof,
+}
+
+impl Format {
+    /// `--json` is `--format json`.
+    pub fn with_json(self, json: bool) -> Self {
+        if json { Self::Json } else { self }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -101,9 +124,12 @@ pub struct ProfileArgs {
     /// Stop after this long (500ms, 30s, 5m, 1h).
     #[arg(short, long, value_parser = parse_duration, value_name = "DUR")]
     pub duration: Option<Duration>,
-    /// Print report.json to stdout instead of the table.
-    #[arg(long)]
+    /// Print report.json to stdout instead of the table (`--format json`).
+    #[arg(long, conflicts_with = "format")]
     pub json: bool,
+    /// What goes to stdout at the end.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
     /// Length of a window: what each one allocated, freed and kept is in
     /// report.json's `windows` (`memscope mark` closes one early)
     /// [default: 10s; 25ms with check, doubling as the run grows].

@@ -104,14 +104,18 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             path,
             output,
             json,
+            format,
             top,
-        } => return show_saved_report(&path, output.as_deref(), json, top).map(|()| 0),
+        } => {
+            let format = format.with_json(json);
+            return show_saved_report(&path, output.as_deref(), format, top).map(|()| 0);
+        }
         Command::Mark { pid } => return mark(pid).map(|()| 0),
         Command::Watchdog { .. } => return Ok(0),
     };
     let window = args.window.unwrap_or(memscope::session::DEFAULT_WINDOW);
     let profiled = profile(&spec, &args, window, memscope::timeline::MAX_WINDOWS, false).await?;
-    print_result(&profiled.report, args.json, args.top)?;
+    print_result(&profiled.report, args.format.with_json(args.json), args.top)?;
     profiled.finish()?;
     Ok(0)
 }
@@ -307,7 +311,7 @@ fn describe(reason: StopReason) -> &'static str {
 fn show_saved_report(
     path: &Path,
     output: Option<&Path>,
-    json: bool,
+    format: cli::Format,
     top: usize,
 ) -> anyhow::Result<()> {
     let file = if path.is_dir() {
@@ -327,18 +331,25 @@ fn show_saved_report(
         output::write_all(dir, &report)
             .with_context(|| format!("cannot write to {}", dir.display()))?;
     }
-    print_result(&report, json, top)
+    print_result(&report, format, top)
 }
 
 /// Prints the table or the JSON; a closed pipe (`| head`) is a normal end.
-fn print_result(report: &memscope::report::Report, json: bool, top: usize) -> anyhow::Result<()> {
+fn print_result(
+    report: &memscope::report::Report,
+    format: cli::Format,
+    top: usize,
+) -> anyhow::Result<()> {
     let mut stdout = io::stdout().lock();
-    let result = if json {
-        output::report_json(report)
+    let result = match format {
+        cli::Format::Json => output::report_json(report)
             .map_err(io::Error::other)
-            .and_then(|text| stdout.write_all(text.as_bytes()))
-    } else {
-        output::table::render(report, top, &mut stdout)
+            .and_then(|text| stdout.write_all(text.as_bytes())),
+        cli::Format::Folded => stdout.write_all(output::folded::render(report).as_bytes()),
+        cli::Format::Pprof => output::pprof::render(report)
+            .map_err(io::Error::other)
+            .and_then(|bytes| stdout.write_all(&bytes)),
+        cli::Format::Table => output::table::render(report, top, &mut stdout),
     };
     match result.and_then(|()| stdout.flush()) {
         Err(error) if error.kind() != io::ErrorKind::BrokenPipe => {

@@ -145,4 +145,19 @@ fn go_tool_pprof_reads_the_profile_with_exact_figures() {
         read(&again.join(memscope::output::PROFILE_PB_GZ)),
         read(&profile)
     );
+    // And to stdout, as the formats say.
+    let stdout = |format: &str| {
+        let output = Command::new(MEMSCOPE)
+            .args(["report", "--format", format])
+            .arg(&dir)
+            .output()
+            .expect("memscope report runs");
+        assert!(output.status.success());
+        output.stdout
+    };
+    assert_eq!(stdout("pprof"), read(&profile));
+    assert_eq!(
+        stdout("folded"),
+        read(&dir.join(memscope::output::STACKS_FOLDED))
+    );
 }
