@@ -325,12 +325,14 @@ fn failing_site(site: &Site, bytes: u64) -> FailingSite {
     FailingSite {
         kind: site.kind,
         chain: Frame::chain(&site.frames, 4),
-        location: site
-            .frames
-            .iter()
-            .find_map(|f| Some((f.file.clone()?, f.line?))),
+        location: location(&site.frames),
         bytes,
     }
+}
+
+/// The innermost frame's source line that has one.
+fn location(frames: &[Frame]) -> Option<(String, u32)> {
+    frames.iter().find_map(|f| Some((f.file.clone()?, f.line?)))
 }
 
 fn leaks(candidates: &[Candidate]) -> Outcome {
@@ -511,10 +513,7 @@ fn max_growth(report: &Report, warmup_s: f64, max: u64) -> Outcome {
             site: w.top_sites.first().map(|s| FailingSite {
                 kind: s.kind,
                 chain: Frame::chain(&s.frames, 4),
-                location: s
-                    .frames
-                    .iter()
-                    .find_map(|f| Some((f.file.clone()?, f.line?))),
+                location: location(&s.frames),
                 bytes: s.growth_bytes.unsigned_abs(),
             }),
         })

@@ -212,7 +212,7 @@ impl StackSymbolizer {
     pub fn symbolize_stack(&mut self, pid: u32, ips: &[u64]) -> Vec<Frame> {
         let mut frames = Vec::new();
         for (i, &ip) in ips.iter().enumerate() {
-            if i > 0 && !(self.in_code(pid, ip) && self.follows_call(pid, ip)) {
+            if i > 0 && !self.is_return_address(pid, ip) {
                 frames.push(Frame::named(TRUNCATED));
                 return frames;
             }
@@ -224,19 +224,26 @@ impl StackSymbolizer {
         frames
     }
 
-    /// Whether a call instruction ends at `return_addr`, read from the
-    /// mapped file (yes when it cannot be read: nothing to tell).
-    fn follows_call(&mut self, pid: u32, return_addr: u64) -> bool {
+    /// Whether `return_addr` can be one: it is in executable code of
+    /// `pid`, just after a call instruction, read from the mapped file
+    /// (yes where there is nothing to tell: mappings unknown, anonymous
+    /// code such as a JIT's, a file that cannot be read).
+    fn is_return_address(&mut self, pid: u32, return_addr: u64) -> bool {
         let Some(maps) = self.maps(pid) else {
             return true;
         };
         let Some(mapping) = maps.find(return_addr.saturating_sub(1)) else {
+            return false;
+        };
+        if !mapping.executable {
+            return false;
+        }
+        let Some(path) = mapping.path.as_deref() else {
             return true;
         };
-        let Some(path) = mapping.path.as_deref() else {
-            return true; // anonymous code: a JIT's
+        let Some(host_path) = mapped_file(maps, mapping, path) else {
+            return true;
         };
-        let host_path = maps.host_path(path);
         let offset = return_addr - mapping.start + mapping.file_offset;
         let key = (host_path, offset);
         if let Some(&known) = self.calls.get(&key) {
@@ -245,15 +252,6 @@ impl StackSymbolizer {
         let follows = call_ends_at(&key.0, offset).unwrap_or(true);
         self.calls.insert(key, follows);
         follows
-    }
-
-    /// Whether a return address is in executable code of `pid` (yes when
-    /// its mappings are unknown: nothing to tell).
-    fn in_code(&self, pid: u32, return_addr: u64) -> bool {
-        self.maps(pid).is_none_or(|maps| {
-            maps.find(return_addr.saturating_sub(1))
-                .is_some_and(|m| m.executable)
-        })
     }
 
     /// Unknown frames show the address as the stack holds it.
@@ -270,16 +268,9 @@ impl StackSymbolizer {
             return unknown();
         };
         let file_offset = addr - mapping.start + mapping.file_offset;
-        // A file replaced on disk is read as mapped while the process
-        // lives; after, the new file's names would be wrong ones.
-        let replaced = mapping.replaced;
-        let host_path = match maps.replaced_file(&path) {
-            Some(mapped) => mapped,
-            None if replaced => {
-                let module = format!("{} (replaced on disk)", path.display());
-                return vec![self::unknown(return_addr, Some(module))];
-            }
-            None => maps.host_path(&path),
+        let Some(host_path) = mapped_file(maps, mapping, &path) else {
+            let module = format!("{} (replaced on disk)", path.display());
+            return vec![self::unknown(return_addr, Some(module))];
         };
         let key = (host_path.clone(), file_offset);
         if let Some(frames) = self.cache.get(&key) {
@@ -377,6 +368,22 @@ pub fn demangle(name: &str) -> String {
         .ok()
         .and_then(|symbol| symbol.demangle().ok())
         .unwrap_or_else(|| name.to_owned())
+}
+
+/// The file to read a mapping's bytes from: the one it really maps when
+/// the file on disk was replaced (read as mapped while the process lives;
+/// after, the new file's bytes would be wrong ones), None if that cannot
+/// be read any more.
+fn mapped_file(
+    maps: &ProcessMaps,
+    mapping: &crate::process_maps::Mapping,
+    path: &Path,
+) -> Option<PathBuf> {
+    match maps.replaced_file(path) {
+        Some(mapped) => Some(mapped),
+        None if mapping.replaced => None,
+        None => Some(maps.host_path(path)),
+    }
 }
 
 fn file_name(path: &Path) -> String {
