@@ -15,7 +15,7 @@ use blazesym::symbolize::{
 
 use crate::{
     collect::RecordedPythonStack,
-    process_maps::ProcessMaps,
+    process_maps::{Mapping, ProcessMaps},
     python::{PythonRuntime, PythonSymbolizer},
     report::{Frame, Language},
 };
@@ -224,15 +224,31 @@ impl StackSymbolizer {
         frames
     }
 
+    /// The mapping holding `addr` in `pid`, with the mappings it is one
+    /// of (None: no mappings known). Where `pid`'s own mappings lack it,
+    /// the target's stand in: a forked child's were copied from them, and
+    /// one read as the child exited may have lost some already.
+    fn mapping_at(&self, pid: u32, addr: u64) -> Option<Option<(&ProcessMaps, &Mapping)>> {
+        let maps = self.maps(pid)?;
+        let found = maps.find(addr).map(|m| (maps, m)).or_else(|| {
+            let main = self
+                .maps
+                .get(&self.main_pid)
+                .filter(|m| m.pid != maps.pid)?;
+            main.find(addr).map(|m| (main, m))
+        });
+        Some(found)
+    }
+
     /// Whether `return_addr` can be one: it is in executable code of
     /// `pid`, just after a call instruction, read from the mapped file
     /// (yes where there is nothing to tell: mappings unknown, anonymous
     /// code such as a JIT's, a file that cannot be read).
     fn is_return_address(&mut self, pid: u32, return_addr: u64) -> bool {
-        let Some(maps) = self.maps(pid) else {
+        let Some(found) = self.mapping_at(pid, return_addr.saturating_sub(1)) else {
             return true;
         };
-        let Some(mapping) = maps.find(return_addr.saturating_sub(1)) else {
+        let Some((maps, mapping)) = found else {
             return false;
         };
         if !mapping.executable {
@@ -258,10 +274,7 @@ impl StackSymbolizer {
     fn symbolize_return_address(&mut self, pid: u32, return_addr: u64) -> Vec<Frame> {
         let addr = return_addr.saturating_sub(1);
         let unknown = || vec![unknown(return_addr, None)];
-        let Some(maps) = self.maps(pid) else {
-            return unknown();
-        };
-        let Some(mapping) = maps.find(addr) else {
+        let Some((maps, mapping)) = self.mapping_at(pid, addr).flatten() else {
             return unknown();
         };
         let Some(path) = mapping.path.clone() else {
