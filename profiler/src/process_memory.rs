@@ -109,9 +109,12 @@ mod tests {
             own.uss_bytes <= own.pss_bytes && own.pss_bytes <= own.rss_bytes,
             "{own:?}"
         );
-        // smaps_rollup and status are read apart: allow a few pages.
+        // smaps_rollup walks the page tables; status reads the kernel's
+        // per-CPU RSS counters, which lag by a batch per CPU, while the
+        // other test threads allocate: allow 1 MiB or 5%.
         let parts = own.anon_bytes + own.file_bytes + own.shmem_bytes;
-        assert!(parts.abs_diff(own.rss_bytes) <= 64 * 4096, "{own:?}");
+        let slack = (own.rss_bytes / 20).max(1 << 20);
+        assert!(parts.abs_diff(own.rss_bytes) <= slack, "{own:?}");
         assert!(own.vms_rss_ratio().is_some_and(|r| r >= 1.0));
         let (each, sum) = read_all([std::process::id()].into_iter());
         assert_eq!((each.len(), sum.processes), (1, 1));
