@@ -58,6 +58,16 @@ pub mod map_names {
     /// The ids of each process's last `keep_after` closed requests, by
     /// close number modulo `keep_after`: `tgid << 32 | slot -> id`.
     pub const REQUEST_SLOTS: &str = "REQUEST_SLOTS";
+    /// Unwind rules of every object memscope unwinds from .eh_frame, one
+    /// sorted run per object: `index -> UnwindRow`.
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    /// Per process, its executable mappings and their runs of rows:
+    /// `tgid -> ProcessUnwind`. A process without one is walked by frame
+    /// pointers (the kernel's walk, into `STACKS`).
+    pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
+    /// Stacks the unwinder walked, by id (`UNWOUND_STACK_BIT` set):
+    /// `u32 -> UnwoundStack`.
+    pub const UNWOUND: &str = "UNWOUND";
     /// Closed and kept requests for userspace (`RequestRecord`).
     pub const REQUEST_EVENTS: &str = "REQUEST_EVENTS";
     /// The code objects of a Python request handler, per process:
@@ -179,6 +189,99 @@ pub const MAX_STACK_DEPTH: usize = 127;
 /// still count (under an "unknown stack" site) instead of vanishing.
 pub const UNKNOWN_STACK: u32 = u32::MAX;
 
+/// Set in the id of a stack the .eh_frame unwinder walked (`UNWOUND`);
+/// ids without it are the kernel's frame-pointer walks (`STACKS`).
+pub const UNWOUND_STACK_BIT: u32 = 1 << 31;
+
+/// Executable mappings described per process (`ProcessUnwind`); a pc in
+/// none of them is walked by its frame pointer.
+pub const MAX_UNWIND_MAPPINGS: usize = 128;
+/// Default capacity of `UNWIND_ROWS` (`--unwind-rows`): 8 bytes a row.
+pub const DEFAULT_UNWIND_ROWS: u32 = 1 << 21;
+
+/// How a row finds the canonical frame address (CFA, the caller's stack
+/// pointer before the call): `UnwindRow::cfa_rule`.
+pub mod cfa_rule {
+    /// CFA = rsp + offset.
+    pub const RSP: u8 = 0;
+    /// CFA = rbp + offset.
+    pub const RBP: u8 = 1;
+    /// A PLT entry: CFA = rsp + 8, plus 8 when `(rip & 15) >= offset`
+    /// (the push of the lazy-binding stub), the DWARF expression every
+    /// linker emits for .plt.
+    pub const PLT: u8 = 2;
+    /// The return address is undefined: the outermost frame (`_start`, a
+    /// thread's start), where a stack ends whole.
+    pub const END: u8 = 3;
+    /// No rule memscope can follow (a gap between functions, a DWARF
+    /// expression): the stack is cut here.
+    pub const STOP: u8 = 4;
+}
+
+/// One unwind rule, from `pc` (relative to the object's link-time
+/// addresses) up to the next row's. The return address is always at
+/// CFA - 8 (x86-64's call pushes it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindRow {
+    pub pc: u32,
+    pub cfa_offset: u16,
+    /// One of `cfa_rule`.
+    pub cfa_rule: u8,
+    /// Where the caller's rbp was saved, in words from the CFA (negative);
+    /// zero when rbp still holds it.
+    pub rbp_offset: i8,
+}
+
+/// An executable mapping of a process and its object's rows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindMapping {
+    pub start: u64,
+    pub end: u64,
+    /// Runtime address minus link-time address.
+    pub bias: u64,
+    /// The object's run in `UNWIND_ROWS`; `rows_len` zero walks the
+    /// object's frames by frame pointer.
+    pub rows_start: u32,
+    pub rows_len: u32,
+}
+
+/// A process's executable mappings, sorted by `start`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessUnwind {
+    pub len: u32,
+    pub _pad: u32,
+    pub mappings: [UnwindMapping; MAX_UNWIND_MAPPINGS],
+}
+
+/// How an unwound stack ended: `UnwoundStack::flags`.
+pub mod unwound_flags {
+    /// At a frame whose return address is undefined: the stack is whole.
+    pub const COMPLETE: u32 = 1;
+    /// Deeper than `MAX_STACK_DEPTH`: the outermost frames are cut off.
+    pub const TRUNCATED: u32 = 2;
+    /// Cut at a frame no rule covers or whose saved registers could not be
+    /// read: the frames kept are right, the callers beyond are missing.
+    pub const CUT: u32 = 4;
+}
+
+/// A stack the unwinder walked, innermost frame first. `check` is a second
+/// hash of the frames: a different stack hashing to the same id has
+/// another, and is not merged with it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnwoundStack {
+    pub check: u64,
+    pub len: u32,
+    /// `unwound_flags`.
+    pub flags: u32,
+    /// `len` used, at most `MAX_STACK_DEPTH`; one more slot so the walk's
+    /// index can be bounded by a mask.
+    pub frames: [u64; MAX_STACK_DEPTH + 1],
+}
+
 /// Which allocator entry point a call came through.
 pub mod alloc_kind {
     pub const MALLOC: u32 = 1;
@@ -271,10 +374,13 @@ pub enum Counter {
     /// The request ring buffer was full: a request's close or kept figure
     /// did not reach userspace.
     RequestEventsLost = 15,
+    /// The unwound-stack map was full, or an unwound stack's id was taken
+    /// by another stack: the allocation counts under the unknown stack.
+    UnwoundStacksFull = 16,
 }
 
 /// Number of `Counter` slots.
-pub const COUNTER_SLOTS: u32 = 16;
+pub const COUNTER_SLOTS: u32 = 17;
 
 /// Live bytes (malloc family) and their high-water mark, for one process or
 /// for all (`map_names::PEAKS`, `map_names::MERGED_PEAK`).
@@ -634,4 +740,8 @@ mod pod {
     unsafe impl aya::Pod for super::RequestRecord {}
     unsafe impl aya::Pod for super::ThreadRequest {}
     unsafe impl aya::Pod for super::PythonHandlers {}
+    unsafe impl aya::Pod for super::UnwindRow {}
+    unsafe impl aya::Pod for super::UnwindMapping {}
+    unsafe impl aya::Pod for super::ProcessUnwind {}
+    unsafe impl aya::Pod for super::UnwoundStack {}
 }

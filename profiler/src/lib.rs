@@ -56,5 +56,6 @@ pub mod symbolize;
 pub mod target;
 pub mod timeline;
 pub mod units;
+pub mod unwind;
 pub mod watchdog;
 pub mod workers;
