@@ -129,6 +129,10 @@ pub mod event_kind {
     /// stopped (SIGSTOP) while a window closes on what its program held
     /// before the interpreter frees it all.
     pub const FINALIZING: u32 = 6;
+    /// `pid`, whose stacks the .eh_frame unwinder walks, mapped a file
+    /// executable, and is stopped (SIGSTOP) until that file's rules are
+    /// loaded: its next stacks may run through it.
+    pub const CODE_MAPPED: u32 = 7;
 }
 
 /// Extra time a process may be held beyond the usual budget at the stops
@@ -313,6 +317,10 @@ pub mod alloc_kind {
     /// Not an allocator: the request handler (`--request-fn`), whose entry
     /// opens a request on the thread and whose return closes it.
     pub const REQUEST: u32 = 17;
+    /// Not an allocator: a file mapped executable (the loader, dlopen),
+    /// whose mmap's return holds the process until the unwinder knows it
+    /// (`event_kind::CODE_MAPPED`).
+    pub const CODE_MMAP: u32 = 18;
 }
 
 /// What kind of memory a site holds: `StackKey::class`.

@@ -14,7 +14,7 @@ use profiler_common::{
     STACK_TOTALS_PER_STACK, StackKey, StackTotals, UNKNOWN_STACK, site_class,
 };
 
-use crate::counters::count;
+use crate::{counters::count, unwind::WithUserRegs};
 
 const EEXIST: i32 = 17;
 
@@ -39,18 +39,19 @@ fn tgid() -> u32 {
 /// Records a new block. Called at the return probe, where the stack is right:
 /// at a function's first instruction the frame-pointer walk misses the
 /// direct caller, whose return address is not behind the frame pointer yet.
-pub fn record_alloc(ctx: &impl StackIdContext, addr: u64, size: u64, kind: u32, caller: u64) {
+/// `caller` is that of a system call's wrapper, for the frame-pointer walk;
+/// the unwinder finds it itself.
+pub fn record_alloc(
+    ctx: &(impl StackIdContext + WithUserRegs),
+    addr: u64,
+    size: u64,
+    kind: u32,
+    caller: u64,
+) {
     let tgid = tgid();
-    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        Ok(id) => id as u32,
-        Err(error) => {
-            count(if error == -EEXIST {
-                Counter::StackCollisions
-            } else {
-                Counter::StackErrors
-            });
-            UNKNOWN_STACK
-        }
+    let (stack_id, caller) = match crate::unwind::stack_id(tgid, ctx) {
+        Some(id) => (id, 0),
+        None => (frame_pointer_stack(ctx), caller),
     };
     let key = LiveKey {
         tgid,
@@ -89,6 +90,21 @@ pub fn record_alloc(ctx: &impl StackIdContext, addr: u64, size: u64, kind: u32, 
     add_totals(block.stack_key(tgid), 1, size, 0, 0);
     if request != 0 {
         crate::request::add_block(request, size);
+    }
+}
+
+/// The kernel's frame-pointer walk of the user stack.
+fn frame_pointer_stack(ctx: &impl StackIdContext) -> u32 {
+    match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => id as u32,
+        Err(error) => {
+            count(if error == -EEXIST {
+                Counter::StackCollisions
+            } else {
+                Counter::StackErrors
+            });
+            UNKNOWN_STACK
+        }
     }
 }
 

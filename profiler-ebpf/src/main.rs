@@ -19,6 +19,7 @@ mod peak;
 mod processes;
 mod python;
 mod request;
+mod unwind;
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,

@@ -15,7 +15,7 @@ use aya_ebpf::{
     maps::HashMap,
     programs::TracePointContext,
 };
-use profiler_common::{Counter, HeapTop, MAX_PROCESSES, alloc_kind};
+use profiler_common::{Counter, HeapTop, MAX_PROCESSES, alloc_kind, event_kind};
 
 use crate::{
     counters::count, enter, in_allocator_call, live, processes::is_traced, take_call_if_any,
@@ -35,6 +35,7 @@ const RET: usize = 16;
 const MAP_SHARED: u64 = 0x01;
 const MAP_PRIVATE: u64 = 0x02;
 const MAP_ANONYMOUS: u64 = 0x20;
+const PROT_EXEC: u64 = 0x4;
 const PAGE: u64 = 4096;
 /// Offset of `sp` in x86-64 `struct pt_regs`.
 const PT_REGS_SP: usize = 19 * 8;
@@ -78,7 +79,16 @@ pub fn mmap_enter(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let flags = arg(&ctx, ARG3);
-    if flags & MAP_ANONYMOUS == 0 || flags & MAP_PRIVATE == 0 || flags & MAP_SHARED != 0 {
+    if flags & MAP_ANONYMOUS == 0 {
+        // Code the unwinder must know before it runs.
+        if arg(&ctx, ARG2) & PROT_EXEC != 0
+            && crate::unwind::is_described((bpf_get_current_pid_tgid() >> 32) as u32)
+        {
+            enter(0, 0, alloc_kind::CODE_MMAP);
+        }
+        return 0;
+    }
+    if flags & MAP_PRIVATE == 0 || flags & MAP_SHARED != 0 {
         return 0;
     }
     enter(round_to_pages(arg(&ctx, ARG1)), 0, alloc_kind::MMAP);
@@ -88,6 +98,10 @@ pub fn mmap_enter(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn mmap_exit(ctx: TracePointContext) -> u32 {
     let Some(call) = take_call_if_any(alloc_kind::MMAP) else {
+        if take_call_if_any(alloc_kind::CODE_MMAP).is_some() && !failed(arg(&ctx, RET)) {
+            let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            crate::processes::hold(event_kind::CODE_MAPPED, tgid, 0);
+        }
         return 0;
     };
     let addr = arg(&ctx, RET);

@@ -164,6 +164,7 @@ pub fn syscall_exit(_ctx: TracePointContext) -> u32 {
         return 0;
     }
     crate::python::inherit(parent, tgid);
+    crate::unwind::inherit(parent, tgid);
     if follow_image() {
         // Its probes are on already: nothing to wait for. Its parent's live
         // set stands for the one it inherited.
@@ -198,6 +199,7 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
     let _ = INHERITED.remove(tgid);
     crate::peak::drop_live(tgid);
     crate::python::forget(tgid);
+        crate::unwind::forget(tgid);
     forget_requests(tgid, true);
     // Unheld (with --follow image, or when it cannot be), the exec is
     // still reported: the old image's blocks go.
@@ -228,6 +230,7 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
         let _ = TRACED.remove(tgid);
         let _ = INHERITED.remove(tgid);
         crate::python::forget(tgid);
+        crate::unwind::forget(tgid);
         crate::peak::drop_live(tgid);
         emit(event_kind::EXIT, tgid, 0);
     }

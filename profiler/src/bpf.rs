@@ -1,7 +1,10 @@
 //! The embedded kernel programs, loaded with the map sizes asked for.
 
 use aya::{Ebpf, EbpfLoader};
-use profiler_common::{MAX_IN_FLIGHT, MAX_STACK_DEPTH, STACK_TOTALS_PER_STACK, map_names};
+use profiler_common::{
+    MAX_IN_FLIGHT, MAX_STACK_DEPTH, STACK_TOTALS_PER_STACK, UNWOUND_STACK_BIT, UnwindRow,
+    UnwoundStack, map_names,
+};
 
 /// The BPF object built by build.rs from profiler-ebpf.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memscope"));
@@ -16,8 +19,11 @@ pub fn object() -> &'static [u8] {
 pub struct MapCapacity {
     /// Live allocations tracked at once (`--max-live`).
     pub max_live: u32,
-    /// Distinct user stacks (`--max-stacks`).
+    /// Distinct user stacks (`--max-stacks`), of each kind: walked by
+    /// frame pointer, and unwound by the .eh_frame rules.
     pub max_stacks: u32,
+    /// Unwind rows for every object unwound (`--unwind-rows`).
+    pub unwind_rows: u32,
 }
 
 impl Default for MapCapacity {
@@ -25,6 +31,7 @@ impl Default for MapCapacity {
         Self {
             max_live: profiler_common::DEFAULT_MAX_LIVE,
             max_stacks: profiler_common::DEFAULT_MAX_STACKS,
+            unwind_rows: profiler_common::DEFAULT_UNWIND_ROWS,
         }
     }
 }
@@ -43,7 +50,19 @@ impl MapCapacity {
         let stacks =
             u64::from(self.max_stacks.next_power_of_two()) * (16 + 8 * MAX_STACK_DEPTH as u64);
         let in_flight = u64::from(MAX_IN_FLIGHT) * (HTAB_ELEM + 8 + 32);
-        live + totals + stacks + in_flight
+        live + totals + stacks + in_flight + self.unwind_rows_bytes()
+    }
+
+    /// The unwind rows' array, preallocated.
+    pub fn unwind_rows_bytes(&self) -> u64 {
+        u64::from(self.unwind_rows) * size_of::<UnwindRow>() as u64
+    }
+
+    /// At most, the unwound stacks (not preallocated: taken as stacks are
+    /// recorded).
+    pub fn unwound_stacks_bytes(&self) -> u64 {
+        const HTAB_ELEM: u64 = 48;
+        u64::from(self.max_stacks) * (HTAB_ELEM + 8 + size_of::<UnwoundStack>() as u64)
     }
 }
 
@@ -62,10 +81,17 @@ pub enum LoadError {
 /// Loads the BPF object into the kernel (maps created; programs are loaded
 /// by `attach`).
 pub fn load(capacity: MapCapacity) -> Result<Ebpf, LoadError> {
-    if capacity.max_live == 0 || capacity.max_stacks == 0 {
+    if capacity.max_live == 0 || capacity.max_stacks == 0 || capacity.unwind_rows == 0 {
         return Err(LoadError::Capacity(
-            "--max-live and --max-stacks must be at least 1".into(),
+            "--max-live, --max-stacks and --unwind-rows must be at least 1".into(),
         ));
+    }
+    // Unwound stacks' ids have the top bit set; the kernel's stack ids
+    // must stay below it.
+    if capacity.max_stacks >= UNWOUND_STACK_BIT {
+        return Err(LoadError::Capacity(format!(
+            "--max-stacks must be below {UNWOUND_STACK_BIT}"
+        )));
     }
     raise_memlock_limit();
     EbpfLoader::new()
@@ -73,6 +99,8 @@ pub fn load(capacity: MapCapacity) -> Result<Ebpf, LoadError> {
         .map_max_entries(map_names::STACKS, capacity.max_stacks)
         // Not preallocated: kernel memory only for the stacks recorded.
         .map_max_entries(map_names::PY_STACKS, capacity.max_stacks)
+        .map_max_entries(map_names::UNWOUND, capacity.max_stacks)
+        .map_max_entries(map_names::UNWIND_ROWS, capacity.unwind_rows)
         .map_max_entries(
             map_names::STACK_TOTALS,
             capacity.max_stacks.saturating_mul(STACK_TOTALS_PER_STACK),

@@ -3,12 +3,13 @@
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+use memscope::unwind::UnwindMode;
 use memscope::{
     bpf::MapCapacity,
     session::FollowMode,
     units::{parse_duration, parse_size},
 };
-use profiler_common::{DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS};
+use profiler_common::{DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS, DEFAULT_UNWIND_ROWS};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -200,6 +201,15 @@ pub struct ProfileArgs {
     /// trace, and room for 8 processes' totals of it).
     #[arg(long, default_value_t = DEFAULT_MAX_STACKS, value_name = "N")]
     pub max_stacks: u32,
+    /// How user stacks are walked: `auto` by each object's .eh_frame rules
+    /// (frame pointers where it is built with them), `fp` by frame
+    /// pointers only (docs/design.md#unwinding).
+    #[arg(long, value_enum, default_value_t = UnwindMode::Auto)]
+    pub unwind: UnwindMode,
+    /// Unwind rules loaded into the kernel, for every object unwound (8
+    /// bytes each, preallocated: libc takes about 28K).
+    #[arg(long, default_value_t = DEFAULT_UNWIND_ROWS, value_name = "N")]
+    pub unwind_rows: u32,
 }
 
 /// What `memscope check` fails on, besides a leak.
@@ -257,6 +267,7 @@ impl ProfileArgs {
         MapCapacity {
             max_live: self.max_live,
             max_stacks: self.max_stacks,
+            unwind_rows: self.unwind_rows,
         }
     }
 }

@@ -8,8 +8,9 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, StackTraceMap},
 };
 use profiler_common::{
-    Counter, HeapTop, LiveAllocation, LiveKey, ProcessPeak, PythonFrame, PythonStack, StackKey,
-    StackTotals, UNKNOWN_STACK, map_names, python_stack_flags,
+    Counter, HeapTop, LiveAllocation, LiveKey, MAX_STACK_DEPTH, ProcessPeak, PythonFrame,
+    PythonStack, StackKey, StackTotals, UNKNOWN_STACK, UNWOUND_STACK_BIT, UnwoundStack, map_names,
+    python_stack_flags, unwound_flags,
 };
 
 /// Everything the kernel side knows at one moment.
@@ -60,6 +61,8 @@ pub struct LossCounters {
     /// Every failed stack walk, collisions included.
     pub stack_errors: u64,
     pub stack_collisions: u64,
+    /// Unwound stacks not recorded: their map was full.
+    pub unwound_stacks_full: u64,
     pub unknown_frees: u64,
     pub missed_returns: u64,
     pub in_flight_full: u64,
@@ -203,15 +206,13 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
     let map = |name: &'static str| map(ebpf, name);
     let totals = read_totals(ebpf)?;
 
-    let stack_map: StackTraceMap<&MapData> =
-        StackTraceMap::try_from(map(map_names::STACKS)?).map_err(map_error(map_names::STACKS))?;
+    let stack_maps = StackMaps::open(ebpf)?;
     let mut stacks = HashMap::new();
     for key in totals.keys() {
         if key.stack_id == UNKNOWN_STACK || stacks.contains_key(&key.stack_id) {
             continue;
         }
-        if let Ok(trace) = stack_map.get(&key.stack_id, 0) {
-            let ips = trace.frames().iter().map(|f| f.ip).collect();
+        if let Some(ips) = stack_maps.get(key.stack_id) {
             stacks.insert(key.stack_id, ips);
         }
     }
@@ -227,7 +228,10 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
     let counters = LossCounters {
         live_map_full: read(Counter::LiveMapFull)?,
         totals_map_full: read(Counter::TotalsMapFull)?,
-        stack_errors: read(Counter::StackErrors)? + read(Counter::StackCollisions)?,
+        stack_errors: read(Counter::StackErrors)?
+            + read(Counter::StackCollisions)?
+            + read(Counter::UnwoundStacksFull)?,
+        unwound_stacks_full: read(Counter::UnwoundStacksFull)?,
         stack_collisions: read(Counter::StackCollisions)?,
         unknown_frees: read(Counter::UnknownFrees)?,
         missed_returns: read(Counter::MissedReturns)?,
@@ -261,12 +265,54 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
     })
 }
 
-/// One user stack, by id (None when the stack map has none).
+/// One user stack, by id (None when the stack maps have none).
 pub fn read_stack(ebpf: &Ebpf, stack_id: u32) -> Option<Vec<u64>> {
-    let stacks: StackTraceMap<&MapData> =
-        StackTraceMap::try_from(ebpf.map(map_names::STACKS)?).ok()?;
-    let trace = stacks.get(&stack_id, 0).ok()?;
-    Some(trace.frames().iter().map(|f| f.ip).collect())
+    StackMaps::open(ebpf).ok()?.get(stack_id)
+}
+
+/// Ends a stack the unwinder cut (`unwound_flags::CUT`): the frames before
+/// it are right, the callers beyond it are unknown.
+pub const CUT_MARK: u64 = u64::MAX;
+
+/// The two kinds of user stack: the kernel's frame-pointer walks, and the
+/// unwinder's (ids with `UNWOUND_STACK_BIT`).
+struct StackMaps<'a> {
+    frame_pointer: StackTraceMap<&'a MapData>,
+    unwound: BpfHashMap<&'a MapData, u32, UnwoundStack>,
+}
+
+impl<'a> StackMaps<'a> {
+    fn open(ebpf: &'a Ebpf) -> Result<Self, CollectError> {
+        let frame_pointer = StackTraceMap::try_from(map(ebpf, map_names::STACKS)?)
+            .map_err(map_error(map_names::STACKS))?;
+        let unwound = BpfHashMap::try_from(map(ebpf, map_names::UNWOUND)?)
+            .map_err(map_error(map_names::UNWOUND))?;
+        Ok(Self {
+            frame_pointer,
+            unwound,
+        })
+    }
+
+    /// Instruction pointers, innermost first.
+    fn get(&self, stack_id: u32) -> Option<Vec<u64>> {
+        if stack_id & UNWOUND_STACK_BIT == 0 {
+            let trace = self.frame_pointer.get(&stack_id, 0).ok()?;
+            return Some(trace.frames().iter().map(|f| f.ip).collect());
+        }
+        self.unwound
+            .get(&stack_id, 0)
+            .ok()
+            .map(|stack| unwound_frames(&stack))
+    }
+}
+
+fn unwound_frames(stack: &UnwoundStack) -> Vec<u64> {
+    let len = (stack.len as usize).min(MAX_STACK_DEPTH);
+    let mut ips = stack.frames[..len].to_vec();
+    if stack.flags & unwound_flags::CUT != 0 {
+        ips.push(CUT_MARK);
+    }
+    ips
 }
 
 /// One recorded Python stack, by hash.

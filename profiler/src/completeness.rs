@@ -15,7 +15,17 @@ pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
             capacity.max_live.saturating_mul(4)
         ));
     }
-    let walk_failures = c.stack_errors - c.stack_collisions.min(c.stack_errors);
+    let walk_failures = c
+        .stack_errors
+        .saturating_sub(c.stack_collisions + c.unwound_stacks_full);
+    if c.unwound_stacks_full > 0 {
+        warnings.push(format!(
+            "{} unwound stacks could not be recorded: their map ({} entries) was full; their bytes are under [unknown stack]; rerun with --max-stacks {}",
+            c.unwound_stacks_full,
+            capacity.max_stacks,
+            capacity.max_stacks.saturating_mul(4)
+        ));
+    }
     if c.stack_collisions > 0 {
         warnings.push(format!(
             "{} stacks could not be recorded: they collided with another in the stack map ({} entries); their bytes are under [unknown stack]; rerun with --max-stacks {}",

@@ -159,6 +159,7 @@ async fn profile(
         per_process_sites: args.per_process,
         follow_mode: args.follow_mode(),
         python_frames: !args.no_python_frames,
+        unwind: args.unwind,
         python_objects: args.python_objects,
         python_teardown,
         window,

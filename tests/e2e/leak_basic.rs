@@ -36,7 +36,11 @@ fn leak_site_holds_exactly_what_it_leaked() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let table_line = stdout
         .lines()
-        .find(|l| l.ends_with("leak_site <- main <- __libc_start_call_main"))
+        .find(|l| {
+            l.ends_with(
+                "leak_site <- main <- __libc_start_call_main <- __libc_start_main_impl <- ...",
+            )
+        })
         .unwrap_or_else(|| panic!("table names leak_site:\n{stdout}"));
     assert!(
         table_line.trim_start().starts_with("4096000 "),
@@ -55,7 +59,8 @@ fn flamegraph_and_folded_stacks_show_the_leak() {
     assert!(
         folded
             .lines()
-            .any(|l| l == "__libc_start_call_main;main;leak_site 4096000"),
+            .any(|l| l
+                == "_start;__libc_start_main_impl;__libc_start_call_main;main;leak_site 4096000"),
         "{folded}"
     );
     let svg = std::fs::read_to_string(dir.join("inuse.svg")).expect("inuse.svg");

@@ -224,6 +224,7 @@ pub fn build_report(
         map_full: c.live_map_full + c.totals_map_full + c.in_flight_full,
         stack_errors: c.stack_errors,
         stack_collisions: c.stack_collisions,
+        unwound_stacks_full: c.unwound_stacks_full,
         unknown_frees: c.unknown_frees,
         missed_returns: c.missed_returns,
         live_map_full: c.live_map_full,

@@ -560,6 +560,10 @@ pub struct Completeness {
     /// another one (a hash collision; the rest failed to be walked).
     #[serde(default)]
     pub stack_collisions: u64,
+    /// Of `stack_errors`, stacks the unwinder walked but could not store:
+    /// its map (`--max-stacks` entries) was full.
+    #[serde(default)]
+    pub unwound_stacks_full: u64,
     /// Processes whose peak was not tracked (the map was full).
     #[serde(default)]
     pub peak_map_full: u64,

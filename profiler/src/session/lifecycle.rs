@@ -27,6 +27,7 @@ impl Session {
 
     pub(super) fn process_exited(&mut self, pid: u32) {
         self.start_times.remove(&pid);
+        self.kernel.unwinder.forget(pid);
         if self.alive.remove(&pid) {
             let now = self.started.elapsed().as_secs_f64();
             let heap = processes::take_heap_top(&mut self.kernel.ebpf, pid);
@@ -74,7 +75,10 @@ impl Session {
                 // Before it runs: a short script would be done before its
                 // interpreter is found.
                 let maps = ProcessMaps::read(pid).ok();
+                // The kernel forgot the old image's mappings.
+                self.kernel.unwinder.forget(pid);
                 if let Some(maps) = &maps {
+                    self.kernel.describe_unwind(maps);
                     self.python_executed(pid, maps);
                     self.probe_request_fn(pid, maps);
                 }
@@ -110,6 +114,16 @@ impl Session {
                     && let Some(record) = self.record_mut(pid)
                 {
                     record.memory = Some(figures);
+                }
+                if event.held != 0 {
+                    self.kernel.holds.release(pid, event.hold_ns);
+                }
+            }
+            event_kind::CODE_MAPPED => {
+                // Its new code's rules before it runs any.
+                if let Ok(maps) = ProcessMaps::read(pid) {
+                    self.kernel.describe_unwind(&maps);
+                    self.symbolizer.update_maps(maps);
                 }
                 if event.held != 0 {
                     self.kernel.holds.release(pid, event.hold_ns);

@@ -44,6 +44,7 @@ use crate::{
     symbolize::StackSymbolizer,
     target::{self, TargetError},
     timeline::{Timeline, WindowEnd},
+    unwind::{UnwindMode, Unwinder},
     watchdog::{Watchdog, WatchdogError},
 };
 
@@ -88,6 +89,8 @@ pub struct SessionOptions {
     pub follow_mode: FollowMode,
     /// Walk CPython processes' frames (see `python`).
     pub python_frames: bool,
+    /// How native stacks are walked (see `unwind`).
+    pub unwind: UnwindMode,
     /// Count CPython's small objects one by one (see `python::objects`).
     pub python_objects: bool,
     /// Close a window when an interpreter started by `run` begins to
@@ -115,6 +118,7 @@ impl Default for SessionOptions {
             per_process_sites: false,
             follow_mode: FollowMode::Process,
             python_frames: true,
+            unwind: UnwindMode::Auto,
             python_objects: false,
             window: DEFAULT_WINDOW,
             python_teardown: false,
@@ -207,6 +211,9 @@ struct Kernel {
     follow_mode: FollowMode,
     tracepoints: LinkSet,
     holds: Holds,
+    /// Gives the kernel each process's unwind rules, before its probes go
+    /// on: a stack walked both ways would make two sites of one.
+    unwinder: Unwinder,
     /// Continues whatever memscope leaves held, and unregisters the probes
     /// when memscope is gone (see `watchdog`).
     watchdog: Watchdog,
@@ -263,8 +270,19 @@ impl Kernel {
             follow_mode: options.follow_mode,
             tracepoints,
             holds,
+            unwinder: Unwinder::new(options.unwind, options.capacity.unwind_rows),
             watchdog,
         })
+    }
+
+    /// Gives the kernel `maps`' process's unwind rules, where they changed.
+    fn describe_unwind(&mut self, maps: &ProcessMaps) {
+        if let Err(error) = self.unwinder.describe(&mut self.ebpf, maps) {
+            tracing::warn!(
+                "pid {}: {error}; its stacks are walked by frame pointer",
+                maps.pid
+            );
+        }
     }
 
     fn programs(&mut self) -> Programs<'_> {
@@ -420,6 +438,7 @@ impl Session {
                 // probes (counting traced processes only) go on first: its
                 // children are not held, and must find them on.
                 let image_mode = options.follow_mode == FollowMode::Image;
+                kernel.describe_unwind(&maps);
                 if !image_mode {
                     follow::trace(&mut kernel.ebpf, pid)?;
                 }
@@ -798,6 +817,7 @@ impl Session {
             }
         }
         for (pid, maps) in &seen {
+            self.kernel.describe_unwind(maps);
             self.probe_request_fn(*pid, maps);
         }
         self.discover_late_python(&seen);

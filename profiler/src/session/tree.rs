@@ -51,6 +51,7 @@ impl Session {
         let attached = ProcessMaps::read(pid)
             .map_err(|_| target::TargetError::NoSuchProcess(pid).into())
             .and_then(|maps| {
+                self.kernel.describe_unwind(&maps);
                 // With --follow image, being traced is all it takes.
                 let attached = if image_mode {
                     None

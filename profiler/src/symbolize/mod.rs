@@ -212,7 +212,7 @@ impl StackSymbolizer {
     pub fn symbolize_stack(&mut self, pid: u32, ips: &[u64]) -> Vec<Frame> {
         let mut frames = Vec::new();
         for (i, &ip) in ips.iter().enumerate() {
-            if i > 0 && !self.is_return_address(pid, ip) {
+            if ip == crate::collect::CUT_MARK || i > 0 && !self.is_return_address(pid, ip) {
                 frames.push(Frame::named(TRUNCATED));
                 return frames;
             }
@@ -387,7 +387,7 @@ pub fn demangle(name: &str) -> String {
 /// the file on disk was replaced (read as mapped while the process lives;
 /// after, the new file's bytes would be wrong ones), None if that cannot
 /// be read any more.
-fn mapped_file(
+pub(crate) fn mapped_file(
     maps: &ProcessMaps,
     mapping: &crate::process_maps::Mapping,
     path: &Path,
