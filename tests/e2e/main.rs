@@ -26,4 +26,5 @@ mod scale;
 mod stacks;
 mod stopping;
 mod threads;
+mod unwinding;
 mod windows;

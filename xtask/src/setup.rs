@@ -36,12 +36,18 @@ pub fn run(root: &Path) -> Result<()> {
     if ensure_go()? {
         did.push("installed golang-go (tests read profile.pb.gz with go tool pprof)");
     }
+    if ensure_program("g++", &["g++"])? {
+        did.push("installed g++ (a fixture is C++)");
+    }
+    if ensure_program("redis-benchmark", &["redis-server", "redis-tools"])? {
+        did.push("installed redis-server and redis-tools (a test unwinds Debian's redis-server)");
+    }
     if ensure_python_venv()? {
         did.push("installed python3.11 and python3-venv (the Flask example's virtualenv)");
     }
     if did.is_empty() {
         eprintln!(
-            "xtask setup: nothing to do (rust-src, bpf-linker, tracefs, gcc, libjemalloc2, go, python3-venv present)"
+            "xtask setup: nothing to do (rust-src, bpf-linker, tracefs, gcc, g++, libjemalloc2, go, redis, python3-venv present)"
         );
     } else {
         for line in did {
@@ -228,6 +234,19 @@ fn ensure_jemalloc() -> Result<bool> {
         return Ok(false);
     }
     apt_install(&["libjemalloc2"])?;
+    Ok(true)
+}
+
+/// Installs `packages` unless `program` is on PATH.
+fn ensure_program(program: &str, packages: &[&str]) -> Result<bool> {
+    if Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(false);
+    }
+    apt_install(packages)?;
     Ok(true)
 }
 

@@ -1,0 +1,263 @@
+//! Stacks of code built without frame pointers, walked in the kernel by
+//! each object's .eh_frame rules: the same chains, lines included, as the
+//! same code built with frame pointers; C++ through operator new, Rust in
+//! release mode, and Debian's own redis-server.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use memscope::report::{Report, Site};
+
+use crate::support::*;
+
+fn built(name: &str, status: std::io::Result<std::process::ExitStatus>) -> PathBuf {
+    assert!(
+        status.expect("the compiler runs").success(),
+        "{name} does not build"
+    );
+    scratch().join(name)
+}
+
+/// tests/fixtures/unwind_chain.c at -O2, with or without frame pointers.
+fn chain_fixture(frame_pointers: bool) -> PathBuf {
+    let name = if frame_pointers {
+        "unwind_chain-fp"
+    } else {
+        "unwind_chain-nofp"
+    };
+    let flags: &[&str] = if frame_pointers {
+        &["-O2"]
+    } else {
+        &["-O2", "-fomit-frame-pointer"]
+    };
+    let source = workspace_file("tests/fixtures/unwind_chain.c");
+    built(name, compile_c(&source, &scratch().join(name), flags))
+}
+
+fn chain(site: &Site) -> Vec<(&str, Option<u32>)> {
+    site.frames
+        .iter()
+        .map(|f| (f.function.as_str(), f.line))
+        .collect()
+}
+
+fn names(site: &Site) -> Vec<&str> {
+    site.frames.iter().map(|f| f.function.as_str()).collect()
+}
+
+/// No frame outside every mapping, none cut short.
+fn assert_every_frame_is_real(report: &Report) {
+    for site in &report.sites {
+        assert!(
+            !site
+                .frames
+                .iter()
+                .any(|f| f.function.starts_with("0x") || f.function == "[truncated]"),
+            "{:?}",
+            names(site)
+        );
+    }
+}
+
+const LIBC_START: [&str; 3] = ["__libc_start_call_main", "__libc_start_main_impl", "_start"];
+
+#[test]
+fn code_without_frame_pointers_gives_the_chains_it_has_with_them() {
+    if !bpf_available() {
+        return;
+    }
+    let mut chains = Vec::new();
+    for frame_pointers in [true, false] {
+        let fixture = chain_fixture(frame_pointers);
+        let test = format!("unwind_chain_{frame_pointers}");
+        let (report, _) = run_command(&test, &[fixture.into_os_string()], &[]);
+        let leak = site(&report, "leaf_alloc");
+        assert_eq!(figures(leak), (100_000, 100, 100_000, 100));
+        let mut expected = vec![
+            "leaf_alloc",
+            "big_frame",
+            "with_alloca",
+            "recurse",
+            "recurse",
+            "recurse",
+            "recurse",
+            "main",
+        ];
+        expected.extend(LIBC_START);
+        assert_eq!(names(leak), expected, "frame pointers: {frame_pointers}");
+        // The lines of the calls, in the fixture.
+        assert_eq!(
+            chain(leak)[..4],
+            [
+                ("leaf_alloc", Some(19)),
+                ("big_frame", Some(27)),
+                ("with_alloca", Some(35)),
+                ("recurse", Some(41)),
+            ]
+        );
+        // Taken at the system call: libc's wrapper is unwound too.
+        let mapped = site(&report, "map_pages");
+        assert_eq!(figures(mapped), (655_360, 10, 655_360, 10));
+        let mut expected = vec!["map_pages", "main"];
+        expected.extend(LIBC_START);
+        assert_eq!(names(mapped), expected);
+        assert_every_frame_is_real(&report);
+        assert_nothing_lost(&report);
+        let owned: Vec<(String, Option<u32>)> = chain(leak)
+            .iter()
+            .map(|&(f, l)| (f.to_owned(), l))
+            .collect();
+        chains.push(owned);
+    }
+    assert_eq!(chains[0], chains[1], "with and without frame pointers");
+
+    // The kernel's frame-pointer walk on the same binary loses the callers:
+    // the unwinder is what finds them.
+    let (report, _) = run_command(
+        "unwind_chain_fp_walk",
+        &[chain_fixture(false).into_os_string()],
+        &["--unwind", "fp"],
+    );
+    let leak = site(&report, "leaf_alloc");
+    assert_eq!(figures(leak), (100_000, 100, 100_000, 100));
+    assert!(!names(leak).contains(&"with_alloca"), "{:?}", names(leak));
+}
+
+#[test]
+fn cpp_through_operator_new_names_its_callers() {
+    if !bpf_available() {
+        return;
+    }
+    let out = scratch().join("unwind_new-nofp");
+    let status = Command::new("g++")
+        .args([
+            "-O2",
+            "-g",
+            "-fomit-frame-pointer",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+        ])
+        .arg("-o")
+        .arg(&out)
+        .arg(workspace_file("tests/fixtures/unwind_new.cpp"))
+        .status();
+    let fixture = built("unwind_new-nofp", status);
+    let (report, _) = run_command("unwind_new", &[fixture.into_os_string()], &[]);
+    let grow = site(&report, "Cache::grow()");
+    assert_eq!(figures(grow), (200_000, 50, 200_000, 50));
+    let mut expected = vec!["Cache::grow()", "fill(Cache&, int)", "main"];
+    expected.extend(LIBC_START);
+    assert_eq!(names(grow), expected);
+    assert_eq!(grow.frames[1].line, Some(23));
+}
+
+#[test]
+fn rust_in_release_mode_names_its_leaking_function_and_callers() {
+    if !bpf_available() {
+        return;
+    }
+    let out = scratch().join("rust_leak-release");
+    let status = Command::new("rustc")
+        .args(["-C", "opt-level=2", "-C", "force-frame-pointers=no", "-g"])
+        .arg("-o")
+        .arg(&out)
+        .arg(workspace_file("tests/fixtures/rust_leak.rs"))
+        .status();
+    let fixture = built("rust_leak-release", status);
+    let (report, _) = run_command("rust_release", &[fixture.into_os_string()], &[]);
+    let leak = site(&report, "rust_leak::leak_vectors");
+    assert_eq!(figures(leak), (600_000, 200, 600_000, 200));
+    let names = names(leak);
+    assert_eq!(names[1], "rust_leak::main");
+    assert!(names.contains(&"std::rt::lang_start_internal"), "{names:?}");
+    assert_eq!(names[names.len() - 3..], LIBC_START);
+    assert_every_frame_is_real(&report);
+}
+
+/// Debian's redis-server, built without frame pointers, under
+/// redis-benchmark: every frame is in a mapping, and the sites are redis's
+/// own allocation paths.
+#[test]
+fn debian_redis_under_load_has_no_garbage_frames() {
+    if !bpf_available() {
+        return;
+    }
+    let port = 16_379;
+    let mut redis = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server runs (cargo xtask setup installs it)");
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "redis does not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dir = output_dir("unwind_redis");
+    let (mut memscope, _said) = attach_memscope(redis.id(), &dir, &["-d", "8s"]);
+    let benchmark = Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &port.to_string(),
+            "-n",
+            "4000",
+            "-q",
+            "-t",
+            "set,get,lpush",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("redis-benchmark runs");
+    let said: Vec<String> = BufReader::new(benchmark.stdout.expect("stdout"))
+        .lines()
+        .map_while(Result::ok)
+        .collect();
+    eprintln!("{}", said.join("\n"));
+    assert!(memscope.wait().expect("memscope exits").success());
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let report = read_report(&dir);
+    assert_no_frame_outside_mappings(&report);
+    let sites: Vec<Vec<&str>> = report.sites.iter().map(names).collect();
+    // SET's value objects, from the command through redis's allocator.
+    assert!(
+        sites.iter().any(|s| s.len() > 3
+            && s[0] == "zmalloc"
+            && s[1] == "createEmbeddedStringObject"
+            && s.contains(&"processInputBuffer")),
+        "{sites:#?}"
+    );
+    for site in sites.iter().take(5) {
+        assert!(
+            ["zmalloc", "zcalloc", "zrealloc", "ztrycalloc"]
+                .iter()
+                .any(|z| site[0].starts_with(z)),
+            "a top site not in redis's allocator: {site:?}"
+        );
+    }
+    assert_eq!(report.completeness.stack_errors, 0);
+}
+
+fn assert_no_frame_outside_mappings(report: &Report) {
+    for site in &report.sites {
+        assert!(
+            !site.frames.iter().any(|f| f.function.starts_with("0x")),
+            "{:?}",
+            names(site)
+        );
+    }
+}
