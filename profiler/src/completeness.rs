@@ -1,7 +1,11 @@
 //! What the kernel side could not record, said in words with the option
 //! that fixes it.
 
-use crate::{bpf::MapCapacity, processes::Following, report::Report};
+use crate::{
+    bpf::MapCapacity,
+    processes::Following,
+    report::{Report, Site},
+};
 
 /// Says what was lost and which option fixes it.
 pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
@@ -156,5 +160,69 @@ pub fn loss_warnings(report: &Report, capacity: MapCapacity) -> Vec<String> {
                 .to_owned(),
         );
     }
+    let unnamed = objects_without_symbols(&report.sites);
+    if !unnamed.is_empty() {
+        warnings.push(format!(
+            "no symbols for some frames of {}: shown as FILE+OFFSET; install their debug symbols (Debian's -dbgsym or -dbg packages, found under /usr/lib/debug/.build-id) or profile an unstripped build",
+            unnamed.join(", ")
+        ));
+    }
     warnings
+}
+
+/// The objects of the sites' frames that had no name for an address
+/// (symbolization shows those as `FILE+0xOFFSET`).
+pub fn objects_without_symbols(sites: &[Site]) -> Vec<String> {
+    let mut objects = std::collections::BTreeSet::new();
+    for frame in sites.iter().flat_map(|s| &s.frames) {
+        let Some(module) = frame.module.as_deref() else {
+            continue;
+        };
+        let name = module.rsplit('/').next().unwrap_or(module);
+        if frame
+            .function
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with("+0x"))
+        {
+            objects.insert(module.to_owned());
+        }
+    }
+    objects.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::Frame;
+
+    #[test]
+    fn objects_with_unnamed_frames_are_listed_once() {
+        let frame = |function: &str, module: &str| Frame {
+            module: Some(module.to_owned()),
+            ..Frame::named(function)
+        };
+        let sites = [
+            Site {
+                frames: vec![
+                    frame("zmalloc", "/usr/bin/redis-check-rdb"),
+                    frame("redis-check-rdb+0x13c1e3", "/usr/bin/redis-check-rdb"),
+                    frame("libstdc++.so.6+0xa57b9", "/usr/lib/libstdc++.so.6"),
+                ],
+                ..Site::default()
+            },
+            Site {
+                frames: vec![
+                    frame("redis-check-rdb+0x84967", "/usr/bin/redis-check-rdb"),
+                    // A name that merely starts like its file is a name.
+                    frame("libc.so.6_helper", "/usr/lib/libc.so.6"),
+                    Frame::named("main"),
+                ],
+                ..Site::default()
+            },
+        ];
+        assert_eq!(
+            objects_without_symbols(&sites),
+            ["/usr/bin/redis-check-rdb", "/usr/lib/libstdc++.so.6"]
+        );
+    }
 }

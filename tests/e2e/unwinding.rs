@@ -21,13 +21,9 @@ fn built(name: &str, status: std::io::Result<std::process::ExitStatus>) -> PathB
     scratch().join(name)
 }
 
-/// tests/fixtures/unwind_chain.c at -O2, with or without frame pointers.
-fn chain_fixture(frame_pointers: bool) -> PathBuf {
-    let name = if frame_pointers {
-        "unwind_chain-fp"
-    } else {
-        "unwind_chain-nofp"
-    };
+/// tests/fixtures/unwind_chain.c at -O2, with or without frame pointers,
+/// built as `name` (one per test: tests run in parallel).
+fn chain_fixture(name: &str, frame_pointers: bool) -> PathBuf {
     let flags: &[&str] = if frame_pointers {
         &["-O2"]
     } else {
@@ -71,7 +67,7 @@ fn code_without_frame_pointers_gives_the_chains_it_has_with_them() {
     }
     let mut chains = Vec::new();
     for frame_pointers in [true, false] {
-        let fixture = chain_fixture(frame_pointers);
+        let fixture = chain_fixture(&format!("unwind_chain-{frame_pointers}"), frame_pointers);
         let test = format!("unwind_chain_{frame_pointers}");
         let (report, _) = run_command(&test, &[fixture.into_os_string()], &[]);
         let leak = site(&report, "leaf_alloc");
@@ -118,12 +114,119 @@ fn code_without_frame_pointers_gives_the_chains_it_has_with_them() {
     // the unwinder is what finds them.
     let (report, _) = run_command(
         "unwind_chain_fp_walk",
-        &[chain_fixture(false).into_os_string()],
+        &[scratch().join("unwind_chain-false").into_os_string()],
         &["--unwind", "fp"],
     );
     let leak = site(&report, "leaf_alloc");
     assert_eq!(figures(leak), (100_000, 100, 100_000, 100));
     assert!(!names(leak).contains(&"with_alloca"), "{:?}", names(leak));
+}
+
+/// Removes a file when dropped, however the test ends.
+struct Installed(PathBuf);
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn run_tool(program: &str, args: &[&std::ffi::OsStr]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} runs: {e}"));
+    assert!(output.status.success(), "{program} {args:?} failed");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A stripped binary is named from its separate debug file under
+/// /usr/lib/debug/.build-id (where Debian's -dbgsym packages put them);
+/// without one, the report says which object had no symbols.
+#[test]
+fn a_stripped_binary_is_named_from_its_build_id_debug_file() {
+    if !bpf_available() {
+        return;
+    }
+    let fixture = chain_fixture("unwind_chain-unstripped", false);
+    let stripped = scratch().join("unwind_chain-stripped");
+    let debug = scratch().join("unwind_chain-stripped.debug");
+    run_tool(
+        "objcopy",
+        &[
+            "--only-keep-debug".as_ref(),
+            fixture.as_os_str(),
+            debug.as_os_str(),
+        ],
+    );
+    run_tool(
+        "strip",
+        &[
+            "--strip-all".as_ref(),
+            "-o".as_ref(),
+            stripped.as_os_str(),
+            fixture.as_os_str(),
+        ],
+    );
+    // As Debian's dh_strip leaves its binaries: a debug link by name, the
+    // file itself only under the build id.
+    let mut link = std::ffi::OsString::from("--add-gnu-debuglink=");
+    link.push(&debug);
+    run_tool("objcopy", &[link.as_os_str(), stripped.as_os_str()]);
+    let notes = run_tool("readelf", &["-n".as_ref(), stripped.as_os_str()]);
+    let build_id = notes
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .expect("gcc gives the fixture a build id")
+        .to_owned();
+    let installed = PathBuf::from(format!(
+        "/usr/lib/debug/.build-id/{}/{}.debug",
+        &build_id[..2],
+        &build_id[2..]
+    ));
+    std::fs::create_dir_all(installed.parent().expect("a directory")).expect("debug dir");
+    std::fs::copy(&debug, &installed).expect("debug file installed");
+    std::fs::remove_file(&debug).expect("only the installed debug file is left");
+    let guard = Installed(installed);
+
+    let (report, _) = run_command("unwind_stripped", &[stripped.clone().into_os_string()], &[]);
+    let leak = site(&report, "leaf_alloc");
+    assert_eq!(
+        names(leak)[..4],
+        ["leaf_alloc", "big_frame", "with_alloca", "recurse"]
+    );
+    assert_eq!(leak.frames[0].line, Some(19));
+    assert!(
+        !report.warnings.iter().any(|w| w.contains("no symbols")),
+        "{:?}",
+        report.warnings
+    );
+
+    drop(guard);
+    let (report, _) = run_command(
+        "unwind_stripped_bare",
+        &[stripped.clone().into_os_string()],
+        &[],
+    );
+    let top = &report
+        .sites
+        .iter()
+        .find(|s| s.live_count == 100)
+        .expect("the leak")
+        .frames[0];
+    assert!(
+        top.function.starts_with("unwind_chain-stripped+0x"),
+        "{top:?}"
+    );
+    let warning = report
+        .warnings
+        .iter()
+        .find(|w| w.contains("no symbols"))
+        .expect("a warning for the object without symbols");
+    assert!(
+        warning.contains(&stripped.display().to_string()),
+        "{warning}"
+    );
 }
 
 #[test]

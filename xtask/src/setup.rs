@@ -39,6 +39,9 @@ pub fn run(root: &Path) -> Result<()> {
     if ensure_program("g++", &["g++"])? {
         did.push("installed g++ (a fixture is C++)");
     }
+    if ensure_package("libc6-dbg")? {
+        did.push("installed libc6-dbg (tests name libc's own functions from its debug symbols)");
+    }
     if ensure_program("redis-benchmark", &["redis-server", "redis-tools"])? {
         did.push("installed redis-server and redis-tools (a test unwinds Debian's redis-server)");
     }
@@ -47,7 +50,7 @@ pub fn run(root: &Path) -> Result<()> {
     }
     if did.is_empty() {
         eprintln!(
-            "xtask setup: nothing to do (rust-src, bpf-linker, tracefs, gcc, g++, libjemalloc2, go, redis, python3-venv present)"
+            "xtask setup: nothing to do (rust-src, bpf-linker, tracefs, gcc, g++, libc6-dbg, libjemalloc2, go, redis, python3-venv present)"
         );
     } else {
         for line in did {
@@ -234,6 +237,18 @@ fn ensure_jemalloc() -> Result<bool> {
         return Ok(false);
     }
     apt_install(&["libjemalloc2"])?;
+    Ok(true)
+}
+
+/// Installs a Debian package unless it is installed.
+fn ensure_package(package: &str) -> Result<bool> {
+    let status = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output();
+    if status.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed")) {
+        return Ok(false);
+    }
+    apt_install(&[package])?;
     Ok(true)
 }
 

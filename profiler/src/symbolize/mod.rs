@@ -212,6 +212,9 @@ impl StackSymbolizer {
     pub fn symbolize_stack(&mut self, pid: u32, ips: &[u64]) -> Vec<Frame> {
         let mut frames = Vec::new();
         for (i, &ip) in ips.iter().enumerate() {
+            if ip == crate::collect::CUT_MARK && frames.last().is_some_and(is_entry_point) {
+                return frames; // the loader's entry, which has no caller and no rule
+            }
             if ip == crate::collect::CUT_MARK || i > 0 && !self.is_return_address(pid, ip) {
                 frames.push(Frame::named(TRUNCATED));
                 return frames;
@@ -397,6 +400,12 @@ pub(crate) fn mapped_file(
         None if mapping.replaced => None,
         None => Some(maps.host_path(path)),
     }
+}
+
+/// Where a process starts: the stack ends there whole, though the loader's
+/// entry code has no unwind rule to say so.
+fn is_entry_point(frame: &Frame) -> bool {
+    matches!(frame.function.as_str(), "_start" | "_dl_start_user")
 }
 
 fn file_name(path: &Path) -> String {
