@@ -3,7 +3,6 @@
 //! same code built with frame pointers; C++ through operator new, Rust in
 //! release mode, and Debian's own redis-server.
 
-use std::io::{BufRead as _, BufReader};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -120,6 +119,16 @@ fn code_without_frame_pointers_gives_the_chains_it_has_with_them() {
     let leak = site(&report, "leaf_alloc");
     assert_eq!(figures(leak), (100_000, 100, 100_000, 100));
     assert!(!names(leak).contains(&"with_alloca"), "{:?}", names(leak));
+}
+
+/// Kills a server when dropped, however the test ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Removes a file when dropped, however the test ends.
@@ -290,18 +299,20 @@ fn debian_redis_under_load_has_no_garbage_frames() {
         return;
     }
     let port = 16_379;
-    let mut redis = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server runs (cargo xtask setup installs it)");
+    let redis = Killed(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (cargo xtask setup installs it)"),
+    );
     let started = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
@@ -311,7 +322,7 @@ fn debian_redis_under_load_has_no_garbage_frames() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let dir = output_dir("unwind_redis");
-    let (mut memscope, _said) = attach_memscope(redis.id(), &dir, &["-d", "8s"]);
+    let (mut memscope, _said) = attach_memscope(redis.0.id(), &dir, &["-d", "8s"]);
     let benchmark = Command::new("redis-benchmark")
         .args([
             "-p",
@@ -322,17 +333,12 @@ fn debian_redis_under_load_has_no_garbage_frames() {
             "-t",
             "set,get,lpush",
         ])
-        .stdout(Stdio::piped())
-        .spawn()
+        .output()
         .expect("redis-benchmark runs");
-    let said: Vec<String> = BufReader::new(benchmark.stdout.expect("stdout"))
-        .lines()
-        .map_while(Result::ok)
-        .collect();
-    eprintln!("{}", said.join("\n"));
+    eprintln!("{}", String::from_utf8_lossy(&benchmark.stdout));
+    assert!(benchmark.status.success());
     assert!(memscope.wait().expect("memscope exits").success());
-    let _ = redis.kill();
-    let _ = redis.wait();
+    drop(redis);
     let report = read_report(&dir);
     assert_no_frame_outside_mappings(&report);
     let sites: Vec<Vec<&str>> = report.sites.iter().map(names).collect();
