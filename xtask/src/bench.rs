@@ -13,8 +13,8 @@
 //! ratio to the untraced program of the same run, printed as a table and
 //! written to target/bench/results.json with memscope's own peak RSS and CPU
 //! time. A tool that cannot be installed or fails is reported, not fatal.
-//! The fork-rate rows (`fork_rate`) follow, then Python's and the
-//! requests' (`request_rate`).
+//! The fork-rate rows (`fork_rate`) follow, then Python's, the
+//! requests' (`request_rate`) and the unwinder's cost (`unwind_cost`).
 
 use std::{
     fmt::Write as _,
@@ -183,6 +183,21 @@ pub fn run_python(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The unwinding rows alone (`cargo xtask bench --unwind`).
+pub fn run_unwind(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
+    let out_dir = workspace_root.join("target/bench");
+    let work = out_dir.join("tmp-unwind");
+    fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let (table, json) = crate::unwind_cost::run(workspace_root, &out_dir, &work, memscope_bin)?;
+    let _ = fs::remove_dir_all(&work);
+    let path = out_dir.join("unwind.json");
+    fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    print!("{table}");
+    println!("\nbench: results in {}", path.display());
+    Ok(())
+}
+
 /// The request rows alone (`cargo xtask bench --requests`).
 pub fn run_requests(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
     let work = workspace_root.join("target/bench/tmp-requests");
@@ -286,6 +301,8 @@ pub fn run(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
         crate::python_objects_rate::run(workspace_root, &work, memscope_bin)?;
     let (request_table, request_json) =
         crate::request_rate::run(workspace_root, &work, memscope_bin)?;
+    let (unwind_table, unwind_json) =
+        crate::unwind_cost::run(workspace_root, &out_dir, &work, memscope_bin)?;
     let _ = fs::remove_dir_all(&work);
 
     let mut results = results_json(&ctx, &cells, started.elapsed());
@@ -293,6 +310,7 @@ pub fn run(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
     results["python"] = python_json;
     results["python_objects"] = objects_json;
     results["requests"] = request_json;
+    results["unwind_cost"] = unwind_json;
     let path = out_dir.join("results.json");
     let text = serde_json::to_string_pretty(&results)?;
     fs::write(&path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
@@ -301,6 +319,7 @@ pub fn run(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
     print!("{python_table}");
     print!("{objects_table}");
     print!("{request_table}");
+    print!("{unwind_table}");
     println!(
         "\nbench: {} rounds in {:.0} s; results in {}",
         REPS,
@@ -317,18 +336,21 @@ fn tool_index(tool: Tool) -> usize {
 // ---------------------------------------------------------------- building
 
 fn build_bench(root: &Path, out_dir: &Path) -> Result<PathBuf> {
+    build_allocbench(root, &out_dir.join("allocbench"), "-fno-omit-frame-pointer")
+}
+
+/// bench/allocbench.c into `binary`, with `frame_pointer_flag` and the
+/// bench's other flags.
+pub(crate) fn build_allocbench(
+    root: &Path,
+    binary: &Path,
+    frame_pointer_flag: &str,
+) -> Result<PathBuf> {
     let source = root.join("bench/allocbench.c");
-    let binary = out_dir.join("allocbench");
     let out = Command::new("gcc")
-        .args([
-            "-O2",
-            "-fno-omit-frame-pointer",
-            "-fno-builtin-malloc",
-            "-pthread",
-            "-Wall",
-            "-o",
-        ])
-        .arg(&binary)
+        .args(["-O2", frame_pointer_flag])
+        .args(["-fno-builtin-malloc", "-pthread", "-Wall", "-o"])
+        .arg(binary)
         .arg(&source)
         .output()
         .context("cannot run gcc (cargo xtask setup installs it)")?;
@@ -339,7 +361,7 @@ fn build_bench(root: &Path, out_dir: &Path) -> Result<PathBuf> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(binary)
+    Ok(binary.to_path_buf())
 }
 
 // ------------------------------------------------------------ installation
@@ -924,7 +946,7 @@ fn drain_all(lines: &Receiver<Line>, into: &mut Vec<String>) {
 }
 
 /// A failure message with the last meaningful lines the program printed.
-fn failure(what: &str, status: Option<&str>, said: &[String]) -> String {
+pub(crate) fn failure(what: &str, status: Option<&str>, said: &[String]) -> String {
     let mut message = what.to_owned();
     if let Some(status) = status {
         let _ = write!(message, " ({status})");
@@ -951,7 +973,7 @@ fn last_line(text: &str) -> String {
 
 /// The bench's `ns_per_op=123.4 ops=...` line, wherever it is in the output
 /// (memscope prints its table after it).
-fn parse_ns_per_op(lines: &[String]) -> Option<f64> {
+pub(crate) fn parse_ns_per_op(lines: &[String]) -> Option<f64> {
     lines.iter().find_map(|line| {
         line.split_whitespace()
             .find_map(|field| field.strip_prefix("ns_per_op="))
@@ -993,7 +1015,7 @@ fn clock_ticks() -> f64 {
 
 // --------------------------------------------------------------- results
 
-fn median(values: &[f64]) -> Option<f64> {
+pub(crate) fn median(values: &[f64]) -> Option<f64> {
     if values.is_empty() {
         return None;
     }
@@ -1149,11 +1171,11 @@ fn results_json(ctx: &Context, cells: &[Vec<Cell>], elapsed: Duration) -> Value 
     })
 }
 
-fn round1(x: f64) -> f64 {
+pub(crate) fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-fn round2(x: f64) -> f64 {
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 

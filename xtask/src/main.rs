@@ -15,6 +15,7 @@ mod python_objects_rate;
 mod python_rate;
 mod request_rate;
 mod setup;
+mod unwind_cost;
 
 use std::{
     path::{Path, PathBuf},
@@ -60,6 +61,10 @@ enum Task {
         /// target/bench/requests.json.
         #[arg(long, conflicts_with = "python")]
         requests: bool,
+        /// Only the unwinding rows (.eh_frame walk against frame pointers),
+        /// into target/bench/unwind.json.
+        #[arg(long, conflicts_with_all = ["python", "requests"])]
+        unwind: bool,
     },
     /// cargo fmt --check and clippy with -D warnings.
     Lint,
@@ -83,13 +88,19 @@ fn main() -> Result<()> {
             let memscope = build_release(&root)?;
             demo::run(&root, &memscope, example)
         }
-        Task::Bench { python, requests } => {
+        Task::Bench {
+            python,
+            requests,
+            unwind,
+        } => {
             setup::run(&root)?;
             let memscope = build_release(&root)?;
             if python {
                 bench::run_python(&root, &memscope)
             } else if requests {
                 bench::run_requests(&root, &memscope)
+            } else if unwind {
+                bench::run_unwind(&root, &memscope)
             } else {
                 bench::run(&root, &memscope)
             }
