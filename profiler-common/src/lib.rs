@@ -321,6 +321,17 @@ pub mod alloc_kind {
     /// whose mmap's return holds the process until the unwinder knows it
     /// (`event_kind::CODE_MAPPED`).
     pub const CODE_MMAP: u32 = 18;
+
+    /// How many leading argument registers (rdi, rsi, rdx) the entry
+    /// program reads for `kind`: a probe may move past prologue
+    /// instructions that write only the others.
+    pub const fn arguments(kind: u32) -> usize {
+        match kind {
+            MALLOC | VALLOC | PVALLOC | FREE => 1,
+            CALLOC | REALLOC | ALIGNED_ALLOC | MEMALIGN | PY_MALLOC | PY_FREE => 2,
+            _ => 3,
+        }
+    }
 }
 
 /// What kind of memory a site holds: `StackKey::class`.

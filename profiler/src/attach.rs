@@ -26,7 +26,7 @@ use crate::{
     multi_uprobe::{
         self, ENTRY_PROGRAM, MultiLink, MultiPrograms, MultiUprobeError, ProbePoint, RETURN_PROGRAM,
     },
-    probe_site::{ProbeSite, entry_probe_site},
+    probe_site::{entry_probe_site, return_probe_site},
     process_maps::ProcessMaps,
     watchdog::{LinkHandoff, WatchdogCopy},
 };
@@ -429,26 +429,19 @@ fn family_sites(elf: &object::File<'_>, library: &Path) -> Result<FamilySites, A
         if !probed_addresses.insert(symbol.address) {
             continue;
         }
+        // A return probe and its entry program share one trap.
+        let arguments = alloc_kind::arguments(function.kind);
         let site = if function.return_probe {
-            // A return probe needs a trap at the entry anyway; the entry
-            // program shares it.
-            let first = entry_probe_site(&symbol.prologue);
-            ProbeSite {
-                offset: 0,
-                emulated: first.emulated && first.offset == 0,
-            }
+            return_probe_site(&symbol.prologue, arguments)
         } else {
-            entry_probe_site(&symbol.prologue)
+            entry_probe_site(&symbol.prologue, arguments)
         };
         let cookie = u64::from(function.kind);
         let entry = ProbePoint {
             file_offset: symbol.file_offset + site.offset,
             cookie,
         };
-        let ret = function.return_probe.then_some(ProbePoint {
-            file_offset: symbol.file_offset,
-            cookie,
-        });
+        let ret = function.return_probe.then_some(entry);
         sites.entries.push(entry);
         sites.returns.extend(ret);
         sites.functions.push((function.symbol, entry, ret));
@@ -692,7 +685,7 @@ pub fn attach_python_objects(
         .functions
         .iter()
         .filter(|f| f.has_return())
-        .map(|f| point(f.file_offset, f.kind))
+        .map(|f| point(f.file_offset + f.entry_offset, f.kind))
         .collect();
     let links = multi.attach(&host_path, &entries, &returns, pid)?;
     Ok(Some(
@@ -845,7 +838,7 @@ mod tests {
         }
         // glibc's free starts with `test %rdi,%rdi; je`: the probe moves to the je.
         let free = resolve(&elf, "free").expect("free");
-        let site = entry_probe_site(&free.prologue);
+        let site = entry_probe_site(&free.prologue, 1);
         assert!(
             site.emulated,
             "free's entry probe is single-stepped: {site:?}"

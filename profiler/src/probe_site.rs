@@ -5,14 +5,20 @@
 //! a VM costs over 10x more (TOOLCHAIN.md: free's entry `test %rdi,%rdi`
 //! 9900 ns per call, free+3 `je` 800 ns). So an entry-only probe goes on the
 //! first emulated instruction of the straight-line prologue, as long as
-//! nothing before it writes an argument register; else it stays at the entry.
+//! nothing before it writes an argument register the entry program reads;
+//! else it stays at the entry.
+//! A return probe can move the same way while the return address is still
+//! at the stack pointer (nothing before it moved rsp or wrote the stack):
+//! jemalloc's malloc starts with `cmp $0x1000,%rdi; ja`, and probing the
+//! `ja` instead of the `cmp` is what keeps a jemalloc target fast.
 
 use iced_x86::{
     Code, Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, OpAccess, Register,
 };
 
 /// How far into a prologue to look.
-const MAX_PROLOGUE_INSTRUCTIONS: usize = 8;
+/// jemalloc's free reaches its first branch after 9 instructions.
+const MAX_PROLOGUE_INSTRUCTIONS: usize = 16;
 
 /// The chosen site, and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,8 +30,19 @@ pub struct ProbeSite {
 }
 
 /// Chooses the entry-probe site for x86-64 `code` starting at a function's
-/// entry.
-pub fn entry_probe_site(code: &[u8]) -> ProbeSite {
+/// entry, whose program reads the first `arguments` argument registers.
+pub fn entry_probe_site(code: &[u8], arguments: usize) -> ProbeSite {
+    probe_site(code, arguments, false)
+}
+
+/// Chooses one site for a function's entry and return probes: a return
+/// probe replaces the return address at rsp when it fires, so it must fire
+/// before the function moves rsp or writes its stack.
+pub fn return_probe_site(code: &[u8], arguments: usize) -> ProbeSite {
+    probe_site(code, arguments, true)
+}
+
+fn probe_site(code: &[u8], arguments: usize, with_return: bool) -> ProbeSite {
     let entry = ProbeSite {
         offset: 0,
         emulated: false,
@@ -49,7 +66,8 @@ pub fn entry_probe_site(code: &[u8]) -> ProbeSite {
         // Past a branch the argument may not reach the probe; past a write
         // to an argument register the probe would read the wrong value.
         if instruction.flow_control() != FlowControl::Next
-            || writes_argument(&mut info, &instruction)
+            || writes_argument(&mut info, &instruction, arguments)
+            || (with_return && writes_stack(&mut info, &instruction))
         {
             break;
         }
@@ -69,7 +87,11 @@ fn is_emulated(instruction: &iced_x86::Instruction) -> bool {
         )
 }
 
-fn writes_argument(info: &mut InstructionInfoFactory, instruction: &iced_x86::Instruction) -> bool {
+fn writes_argument(
+    info: &mut InstructionInfoFactory,
+    instruction: &iced_x86::Instruction,
+    arguments: usize,
+) -> bool {
     const ARGUMENTS: [Register; 6] = [
         Register::RDI,
         Register::RSI,
@@ -79,12 +101,28 @@ fn writes_argument(info: &mut InstructionInfoFactory, instruction: &iced_x86::In
         Register::R9,
     ];
     info.info(instruction).used_registers().iter().any(|used| {
-        ARGUMENTS.contains(&used.register().full_register())
+        ARGUMENTS[..arguments.min(ARGUMENTS.len())].contains(&used.register().full_register())
             && !matches!(
                 used.access(),
                 OpAccess::Read | OpAccess::CondRead | OpAccess::None
             )
     })
+}
+
+/// Whether `instruction` moves rsp or writes memory (the return address
+/// may be where it writes).
+fn writes_stack(info: &mut InstructionInfoFactory, instruction: &iced_x86::Instruction) -> bool {
+    let info = info.info(instruction);
+    let writes = |access: OpAccess| {
+        !matches!(
+            access,
+            OpAccess::Read | OpAccess::CondRead | OpAccess::None | OpAccess::NoMemAccess
+        )
+    };
+    info.used_registers()
+        .iter()
+        .any(|used| used.register().full_register() == Register::RSP && writes(used.access()))
+        || info.used_memory().iter().any(|used| writes(used.access()))
 }
 
 #[cfg(test)]
@@ -96,7 +134,7 @@ mod tests {
         // test %rdi,%rdi ; je +0x..
         let code = [0x48, 0x85, 0xff, 0x0f, 0x84, 0x97, 0x00, 0x00, 0x00];
         assert_eq!(
-            entry_probe_site(&code),
+            entry_probe_site(&code, 1),
             ProbeSite {
                 offset: 3,
                 emulated: true
@@ -109,7 +147,7 @@ mod tests {
         // push %r12 ; push %rbp
         let code = [0x41, 0x54, 0x55];
         assert_eq!(
-            entry_probe_site(&code),
+            entry_probe_site(&code, 1),
             ProbeSite {
                 offset: 0,
                 emulated: true
@@ -121,7 +159,7 @@ mod tests {
     fn memalign_skips_rip_relative_compare() {
         // cmpb $0x0,0x140e71(%rip) ; je +7
         let code = [0x80, 0x3d, 0x71, 0x0e, 0x14, 0x00, 0x00, 0x74, 0x07];
-        assert_eq!(entry_probe_site(&code).offset, 7);
+        assert_eq!(entry_probe_site(&code, 1).offset, 7);
     }
 
     #[test]
@@ -130,7 +168,7 @@ mod tests {
         // mov %rsi,%rdi ; push %rbx
         let code = [0x48, 0x89, 0xf7, 0x53];
         assert_eq!(
-            entry_probe_site(&code),
+            entry_probe_site(&code, 1),
             ProbeSite {
                 offset: 0,
                 emulated: false
@@ -139,8 +177,62 @@ mod tests {
     }
 
     #[test]
+    fn jemalloc_malloc_return_probe_moves_to_ja() {
+        // cmp $0x1000,%rdi ; ja +0x93
+        let code = [
+            0x48, 0x81, 0xff, 0x00, 0x10, 0x00, 0x00, 0x0f, 0x87, 0x93, 0x00, 0x00, 0x00,
+        ];
+        assert_eq!(
+            return_probe_site(&code, 1),
+            ProbeSite {
+                offset: 7,
+                emulated: true
+            }
+        );
+    }
+
+    #[test]
+    fn return_probe_stays_before_a_stack_change() {
+        // sub $0x18,%rsp ; je +7: the return address has moved.
+        let code = [0x48, 0x83, 0xec, 0x18, 0x74, 0x07];
+        assert_eq!(entry_probe_site(&code, 1).offset, 4);
+        assert_eq!(return_probe_site(&code, 1).offset, 0);
+        // mov %rdi,(%rsp) ; je +7: the return address is overwritten.
+        let code = [0x48, 0x89, 0x3c, 0x24, 0x74, 0x07];
+        assert_eq!(return_probe_site(&code, 1).offset, 0);
+        // push %r15 is itself the site: it has not run when the probe fires.
+        assert_eq!(return_probe_site(&[0x41, 0x57, 0x41, 0x56], 1).offset, 0);
+    }
+
+    #[test]
+    fn jemalloc_free_moves_past_nine_instructions() {
+        let code = [
+            0x48, 0x89, 0xf8, // mov %rdi,%rax
+            0x48, 0x8b, 0x15, 0x0e, 0x53, 0x0a, 0x00, // mov 0xa530e(%rip),%rdx
+            0x48, 0x89, 0xf9, // mov %rdi,%rcx
+            0x48, 0xc1, 0xe8, 0x1a, // shr $0x1a,%rax
+            0x48, 0x81, 0xe1, 0x00, 0x00, 0x00, 0xc0, // and $0xffffffffc0000000,%rcx
+            0x25, 0xf0, 0x00, 0x00, 0x00, // and $0xf0,%eax
+            0x64, 0x48, 0x03, 0x04, 0x25, 0x00, 0x00, 0x00, 0x00, // add %fs:0x0,%rax
+            0x48, 0x01, 0xd0, // add %rdx,%rax
+            0x48, 0x3b, 0x88, 0xb0, 0x01, 0x00, 0x00, // cmp 0x1b0(%rax),%rcx
+            0x0f, 0x85, 0x8a, 0x00, 0x00, 0x00, // jne
+        ];
+        assert_eq!(
+            entry_probe_site(&code, 1),
+            ProbeSite {
+                offset: 48,
+                emulated: true
+            }
+        );
+        // Its second instruction writes rdx, which a three-argument
+        // function's program reads.
+        assert_eq!(entry_probe_site(&code, 3).offset, 0);
+    }
+
+    #[test]
     fn garbage_keeps_the_entry() {
-        assert_eq!(entry_probe_site(&[]).offset, 0);
-        assert_eq!(entry_probe_site(&[0x0f, 0x0b]).offset, 0); // ud2
+        assert_eq!(entry_probe_site(&[], 1).offset, 0);
+        assert_eq!(entry_probe_site(&[0x0f, 0x0b], 1).offset, 0); // ud2
     }
 }

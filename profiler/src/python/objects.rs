@@ -31,7 +31,7 @@ use profiler_common::alloc_kind;
 
 use super::{PythonRuntime, memory::ProcessMemory};
 use crate::{
-    probe_site::entry_probe_site,
+    probe_site::{entry_probe_site, return_probe_site},
     process_maps::ProcessMaps,
     report::{ProcessReport, PythonObjects},
 };
@@ -83,9 +83,9 @@ pub struct ObjectFunction {
     pub kind: u32,
     /// Where the function starts in the file.
     pub file_offset: u64,
-    /// Where its entry probe goes, from the start: the free has no return
-    /// probe, so its entry moves past a prologue instruction the kernel
-    /// would single-step (see `probe_site`); the others stay at 0.
+    /// Where its probes go, from the start: past prologue instructions the
+    /// kernel would single-step (see `probe_site`), the return probe's with
+    /// the entry's.
     pub entry_offset: u64,
 }
 
@@ -179,10 +179,13 @@ pub fn find_object_allocator(
             file_offset: target - mapping.start + mapping.file_offset,
             entry_offset: 0,
         };
-        if !function.has_return()
-            && let Ok(code) = memory.read_vec(target, 32)
-        {
-            function.entry_offset = entry_probe_site(&code).offset;
+        if let Ok(code) = memory.read_vec(target, 64) {
+            let arguments = alloc_kind::arguments(kind);
+            function.entry_offset = if function.has_return() {
+                return_probe_site(&code, arguments).offset
+            } else {
+                entry_probe_site(&code, arguments).offset
+            };
         }
         functions.push(function);
     }
