@@ -94,6 +94,58 @@ pub enum Command {
         #[arg(long, default_value_t = 10, value_name = "N")]
         top: usize,
     },
+    /// Compare two saved profiles (no root needed): the sites that changed
+    /// most, matched by function chain so two builds compare, and with -o
+    /// a differential flamegraph (red grew, blue shrank).
+    Diff {
+        /// The earlier profile: an output directory or its report.json.
+        base: PathBuf,
+        /// The later profile.
+        new: PathBuf,
+        /// Write the differential flamegraph here (an .svg file).
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Which figure of each site to compare.
+        #[arg(long, value_enum, default_value_t = DiffMetric::Live)]
+        metric: DiffMetric,
+        /// What goes to stdout: the table, or the comparison as JSON.
+        #[arg(long, value_enum, default_value_t = DiffFormat::Table)]
+        format: DiffFormat,
+        /// Sites shown in the table.
+        #[arg(long, default_value_t = 10, value_name = "N")]
+        top: usize,
+    },
+}
+
+/// `memscope diff --metric`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiffMetric {
+    /// Bytes live at the end (inuse.svg's figure).
+    Live,
+    /// Bytes that became live during the profile and stayed (growth.svg's).
+    Growth,
+    /// Bytes allocated, freed or not (alloc.svg's).
+    Alloc,
+    /// Allocation calls.
+    Allocs,
+}
+
+impl From<DiffMetric> for memscope::diff::Metric {
+    fn from(metric: DiffMetric) -> Self {
+        match metric {
+            DiffMetric::Live => Self::Live,
+            DiffMetric::Growth => Self::Growth,
+            DiffMetric::Alloc => Self::Alloc,
+            DiffMetric::Allocs => Self::Allocs,
+        }
+    }
+}
+
+/// `memscope diff --format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiffFormat {
+    Table,
+    Json,
 }
 
 /// What goes to stdout at the end.

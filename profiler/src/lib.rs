@@ -31,6 +31,7 @@ pub mod bpf;
 pub mod classify;
 pub mod collect;
 pub mod completeness;
+pub mod diff;
 pub mod follow;
 pub mod fragmentation;
 pub mod gate;

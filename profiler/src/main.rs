@@ -110,6 +110,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let format = format.with_json(json);
             return show_saved_report(&path, output.as_deref(), format, top).map(|()| 0);
         }
+        Command::Diff {
+            base,
+            new,
+            output,
+            metric,
+            format,
+            top,
+        } => return diff(&base, &new, output.as_deref(), metric.into(), format, top).map(|()| 0),
         Command::Mark { pid } => return mark(pid).map(|()| 0),
         Command::Watchdog { .. } => return Ok(0),
     };
@@ -315,24 +323,41 @@ fn show_saved_report(
     format: cli::Format,
     top: usize,
 ) -> anyhow::Result<()> {
-    let file = if path.is_dir() {
-        path.join(output::REPORT_JSON)
-    } else {
-        path.to_path_buf()
-    };
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("cannot read {}", file.display()))?;
-    let mut report: memscope::report::Report = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a memscope report.json", file.display()))?;
-    // Verdicts are derived from the saved histories again, by this
-    // version's rule.
-    memscope::classify::classify_sites(&mut report);
-    report.fragmentation = memscope::fragmentation::assess(&report);
+    let report = memscope::report::saved::load(path)?;
     if let Some(dir) = output {
         output::write_all(dir, &report)
             .with_context(|| format!("cannot write to {}", dir.display()))?;
     }
     print_result(&report, format, top)
+}
+
+/// `memscope diff`: two saved profiles compared.
+fn diff(
+    base: &Path,
+    new: &Path,
+    svg: Option<&Path>,
+    metric: memscope::diff::Metric,
+    format: cli::DiffFormat,
+    top: usize,
+) -> anyhow::Result<()> {
+    let diff = memscope::diff::ProfileDiff::compare(
+        &memscope::report::saved::load(base)?,
+        &memscope::report::saved::load(new)?,
+        metric,
+    );
+    if let Some(path) = svg {
+        let bytes = output::diff::render_svg(&diff)?;
+        output::write_file(path, &bytes)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let mut stdout = io::stdout().lock();
+    let result = match format {
+        cli::DiffFormat::Json => serde_json::to_string_pretty(&diff)
+            .map_err(io::Error::other)
+            .and_then(|text| writeln!(stdout, "{text}")),
+        cli::DiffFormat::Table => output::diff::render_table(&diff, top, &mut stdout),
+    };
+    finish_stdout(result, &mut stdout)
 }
 
 /// Prints the table or the JSON; a closed pipe (`| head`) is a normal end.
@@ -352,6 +377,11 @@ fn print_result(
             .and_then(|bytes| stdout.write_all(&bytes)),
         cli::Format::Table => output::table::render(report, top, &mut stdout),
     };
+    finish_stdout(result, &mut stdout)
+}
+
+/// Flushes stdout after `result`; a closed pipe (`| head`) is a normal end.
+fn finish_stdout(result: io::Result<()>, stdout: &mut impl io::Write) -> anyhow::Result<()> {
     match result.and_then(|()| stdout.flush()) {
         Err(error) if error.kind() != io::ErrorKind::BrokenPipe => {
             Err(error).context("cannot write to stdout")

@@ -4,10 +4,6 @@ use std::process::Command;
 
 use crate::support::*;
 
-fn stderr_of(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
 #[test]
 fn attach_to_missing_pid_says_so() {
     let output = Command::new(MEMSCOPE)

@@ -161,3 +161,121 @@ fn go_tool_pprof_reads_the_profile_with_exact_figures() {
         read(&dir.join(memscope::output::STACKS_FOLDED))
     );
 }
+
+/// Check `memscope diff` between 10 and 100 requests of the example server:
+/// its leak grows by exactly 23 blocks of 64 KiB and comes first, in red in
+/// the differential flamegraph; and that a copied output directory renders
+/// again as nobody, after the process is gone.
+#[test]
+fn diff_of_10_and_100_requests_puts_the_leak_first_and_red() {
+    if !bpf_available() {
+        return;
+    }
+    let server = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("diff-leaky-server");
+    let source = workspace_file("examples/leaky-server/leaky-server.c");
+    assert!(
+        compile_c(&source, &server, &[])
+            .expect("gcc runs")
+            .success()
+    );
+    let run = |test: &str, requests: &str| {
+        let (report, _) = run_command(
+            test,
+            &[server.clone().into_os_string(), requests.into()],
+            &[],
+        );
+        assert_eq!(
+            figures(site(&report, "cache_report_result")).0,
+            (requests.parse::<u64>().expect("number") / 4) * 65_536
+        );
+        output_dir_path(test)
+    };
+    let (base, new) = (run("diff_10", "10"), run("diff_100", "100"));
+    let svg = output_dir("diff_svg").join("diff.svg");
+    let output = Command::new(MEMSCOPE)
+        .arg("diff")
+        .arg(&base)
+        .arg(&new)
+        .arg("-o")
+        .arg(&svg)
+        .output()
+        .expect("memscope diff runs");
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{table}{}", stderr_of(&output));
+    // 2 blocks after 10 requests, 25 after 100.
+    let first = table
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("CHANGE"))
+        .nth(1)
+        .unwrap_or_default();
+    let columns: Vec<&str> = first.split_whitespace().collect();
+    assert_eq!(
+        columns[..5],
+        ["+1.4", "MiB", "131072", "1638400", "cache_report_result"][..],
+        "{table}"
+    );
+    let svg = std::fs::read_to_string(&svg).expect("diff.svg");
+    let frame = svg
+        .split("<g>")
+        .find(|g| g.contains("<title>cache_report_result "))
+        .unwrap_or_else(|| panic!("no cache_report_result frame in diff.svg"));
+    // inferno gives the change as a share of the new figure: 23 of 25 blocks.
+    assert!(frame.contains("1,638,400 bytes, 100.00%; +92.00%"), "{frame}");
+    assert!(frame.contains("fill=\"rgb(255,"), "not red: {frame}");
+    let json = Command::new(MEMSCOPE)
+        .args(["diff", "--format", "json"])
+        .arg(&base)
+        .arg(&new)
+        .output()
+        .expect("memscope diff runs");
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("diff JSON");
+    assert_eq!(json["changes"][0]["chain"][0], "cache_report_result");
+    assert_eq!(json["changes"][0]["new"], 1_638_400);
+
+    // A copy, read by nobody: the same table and the same files.
+    let copy = std::path::Path::new("/tmp").join(format!("memscope-copied-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&copy);
+    let status = Command::new("cp")
+        .args(["-r", "--no-preserve=ownership"])
+        .arg(&new)
+        .arg(&copy)
+        .status()
+        .expect("cp runs");
+    assert!(status.success());
+    let rendered = copy.join("rendered");
+    let as_nobody = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "chmod -R a+rX {0} && chmod a+w {0}",
+            copy.display()
+        ))
+        .status()
+        .expect("chmod runs");
+    assert!(as_nobody.success());
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(MEMSCOPE)
+        .arg("report")
+        .arg(&copy)
+        .arg("-o")
+        .arg(&rendered)
+        .output()
+        .expect("setpriv runs");
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let original = Command::new(MEMSCOPE)
+        .arg("report")
+        .arg(&new)
+        .output()
+        .expect("memscope report runs");
+    assert_eq!(output.stdout, original.stdout, "the same table");
+    for name in memscope::output::FILES {
+        let read = |dir: &std::path::Path| std::fs::read(dir.join(name)).expect(name);
+        assert_eq!(read(&rendered), read(&new), "{name} rendered again");
+    }
+    let _ = std::fs::remove_dir_all(&copy);
+}

@@ -6,6 +6,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Output},
     sync::Mutex,
+    sync::OnceLock,
     sync::mpsc,
     time::Duration,
 };
@@ -116,8 +117,39 @@ pub fn output_dir_path(test: &str) -> PathBuf {
 }
 
 pub fn read_report(dir: &Path) -> Report {
-    let text = std::fs::read_to_string(dir.join("report.json")).expect("report.json written");
-    serde_json::from_str(&text).expect("report.json parses")
+    let path = dir.join("report.json");
+    let text = std::fs::read_to_string(&path).expect("report.json written");
+    parse_report(&text, &path.display().to_string())
+}
+
+/// A report as memscope wrote it (`what` names where from), checked
+/// against docs/report.schema.json before it is read.
+pub fn parse_report(text: &str, what: &str) -> Report {
+    let json: serde_json::Value = serde_json::from_str(text).expect("report.json parses");
+    assert_valid_report(&json, what);
+    serde_json::from_value(json).expect("report.json reads as a Report")
+}
+
+/// Fails with the validator's messages, each with the path of the value
+/// at fault, when `report` does not match docs/report.schema.json.
+pub fn assert_valid_report(report: &serde_json::Value, what: &str) {
+    static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
+    let validator = VALIDATOR.get_or_init(|| {
+        let path = workspace_file(memscope::report::SCHEMA_FILE);
+        let text = std::fs::read_to_string(&path).expect("docs/report.schema.json");
+        let schema = serde_json::from_str(&text).expect("docs/report.schema.json parses");
+        jsonschema::draft202012::new(&schema).expect("docs/report.schema.json is a JSON Schema")
+    });
+    let errors: Vec<String> = validator
+        .iter_errors(report)
+        .map(|e| format!("  at {:?}: {e}", e.instance_path().as_str()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{what} does not match {}:\n{}",
+        memscope::report::SCHEMA_FILE,
+        errors.join("\n")
+    );
 }
 
 /// `memscope run -o DIR -- FIXTURE`; asserts success and returns the report.
@@ -250,4 +282,9 @@ pub fn assert_near(ours: u64, theirs: u64, what: &str) {
         ours.abs_diff(theirs) * 100 <= theirs,
         "{what}: {ours} reported, {theirs} in /proc"
     );
+}
+
+/// A finished command's stderr, for assertion messages.
+pub fn stderr_of(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }

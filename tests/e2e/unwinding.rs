@@ -341,6 +341,17 @@ fn debian_redis_under_load_has_no_garbage_frames() {
     drop(redis);
     let report = read_report(&dir);
     assert_no_frame_outside_mappings(&report);
+    // jemalloc's malloc and free start with instructions the kernel would
+    // single-step (35 us a pair here): every probe must sit on one it
+    // emulates.
+    let probes: Vec<(&str, u64, bool)> = report
+        .probes
+        .iter()
+        .map(|p| (p.function.as_str(), p.entry_offset, p.emulated))
+        .collect();
+    assert!(probes.iter().all(|p| p.2), "{probes:?}");
+    assert!(probes.contains(&("malloc", 7, true)), "{probes:?}");
+    assert!(probes.contains(&("free", 48, true)), "{probes:?}");
     let sites: Vec<Vec<&str>> = report.sites.iter().map(names).collect();
     // SET's value objects, from the command through redis's allocator.
     assert!(

@@ -99,7 +99,7 @@ fn render(
 }
 
 /// A valid SVG that says there is nothing to draw.
-fn empty_svg(title: &str, what: &str) -> String {
+pub(super) fn empty_svg(title: &str, what: &str) -> String {
     let escaped = title
         .replace('&', "&amp;")
         .replace('<', "&lt;")

@@ -3,6 +3,7 @@
 //! them atomically, as root, into a directory others may be able to write
 //! to.
 
+pub mod diff;
 pub mod directory;
 pub mod escape;
 pub mod flamegraph;
@@ -81,6 +82,29 @@ pub fn write_into(out: &OutputDir, report: &Report) -> Result<(), OutputError> {
     out.write_atomically(ALLOC_SVG, &flamegraph::render_alloc(report)?)?;
     out.write_atomically(PROFILE_PB_GZ, &pprof::render(report)?)?;
     out.sync()
+}
+
+/// Writes the one file `path` (`memscope diff -o`) the way `write_all`
+/// writes each of its own: in its directory, opened without following a
+/// symlink, whole or not at all, under sudo given to the user.
+pub fn write_file(path: &Path, contents: &[u8]) -> Result<(), OutputError> {
+    let name = path
+        .file_name()
+        .and_then(|name| name.to_str())
+        .ok_or_else(|| OutputError::Write {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a file name memscope can write (a UTF-8 name, not a directory)",
+            ),
+        })?;
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let dir = OutputDir::create(parent, Owner::from_sudo())?;
+    dir.write_atomically(name, contents)?;
+    dir.sync()
 }
 
 /// report.json's text, pretty-printed with a trailing newline. Strings stay

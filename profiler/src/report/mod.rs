@@ -2,6 +2,7 @@
 //! fields. `build` makes one from a kernel snapshot.
 
 mod build;
+pub mod saved;
 
 use profiler_common::{HeapTop, StackTotals, site_class};
 use serde::{Deserialize, Serialize};
