@@ -249,6 +249,11 @@ pub struct ProfileArgs {
     /// Run `sh -c CMD` for each alert, with its JSON on standard input.
     #[arg(long, value_name = "CMD")]
     pub alert_exec: Option<String>,
+    /// At the end, send profile.pb.gz to this Grafana Pyroscope server
+    /// (http://HOST:PORT, or its /ingest URL), named
+    /// `memscope.PROGRAM{pid=PID}`.
+    #[arg(long, value_name = "URL")]
+    pub pprof_push: Option<String>,
     /// Distinct call stacks recorded (kernel memory: about 1.8 KiB each: the
     /// trace, and room for 8 processes' totals of it).
     #[arg(long, default_value_t = DEFAULT_MAX_STACKS, value_name = "N")]

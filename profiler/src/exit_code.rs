@@ -1,8 +1,13 @@
 //! Distinct exit codes, so scripts can tell why memscope failed.
 
 use memscope::{
-    attach::AttachError, bpf::LoadError, output::OutputError, preflight::PreflightError,
-    resources::ResourceError, session::SessionError, target::TargetError,
+    attach::AttachError,
+    bpf::LoadError,
+    output::{OutputError, push::PushError},
+    preflight::PreflightError,
+    resources::ResourceError,
+    session::SessionError,
+    target::TargetError,
 };
 
 pub const FAILURE: u8 = 1;
@@ -34,6 +39,11 @@ pub fn for_error(error: &anyhow::Error) -> u8 {
         }
         if cause.downcast_ref::<OutputError>().is_some() {
             return OUTPUT_FAILED;
+        }
+        match cause.downcast_ref::<PushError>() {
+            Some(PushError::Unsupported(_)) => return USAGE,
+            Some(_) => return OUTPUT_FAILED,
+            None => {}
         }
         if cause
             .downcast_ref::<memscope::alert::WebhookError>()

@@ -36,6 +36,7 @@ pub mod follow;
 pub mod fragmentation;
 pub mod gate;
 pub mod holds;
+pub mod http;
 pub mod kernel_btf;
 pub mod map_batch;
 pub mod mark;

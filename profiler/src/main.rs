@@ -134,6 +134,7 @@ struct Profiled {
     reason: StopReason,
     dir: PathBuf,
     written: Result<(), memscope::output::OutputError>,
+    push: Option<output::push::PprofPush>,
 }
 
 impl Profiled {
@@ -148,6 +149,14 @@ impl Profiled {
             output::FILES.join(", "),
             dir.display()
         );
+        if let Some(push) = self.push {
+            let until = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            push.push(&self.report, until)?;
+            eprintln!("memscope: pushed profile.pb.gz to {}", push.url());
+        }
         Ok(())
     }
 }
@@ -183,6 +192,11 @@ async fn profile(
     if let Some(url) = &args.alert_webhook {
         memscope::alert::check_webhook(url)?;
     }
+    let push = args
+        .pprof_push
+        .as_deref()
+        .map(output::push::PprofPush::parse)
+        .transpose()?;
     let mut session = Session::start(spec, &options)?;
     // The command line and library path are the target's to choose; escaped,
     // they cannot send escape sequences to the terminal of root running this.
@@ -251,6 +265,7 @@ async fn profile(
         reason,
         dir,
         written,
+        push,
     })
 }
 

@@ -9,6 +9,7 @@ pub mod escape;
 pub mod flamegraph;
 pub mod folded;
 pub mod pprof;
+pub mod push;
 pub mod table;
 
 use std::path::{Path, PathBuf};
