@@ -9,7 +9,7 @@ use inferno::flamegraph::{
     color::{BasicPalette, Palette},
 };
 
-use super::{OutputError, escape::escape_control, folded::frame_name};
+use super::{OutputError, escape::escape_control, folded::frame_name, shorten};
 use crate::{
     diff::{Change, Metric, ProfileDiff},
     units::format_bytes,
@@ -129,18 +129,6 @@ fn folded(diff: &ProfileDiff) -> Vec<String> {
     lines
 }
 
-/// A command cut to fit the title: its last characters, which tell two
-/// runs apart (the arguments), kept.
-fn shorten(command: &str) -> String {
-    const KEPT: usize = 40;
-    let count = command.chars().count();
-    if count <= KEPT {
-        return command.to_owned();
-    }
-    let tail: String = command.chars().skip(count - (KEPT - 3)).collect();
-    format!("...{tail}")
-}
-
 fn chain_text(chain: &[String]) -> String {
     let mut text = chain
         .iter()
@@ -215,15 +203,6 @@ mod tests {
         let mut table = Vec::new();
         render_table(&diff, 10, &mut table).expect("table");
         assert!(String::from_utf8_lossy(&table).ends_with("no site changed\n"));
-    }
-
-    #[test]
-    fn long_commands_keep_their_ends_in_the_title() {
-        assert_eq!(shorten("./server 10"), "./server 10");
-        let long = format!("/very/long/path/{}/server 100", "x".repeat(40));
-        let short = shorten(&long);
-        assert_eq!(short.chars().count(), 40);
-        assert!(short.starts_with("...") && short.ends_with("/server 100"));
     }
 
     #[test]

@@ -4,11 +4,14 @@
 
 use inferno::flamegraph::{
     self, Options,
-    color::{BasicPalette, Palette},
+    color::{BasicPalette, Color, Palette, PaletteMap},
 };
 
 use super::{OutputError, escape::escape_control, folded};
-use crate::{report::Report, units::format_bytes};
+use crate::{
+    report::{Language, Report},
+    units::format_bytes,
+};
 
 /// Renders inuse.svg. Deterministic: the same report gives the same bytes.
 pub fn render_inuse(report: &Report) -> Result<Vec<u8>, OutputError> {
@@ -77,13 +80,15 @@ fn render(
     options.title = format!(
         "memscope: {what} of pid {} ({})",
         report.target.pid,
-        escape_control(&report.target.command)
+        super::shorten(&escape_control(&report.target.command))
     );
     options.subtitle = Some(subtitle);
     options.count_name = "bytes".into();
     options.name_type = "Function:".into();
     options.colors = Palette::Basic(BasicPalette::Mem);
     options.deterministic = true;
+    let mut python = python_colors(report);
+    options.palette_map = Some(&mut python);
     if folded.is_empty() {
         // inferno treats an empty profile as an error and logs it.
         return Ok(empty_svg(&options.title, what).into_bytes());
@@ -96,6 +101,26 @@ fn render(
         }
     })?;
     Ok(svg)
+}
+
+/// Python frames in yellows, apart from the native frames' greens (the
+/// memory palette), each name's shade fixed by its bytes.
+fn python_colors(report: &Report) -> PaletteMap {
+    let mut map = PaletteMap::default();
+    let frames = report.sites.iter().flat_map(|site| &site.frames);
+    for frame in frames.filter(|f| f.language == Language::Python) {
+        let name = folded::frame_name(&frame.label());
+        let shade = name
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let color = Color {
+            r: 225 + (shade % 31) as u8,
+            g: 175 + (shade / 31 % 61) as u8,
+            b: 30 + (shade / 1891 % 51) as u8,
+        };
+        map.insert(name, color);
+    }
+    map
 }
 
 /// A valid SVG that says there is nothing to draw.
@@ -122,6 +147,38 @@ mod tests {
     fn inuse_svg_matches_golden_file() {
         let svg = render_inuse(&sample_report()).expect("render");
         crate::output::assert_golden("inuse.svg", &svg);
+    }
+
+    #[test]
+    fn python_frames_are_yellow_and_native_ones_green() {
+        let mut report = sample_report();
+        report.sites[0].frames.push(crate::report::Frame {
+            function: "analyze".into(),
+            module: None,
+            file: Some("/srv/app.py".into()),
+            line: Some(20),
+            language: Language::Python,
+        });
+        let svg = String::from_utf8(render_inuse(&report).expect("render")).expect("utf-8");
+        let fill = |name: &str| {
+            let group = svg
+                .split("<g>")
+                .find(|g| g.contains(&format!("<title>{name} (")))
+                .unwrap_or_else(|| panic!("no {name} in the SVG"));
+            let start = group.find("fill=\"rgb(").expect("a fill") + 10;
+            let rgb: Vec<u8> = group[start..]
+                .split(')')
+                .next()
+                .unwrap_or_default()
+                .split(',')
+                .map(|c| c.trim().parse().expect("a component"))
+                .collect();
+            rgb
+        };
+        let python = fill(&folded::frame_name("analyze (app.py:20)"));
+        assert!(python[0] >= 225 && python[2] <= 80, "yellow: {python:?}");
+        let native = fill("main");
+        assert!(native[1] > native[0], "green: {native:?}");
     }
 
     #[test]

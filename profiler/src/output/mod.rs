@@ -108,6 +108,18 @@ pub fn write_file(path: &Path, contents: &[u8]) -> Result<(), OutputError> {
     dir.sync()
 }
 
+/// A command cut to fit the title: its last characters, which tell two
+/// runs apart (the arguments), kept.
+pub(crate) fn shorten(command: &str) -> String {
+    const KEPT: usize = 40;
+    let count = command.chars().count();
+    if count <= KEPT {
+        return command.to_owned();
+    }
+    let tail: String = command.chars().skip(count - (KEPT - 3)).collect();
+    format!("...{tail}")
+}
+
 /// report.json's text, pretty-printed with a trailing newline. Strings stay
 /// as the target gave them: JSON escapes control characters itself.
 pub fn report_json(report: &Report) -> Result<String, OutputError> {
@@ -141,6 +153,15 @@ pub(crate) fn assert_golden(name: &str, actual: &[u8]) {
 mod tests {
     use super::*;
     use crate::report::tests_support::sample_report;
+
+    #[test]
+    fn long_commands_keep_their_ends_in_the_title() {
+        assert_eq!(shorten("./server 10"), "./server 10");
+        let long = format!("/very/long/path/{}/server 100", "x".repeat(40));
+        let short = shorten(&long);
+        assert_eq!(short.chars().count(), 40);
+        assert!(short.starts_with("...") && short.ends_with("/server 100"));
+    }
 
     /// Check that write_all leaves exactly its files, and no temporary.
     #[test]
