@@ -167,13 +167,19 @@ impl AddressSpace {
 
 /// Anonymous mappings of one size class, as report.json's
 /// `processes[].anon_mappings[]`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct SizeClass {
     /// Areas of at least this many bytes (and less than the next class's).
     pub min_bytes: u64,
+    /// Mappings in the class.
     pub count: u64,
+    /// Their mapped bytes.
     pub mapped_bytes: u64,
+    /// Mapped with some access.
     pub committed_bytes: u64,
+    /// In RAM.
     pub resident_bytes: u64,
 }
 

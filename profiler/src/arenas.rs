@@ -9,6 +9,7 @@
 
 use std::ops::Range;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::address_space::AddressSpace;
@@ -16,7 +17,8 @@ use crate::address_space::AddressSpace;
 /// HEAP_MAX_SIZE on 64-bit glibc: a thread heap's reservation and alignment.
 pub const HEAP_MAX_BYTES: u64 = 64 << 20;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Which kind of glibc heap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum HeapKind {
     /// The main arena's brk heap.
@@ -26,15 +28,19 @@ pub enum HeapKind {
 }
 
 /// One arena heap of a process, as report.json's `processes[].arenas[]`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ArenaHeap {
+    /// The main arena's brk heap or a thread heap.
     pub kind: HeapKind,
+    /// Where the heap starts.
     pub address: u64,
     /// Mapped writable (a thread heap's reservation beyond is not).
     pub committed_bytes: u64,
+    /// In RAM.
     pub resident_bytes: u64,
     /// memscope's live blocks inside it.
     pub live_bytes: u64,
+    /// Those blocks' count.
     pub live_count: u64,
     /// Resident bytes that hold no live block or its header: free memory
     /// the arena keeps.

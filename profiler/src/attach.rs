@@ -69,7 +69,9 @@ const LIBC_ALLOCATOR: &[AllocatorFunction] = &[
 const REQUIRED: [&str; 2] = ["malloc", "free"];
 
 /// Where one function was probed, for the report and `--verbose`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct AttachedProbe {
     pub function: String,
     pub library: PathBuf,

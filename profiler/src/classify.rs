@@ -3,6 +3,7 @@
 //! report is classified again the same way). docs/analysis.md states the
 //! rule with examples.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::report::{Report, SiteHistory};
@@ -19,7 +20,10 @@ const LEVEL_SHARE: f64 = 0.05;
 /// site does not free what it allocated then.
 const SURVIVAL_FOR_LEAK: f64 = 0.9;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// What a site's memory is doing (docs/analysis.md has the rule).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     /// Live bytes keep rising and blocks from the early windows are never
@@ -35,7 +39,8 @@ pub enum Verdict {
     Unknown,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// How sure a verdict is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Confidence {
     High,
@@ -43,12 +48,15 @@ pub enum Confidence {
     Low,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A site's verdict and the figures it rests on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Classification {
+    /// What its memory is doing.
     pub verdict: Verdict,
     /// Live bytes added per window: over the last third of the windows when
     /// rising, over the whole session otherwise.
     pub growth_bytes_per_window: i64,
+    /// How sure the verdict is.
     pub confidence: Confidence,
     /// Why, in words: the figures the verdict rests on.
     pub reason: String,

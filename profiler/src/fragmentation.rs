@@ -10,6 +10,7 @@
 //! `attach` the rest also holds what was allocated before, and no verdict
 //! is given.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -28,7 +29,8 @@ pub const MIN_RETAINED_BYTES: u64 = 16 << 20;
 /// ... and below this share of anonymous RSS.
 pub const MIN_RETAINED_SHARE: f64 = 0.25;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What accounts for most of the anonymous RSS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum FragmentationVerdict {
     /// Anonymous RSS is what the program holds.
@@ -46,10 +48,13 @@ pub enum FragmentationVerdict {
 }
 
 /// report.json's `fragmentation`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Fragmentation {
+    /// Resident memory of the processes whose memory was read, summed.
     pub rss_bytes: u64,
+    /// Their anonymous resident memory, summed.
     pub anon_bytes: u64,
+    /// `totals.live_bytes`.
     pub live_heap_bytes: u64,
     /// Headers and alignment of the live blocks (estimated per block).
     pub heap_overhead_bytes: u64,
@@ -67,12 +72,15 @@ pub struct Fragmentation {
     /// Anonymous RSS over the live heap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ratio: Option<f64>,
+    /// Address space over RSS: reported, never a verdict by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vms_rss_ratio: Option<f64>,
+    /// Threads of those processes, summed.
     pub threads: u64,
     /// glibc arena heaps (the main arena's brk heap and thread heaps).
     #[serde(default)]
     pub arenas: u64,
+    /// Resident in the arena heaps.
     #[serde(default)]
     pub arena_resident_bytes: u64,
     /// Resident in the arena heaps and holding no live block.
@@ -82,9 +90,11 @@ pub struct Fragmentation {
     /// (see `arenas::arena_max_saving`).
     #[serde(default)]
     pub arena_max_saving_bytes: u64,
+    /// What accounts for most bytes.
     pub verdict: FragmentationVerdict,
     /// Why, with the numbers.
     pub reason: String,
+    /// What to do about it, with the saving where it is computed.
     pub advice: Vec<String>,
 }
 

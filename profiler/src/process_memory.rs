@@ -7,22 +7,32 @@
 //! exit would give back).
 
 use procfs::process::Process;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What a process holds as the kernel counts it (/proc/PID/smaps_rollup
+/// and status), or the sum over processes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct MemoryFigures {
+    /// Resident.
     pub rss_bytes: u64,
+    /// Proportional: each shared page split between its sharers.
     pub pss_bytes: u64,
     /// Private (clean and dirty): unique to the process.
     pub uss_bytes: u64,
     /// Resident and shared with another process.
     pub shared_bytes: u64,
+    /// Resident anonymous memory.
     pub anon_bytes: u64,
+    /// Resident file-backed memory.
     pub file_bytes: u64,
+    /// Resident shared memory (shmem, tmpfs).
     pub shmem_bytes: u64,
+    /// Swapped out.
     pub swap_bytes: u64,
     /// Address space (VmSize).
     pub vms_bytes: u64,
+    /// Threads.
     pub threads: u64,
     /// Processes summed (1 for one process).
     #[serde(default)]

@@ -71,7 +71,17 @@ impl ProcessRecord {
 }
 
 /// How memscope came to follow a process, or why it did not.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Following {
     /// memscope started it: everything it did is seen.

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use profiler_common::{RequestRecord, request_event, request_flags};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::report::Site;
@@ -156,23 +157,34 @@ fn round(bytes: u64) -> u64 {
     bytes >> shift << shift
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Nearest-rank percentiles over the requests, exact unless
+/// `approximate`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Percentiles {
+    /// The median.
     pub p50: u64,
+    /// The 95th percentile.
     pub p95: u64,
+    /// The largest (always exact).
     pub max: u64,
 }
 
 /// One request as the report lists it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RequestReport {
+    /// The process.
     pub pid: u32,
+    /// The thread that ran it.
     pub tid: u32,
     /// Seconds after the session started.
     pub start_s: f64,
+    /// From the handler's entry to its return, in milliseconds.
     pub duration_ms: f64,
+    /// Allocations it made.
     pub alloc_count: u64,
+    /// Bytes it allocated.
     pub alloc_bytes: u64,
+    /// Of those, bytes still live at its return.
     pub retained_bytes: u64,
     /// `None` until `keep_after` more requests of its process closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,7 +192,7 @@ pub struct RequestReport {
 }
 
 /// report.json's `requests`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RequestsReport {
     /// The handler, as given (`--request-fn`).
     pub function: String,
@@ -197,10 +209,13 @@ pub struct RequestsReport {
     /// Python requests that may have begun before memscope knew the
     /// handler: left out of every figure.
     pub partial: u64,
+    /// What each request allocated; absent when none has the figure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alloc_bytes: Option<Percentiles>,
+    /// What each still held at its return.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retained_bytes: Option<Percentiles>,
+    /// What each still held `keep_after` requests later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept_bytes: Option<Percentiles>,
     /// More distinct figures than kept exactly: percentiles are within

@@ -5,10 +5,11 @@
 use std::collections::BTreeMap;
 
 use profiler_common::{StackKey, StackTotals, site_class};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// What closed a window.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum WindowEnd {
     /// `--window` elapsed.

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -17,9 +18,11 @@ use crate::{
 pub const REPEATED_SITES: usize = 10;
 
 /// The children of one followed process, as report.json's `workers[]`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct WorkerGroup {
+    /// The pre-fork master's pid.
     pub master: u32,
+    /// Its followed children's pids.
     pub workers: Vec<u32>,
     /// The workers' figures summed, of those read (`memory.processes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -34,9 +37,12 @@ pub struct WorkerGroup {
     pub repeated_sites: Vec<RepeatedSite>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A site every worker allocated at itself.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RepeatedSite {
+    /// What it allocates with.
     pub kind: SiteKind,
+    /// Innermost first, as `sites[].frames`.
     pub frames: Vec<Frame>,
     /// The least any worker holds there.
     pub bytes_per_worker: u64,

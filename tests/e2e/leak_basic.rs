@@ -81,8 +81,7 @@ fn json_flag_prints_the_report_on_stdout() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     // The fixture's own line comes first; the JSON document follows.
     let json_start = stdout.find("{\n").expect("JSON on stdout");
-    let printed: memscope::report::Report =
-        serde_json::from_str(&stdout[json_start..]).expect("valid JSON");
+    let printed = parse_report(&stdout[json_start..], "--json's stdout");
     assert_eq!(printed, report);
 }
 
@@ -108,7 +107,10 @@ fn saved_report_renders_again_without_root() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let again: memscope::report::Report = serde_json::from_slice(&output.stdout).expect("JSON");
+    let again = parse_report(
+        &String::from_utf8_lossy(&output.stdout),
+        "memscope report --json's stdout",
+    );
     assert_eq!(again, report);
 
     let output = std::process::Command::new(crate::support::MEMSCOPE)

@@ -142,13 +142,23 @@ pub fn assert_valid_report(report: &serde_json::Value, what: &str) {
     });
     let errors: Vec<String> = validator
         .iter_errors(report)
-        .map(|e| format!("  at {:?}: {e}", e.instance_path().as_str()))
+        .map(|e| {
+            let at = e.instance_path().as_str();
+            let at = if at.is_empty() { "(the top level)" } else { at };
+            format!("  {at}: {e} (schema: {})", e.schema_path().as_str())
+        })
         .collect();
+    // The first few say what is wrong; a broken type can fail thousands.
+    const SHOWN: usize = 20;
+    let more = match errors.len().saturating_sub(SHOWN) {
+        0 => String::new(),
+        n => format!("\n  and {n} more"),
+    };
     assert!(
         errors.is_empty(),
-        "{what} does not match {}:\n{}",
+        "{what} does not match {}:\n{}{more}",
         memscope::report::SCHEMA_FILE,
-        errors.join("\n")
+        errors[..errors.len().min(SHOWN)].join("\n")
     );
 }
 

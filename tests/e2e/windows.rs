@@ -257,8 +257,10 @@ fn verdicts_tell_the_leak_from_the_cache_the_queue_and_the_churn() {
         .arg(&saved)
         .output()
         .expect("memscope report runs");
-    let again: memscope::report::Report =
-        serde_json::from_slice(&again.stdout).expect("report --json parses");
+    let again = parse_report(
+        &String::from_utf8_lossy(&again.stdout),
+        "memscope report --json's stdout",
+    );
     assert_eq!(
         again.sites, report.sites,
         "verdicts re-derived from the saved file"

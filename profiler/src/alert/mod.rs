@@ -10,6 +10,7 @@ pub mod limit;
 mod stream;
 mod webhook;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use self::{
@@ -28,7 +29,8 @@ pub const DEFAULT_REQUEST_GROWTH: u64 = 50 << 20;
 /// Sites an alert names.
 pub const ALERT_SITES: usize = 3;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What an alert is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AlertKind {
     /// A window grew the live bytes by more than `--alert-growth`.
@@ -39,13 +41,21 @@ pub enum AlertKind {
     Request,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+/// How serious an alert is: growth and request alerts are warnings, RSS
+/// alerts name the level of the memory limit crossed.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AlertLevel {
     /// A level that was crossed is no longer.
     Cleared,
+    /// Past the warning share of the memory limit (every growth and request
+    /// alert).
     Warning,
+    /// Past the critical share.
     Critical,
+    /// Past the emergency share.
     Emergency,
 }
 
@@ -71,28 +81,37 @@ impl std::fmt::Display for AlertKind {
 }
 
 /// A site an alert names, with what it grew in the window.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AlertSite {
     /// Its frames as the table shows them: `leak_site <- main`.
     pub site: String,
+    /// What it grew by.
     pub growth_bytes: i64,
 }
 
 /// One alert: what crossed which threshold, when, and the sites that grew
 /// most then (the answer, not just the symptom).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Alert {
+    /// What crossed its threshold.
     pub kind: AlertKind,
+    /// How serious.
     pub level: AlertLevel,
     /// Seconds after the session started (the window's end).
     pub at_s: f64,
+    /// The window it was raised in.
     pub window: usize,
+    /// The window's growth, the request's retained bytes or the RSS.
     pub value_bytes: u64,
+    /// The threshold it crossed (for `cleared`, the level left, in bytes).
     pub threshold_bytes: u64,
     /// The memory limit the RSS levels are shares of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_bytes: Option<u64>,
+    /// The alert in words, naming the site that grew most.
     pub message: String,
+    /// The stacks that grew most in the window (for `request`: where the
+    /// request's blocks still live were allocated).
     pub top_sites: Vec<AlertSite>,
     /// Alerts of this kind held back since the last one (rate limit).
     #[serde(default)]
@@ -103,12 +122,15 @@ pub struct Alert {
 }
 
 /// The request that retained too much.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AlertRequest {
+    /// The process.
     pub pid: u32,
+    /// The thread that ran it.
     pub tid: u32,
     /// Seconds after the session started.
     pub start_s: f64,
+    /// From the handler's entry to its return, in milliseconds.
     pub duration_ms: f64,
 }
 

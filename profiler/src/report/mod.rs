@@ -3,19 +3,29 @@
 
 mod build;
 pub mod saved;
+mod schema;
 
 use profiler_common::{HeapTop, StackTotals, site_class};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use self::build::{Measured, ReportContext, build_report, combined_totals, key_frames};
+pub use self::schema::{SCHEMA_FILE, json_schema, json_schema_text};
 use crate::{attach::AttachedProbe, processes::Following};
 
 pub const SCHEMA: &str = "memscope.report/1";
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One profile: report.json (`memscope.report/1`, docs/report-schema.md).
+/// Within a version fields are only added; readers ignore those they do not know.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Report {
+    /// The version of this format: `memscope.report/1`.
+    #[schemars(schema_with = "schema::schema_version")]
     pub schema: String,
+    /// The profiled process.
     pub target: TargetInfo,
+    /// Seconds from the start of the session (before the probes were
+    /// attached) to the building of the report.
     pub duration_s: f64,
     /// The malloc family. glibc's own mmaps for large blocks happen inside
     /// malloc and are counted here, once.
@@ -25,6 +35,8 @@ pub struct Report {
     pub mapped: Totals,
     /// Sorted by live bytes, largest first.
     pub sites: Vec<Site>,
+    /// What the kernel side could not record: all zero means the figures
+    /// are exact.
     pub completeness: Completeness,
     /// Where each allocator function was probed.
     #[serde(default)]
@@ -32,6 +44,7 @@ pub struct Report {
     /// Things the reader should know about this profile (loss, coverage).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// The version of memscope that wrote the report.
     #[serde(default)]
     pub memscope_version: String,
     /// The target and the children it forked.
@@ -78,22 +91,29 @@ pub struct Report {
 }
 
 /// One window of the session: what it allocated, freed and kept.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct WindowReport {
+    /// 0 for the first window.
     pub index: usize,
     /// Seconds after the session started.
     pub start_s: f64,
+    /// Seconds after the session started: the next window's `start_s`.
     pub end_s: f64,
+    /// What ended the window.
     pub closed_by: crate::timeline::WindowEnd,
     /// The malloc family, as `totals`.
     pub alloc_bytes: u64,
+    /// Allocations in the window.
     pub alloc_count: u64,
+    /// Bytes freed in the window.
     pub free_bytes: u64,
+    /// Frees in the window.
     pub free_count: u64,
     /// alloc_bytes - free_bytes: what the window added to the live bytes.
     pub growth_bytes: i64,
     /// At the window's end.
     pub live_bytes: u64,
+    /// Resident memory of the running followed processes at the window's end.
     pub rss_bytes: u64,
     /// The followed processes' memory at the window's end, summed: RSS,
     /// PSS, USS and the rest (see `process_memory`).
@@ -104,46 +124,62 @@ pub struct WindowReport {
 }
 
 /// A site's part in one window.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct WindowSite {
+    /// What the site allocates with.
     pub kind: SiteKind,
+    /// Innermost first, as `sites[].frames`.
     pub frames: Vec<Frame>,
+    /// alloc_bytes - free_bytes: what it added to the live bytes in the window.
     pub growth_bytes: i64,
+    /// Bytes it allocated in the window.
     pub alloc_bytes: u64,
+    /// Allocations it made in the window.
     pub alloc_count: u64,
+    /// Bytes of its blocks freed in the window.
     pub free_bytes: u64,
+    /// Its blocks freed in the window.
     pub free_count: u64,
 }
 
 /// The high-water mark of live bytes (malloc family), kept exactly in the
 /// kernel: over all followed processes at once, and per process.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PeakReport {
+    /// The high-water mark over all followed processes at once.
     pub live_bytes: u64,
     /// Seconds after the session started.
     pub at_s: f64,
+    /// Each process's own peak.
     pub processes: Vec<ProcessPeakReport>,
-    /// The window whose end is nearest to the peak, and what the sites held
-    /// then, largest first.
+    /// The window whose end is nearest to the peak.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<usize>,
+    /// What the sites held at the end of `window`, largest first.
     #[serde(default)]
     pub top_sites: Vec<Site>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// One process's own peak (also `processes[].peak_bytes`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProcessPeakReport {
+    /// The process.
     pub pid: u32,
+    /// The most it held at once (malloc family, inherited blocks included).
     pub live_bytes: u64,
+    /// When, in seconds after the session started.
     pub at_s: f64,
 }
 
 /// Time spent probing the followed processes (for a forked child: from its
 /// event to its probes on and its live set copied), while each waited.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AttachCosts {
+    /// Processes timed.
     pub processes: u64,
+    /// Median cost, in milliseconds.
     pub median_ms: f64,
+    /// Largest cost, in milliseconds.
     pub max_ms: f64,
 }
 
@@ -160,10 +196,13 @@ impl AttachCosts {
 
 /// Time spent reading the kernel's totals at each window's end (the
 /// target runs meanwhile).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TickCosts {
+    /// Window ends timed.
     pub ticks: u64,
+    /// Median cost, in milliseconds.
     pub median_ms: f64,
+    /// Largest cost, in milliseconds.
     pub max_ms: f64,
 }
 
@@ -185,27 +224,35 @@ fn median_and_max_ms(costs: &[std::time::Duration]) -> Option<(f64, f64)> {
 }
 
 /// One process of the session.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProcessReport {
+    /// Process id, as memscope (the host) sees it.
     pub pid: u32,
     /// Absent for the target itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ppid: Option<u32>,
+    /// Its command line (after its last exec).
     pub command: String,
     /// Seconds after the session started.
     pub started_s: f64,
+    /// Seconds after the session started when it exited; absent if it was
+    /// still running at the end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exited_s: Option<f64>,
     /// Includes `inherited_*`: a forked child starts with its parent's live blocks.
     pub totals: Totals,
+    /// Its own anonymous mappings outside malloc, as the top-level `mapped`.
     #[serde(default)]
     pub mapped: Totals,
     /// Movement of the heap top (brk), inside malloc or not; absent if the
     /// process never called brk while traced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heap: Option<HeapReport>,
+    /// Malloc-family blocks copied from its parent's live set at the fork
+    /// (0 for the target).
     #[serde(default)]
     pub inherited_count: u64,
+    /// Their bytes.
     #[serde(default)]
     pub inherited_bytes: u64,
     /// Live bytes minus inherited bytes (malloc family): what this process added.
@@ -214,6 +261,7 @@ pub struct ProcessReport {
     /// This process's sites (with `--per-process`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<Site>,
+    /// How memscope followed it (absent in older reports: `attached`).
     #[serde(default)]
     pub following: Following,
     /// Why it is not, or only partly, followed.
@@ -229,6 +277,7 @@ pub struct ProcessReport {
     /// and when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_bytes: Option<u64>,
+    /// When it held `peak_bytes`, in seconds after the session started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_s: Option<f64>,
     /// What the process held as the kernel counts it, read at the end
@@ -247,9 +296,13 @@ pub struct ProcessReport {
     pub teardown_s: Option<f64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The profiled process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct TargetInfo {
+    /// Process id, as memscope (the host) sees it.
     pub pid: u32,
+    /// `run`: the command and its arguments; `attach`: its command line;
+    /// space-joined.
     pub command: String,
     /// Exit code of a command started by `memscope run` (128+signal when
     /// killed); absent while it runs or for `attach`.
@@ -257,13 +310,20 @@ pub struct TargetInfo {
     pub exit_code: Option<i32>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Allocations made and freed, and what is still live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Totals {
+    /// Allocations, blocks forked children inherited included.
     pub alloc_count: u64,
+    /// Bytes of those allocations.
     pub alloc_bytes: u64,
+    /// Frees of blocks memscope saw allocated (and blocks an exec released).
     pub free_count: u64,
+    /// Bytes of those frees.
     pub free_bytes: u64,
+    /// alloc_count - free_count.
     pub live_count: u64,
+    /// alloc_bytes - free_bytes.
     pub live_bytes: u64,
 }
 
@@ -281,13 +341,15 @@ impl From<StackTotals> for Totals {
 }
 
 /// A process's heap top (program break).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct HeapReport {
-    /// The break when first seen and at the end.
+    /// The break returned by the first brk call seen.
     pub first: u64,
+    /// The break after the last brk call seen.
     pub current: u64,
-    /// Bytes it moved up and down, summed over all brk calls.
+    /// Bytes it moved up, summed over the brk calls after the first.
     pub grown_bytes: u64,
+    /// Bytes it moved down, summed likewise.
     pub shrunk_bytes: u64,
 }
 
@@ -303,15 +365,22 @@ impl From<HeapTop> for HeapReport {
 }
 
 /// One source location in a call stack.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 pub struct Frame {
+    /// The function's name, demangled (`FILE+0xOFFSET` without a symbol).
     pub function: String,
+    /// The executable or library, as the target sees its path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
+    /// The source file, from debug info.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
+    /// The source line, 1-based: of the call to the next frame inward.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub line: Option<u32>,
+    /// Machine code, or a Python function (absent in older reports: `native`).
     #[serde(default)]
     pub language: Language,
 }
@@ -319,7 +388,18 @@ pub struct Frame {
 /// What a frame runs: machine code, or a Python function the interpreter
 /// runs (its `function` is the qualified name, `file` the source file).
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Language {
@@ -330,7 +410,7 @@ pub enum Language {
 
 /// How a CPython process's small objects are counted (see
 /// `python::objects`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PythonObjects {
     /// As the pymalloc arenas (mmap) that hold them, charged to the Python
@@ -407,7 +487,18 @@ fn python_file_label(path: &str) -> &str {
 
 /// What a site allocates with.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum SiteKind {
@@ -428,18 +519,25 @@ impl SiteKind {
 }
 
 /// An allocating call stack and what it holds.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Site {
+    /// What it allocates with (absent in older reports: `malloc`).
     #[serde(default)]
     pub kind: SiteKind,
     /// Innermost first: `frames[0]` called the allocator.
     pub frames: Vec<Frame>,
+    /// alloc_bytes - free_bytes: what it still holds.
     pub live_bytes: u64,
+    /// alloc_count - free_count.
     pub live_count: u64,
+    /// Bytes allocated from this stack, inherited blocks included.
     pub alloc_bytes: u64,
+    /// Allocations from this stack, inherited blocks included.
     pub alloc_count: u64,
+    /// Bytes of its blocks freed, wherever the free happened.
     #[serde(default)]
     pub free_bytes: u64,
+    /// Its blocks freed.
     #[serde(default)]
     pub free_count: u64,
     /// Live bytes that became live during the session: `live_bytes` less
@@ -461,7 +559,7 @@ pub struct Site {
 
 /// What anonymous mappings hold, from /proc/PID/maps and pagemap (see
 /// `address_space`), as opposed to the address ranges `mmap` returned.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct MappedReport {
     /// The ranges as recorded at `mmap` (and shrunk by munmaps of their
     /// front), for the ranges measured.
@@ -493,7 +591,7 @@ impl MappedReport {
 }
 
 /// A site across the session's windows (`windows[]`), oldest first.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SiteHistory {
     /// Live bytes at each window's end.
     pub live_bytes: Vec<u64>,
@@ -516,7 +614,7 @@ impl Site {
 }
 
 /// What the kernel side could not record. All zero means the figures are exact.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Completeness {
     /// Allocations not tracked because a map was full (sum of the three below).
     pub map_full: u64,
@@ -527,10 +625,15 @@ pub struct Completeness {
     pub unknown_frees: u64,
     /// Return probes that fired without their entry.
     pub missed_returns: u64,
+    /// Allocations not tracked: the live map (`--max-live`) was full.
     #[serde(default)]
     pub live_map_full: u64,
+    /// Allocations or frees whose per-(process, stack) totals could not be
+    /// stored.
     #[serde(default)]
     pub totals_map_full: u64,
+    /// Allocator calls missed: too many threads were inside the allocator
+    /// at once.
     #[serde(default)]
     pub in_flight_full: u64,
     /// Forked children that could not be followed.
