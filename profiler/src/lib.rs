@@ -28,6 +28,7 @@ pub mod allocator;
 pub mod arenas;
 pub mod attach;
 pub mod bpf;
+pub mod build_id;
 pub mod classify;
 pub mod collect;
 pub mod completeness;

@@ -89,12 +89,7 @@ impl ProcessMaps {
         if let Some(mapped) = self.replaced_file(path) {
             return mapped;
         }
-        let via_root = maps_root(self.pid, path);
-        if via_root.exists() {
-            via_root
-        } else {
-            path.to_path_buf()
-        }
+        through_root(self.pid, path)
     }
 
     /// For a file replaced on disk since it was mapped: the mapped one,
@@ -109,6 +104,17 @@ impl ProcessMaps {
             self.pid, mapping.start, mapping.end
         ));
         mapped.exists().then_some(mapped)
+    }
+}
+
+/// `path` as process `pid` sees it (through its root, for a container)
+/// while that resolves, else `path` itself.
+pub fn through_root(pid: u32, path: &Path) -> PathBuf {
+    let via_root = maps_root(pid, path);
+    if via_root.exists() {
+        via_root
+    } else {
+        path.to_path_buf()
     }
 }
 

@@ -87,7 +87,7 @@ fn go_tool_pprof_reads_the_profile_with_exact_figures() {
             .expect("gcc runs")
             .success()
     );
-    let (report, _) = run_command("pprof", &[server.into_os_string()], &[]);
+    let (report, _) = run_command("pprof", &[server.clone().into_os_string()], &[]);
     let dir = output_dir_path("pprof");
     let profile = dir.join(memscope::output::PROFILE_PB_GZ);
     let pprof = |index: &str, unit: &str| {
@@ -128,6 +128,18 @@ fn go_tool_pprof_reads_the_profile_with_exact_figures() {
     assert!(calls >= 667, "{calls}");
     let allocs = pprof("alloc_objects", "minimum");
     assert_eq!(line(&allocs, "read_request"), calls.to_string(), "{allocs}");
+
+    // Each mapping carries its object's build id, as go tool pprof reads it.
+    let raw = Command::new("go")
+        .args(["tool", "pprof", "-raw"])
+        .arg(&profile)
+        .env("HOME", env!("CARGO_TARGET_TMPDIR"))
+        .output()
+        .expect("go tool pprof runs");
+    let raw = String::from_utf8_lossy(&raw.stdout).into_owned();
+    let server_id = memscope::build_id::read(&server).expect("gcc gives a build id");
+    let mapping = format!("{} {server_id} [FN][FL][LN][IN]", server.display());
+    assert!(raw.lines().any(|l| l.ends_with(&mapping)), "{mapping} not in:\n{raw}");
 
     // Rendered again from report.json alone: the same bytes.
     let again = output_dir("pprof_again");

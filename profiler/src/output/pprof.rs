@@ -65,6 +65,8 @@ pub struct Mapping {
     pub id: u64,
     #[prost(int64, tag = "5")]
     pub filename: i64,
+    #[prost(int64, tag = "6")]
+    pub build_id: i64,
     #[prost(bool, tag = "7")]
     pub has_functions: bool,
     #[prost(bool, tag = "8")]
@@ -113,6 +115,8 @@ struct Builder {
     functions: HashMap<(i64, i64), u64>,
     locations: HashMap<(u64, i64, u64), u64>,
     mappings: HashMap<i64, u64>,
+    /// Build ids by module path, from the report.
+    build_ids: HashMap<String, String>,
 }
 
 impl Builder {
@@ -139,9 +143,14 @@ impl Builder {
             return id;
         }
         let id = self.profile.mapping.len() as u64 + 1;
+        let build_id = match self.build_ids.get(module).cloned() {
+            Some(build_id) => self.string(&build_id),
+            None => 0,
+        };
         self.profile.mapping.push(Mapping {
             id,
             filename,
+            build_id,
             has_functions: true,
             has_filenames: true,
             has_line_numbers: true,
@@ -191,7 +200,14 @@ impl Builder {
 
 /// The report as a pprof profile.
 pub fn profile(report: &Report) -> Profile {
-    let mut b = Builder::default();
+    let mut b = Builder {
+        build_ids: report
+            .modules
+            .iter()
+            .filter_map(|m| Some((m.path.clone(), m.build_id.clone()?)))
+            .collect(),
+        ..Builder::default()
+    };
     b.string("");
     let sample_type = vec![
         b.value_type("alloc_objects", "count"),
@@ -287,5 +303,21 @@ mod tests {
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut text)
             .expect("gunzips");
         assert_eq!(Profile::decode(&text[..]).expect("decodes"), profile);
+    }
+
+    #[test]
+    fn mappings_carry_the_modules_build_ids() {
+        let mut report = tests_support::sample_report();
+        report.modules = vec![crate::report::Module {
+            path: "/opt/app/server".into(),
+            build_id: Some("0123abcd".into()),
+        }];
+        let profile = profile(&report);
+        let mapping = profile
+            .mapping
+            .iter()
+            .find(|m| profile.string_table[m.filename as usize] == "/opt/app/server")
+            .expect("the server's mapping");
+        assert_eq!(profile.string_table[mapping.build_id as usize], "0123abcd");
     }
 }

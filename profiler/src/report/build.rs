@@ -296,6 +296,7 @@ pub fn build_report(
         sites,
         completeness,
         probes: context.probes,
+        modules: Vec::new(),
         warnings: context.warnings,
         memscope_version: env!("CARGO_PKG_VERSION").to_owned(),
         windows,

@@ -41,6 +41,9 @@ pub struct Report {
     /// Where each allocator function was probed.
     #[serde(default)]
     pub probes: Vec<AttachedProbe>,
+    /// The native objects the sites' frames come from, with their build ids.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<Module>,
     /// Things the reader should know about this profile (loss, coverage).
     #[serde(default)]
     pub warnings: Vec<String>,
@@ -383,6 +386,17 @@ pub struct Frame {
     /// Machine code, or a Python function (absent in older reports: `native`).
     #[serde(default)]
     pub language: Language,
+}
+
+/// An object (executable or library) frames are in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Module {
+    /// Its path as the target saw it: the frames' `module`.
+    pub path: String,
+    /// Its GNU build id in hex, when the file has one (the name of its debug
+    /// file under /usr/lib/debug/.build-id, the key debuginfod serves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<String>,
 }
 
 /// What a frame runs: machine code, or a Python function the interpreter
@@ -788,6 +802,7 @@ pub(crate) mod tests_support {
             sites,
             completeness: Completeness::default(),
             probes: Vec::new(),
+            modules: Vec::new(),
             warnings: Vec::new(),
             memscope_version: "0.1.0".into(),
             processes: Vec::new(),

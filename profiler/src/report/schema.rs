@@ -148,6 +148,10 @@ mod tests {
     /// set, each list that is left out when empty given an entry.
     fn full_report() -> Report {
         let mut report = sample_report();
+        report.modules = vec![Module {
+            path: "/opt/app/server".into(),
+            build_id: Some("5e6b0c2d4f".into()),
+        }];
         let memory = crate::process_memory::MemoryFigures {
             rss_bytes: 9 << 20,
             pss_bytes: 8 << 20,

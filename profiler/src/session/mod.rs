@@ -1116,6 +1116,7 @@ impl Session {
             |pid, ips, python| symbolizer.symbolize_with_python(pid, ips, python),
             context,
         );
+        report.modules = crate::build_id::modules(&report, self.pid);
         report.warnings = self.warnings.clone();
         report
             .warnings
