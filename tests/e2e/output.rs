@@ -139,7 +139,10 @@ fn go_tool_pprof_reads_the_profile_with_exact_figures() {
     let raw = String::from_utf8_lossy(&raw.stdout).into_owned();
     let server_id = memscope::build_id::read(&server).expect("gcc gives a build id");
     let mapping = format!("{} {server_id} [FN][FL][LN][IN]", server.display());
-    assert!(raw.lines().any(|l| l.ends_with(&mapping)), "{mapping} not in:\n{raw}");
+    assert!(
+        raw.lines().any(|l| l.ends_with(&mapping)),
+        "{mapping} not in:\n{raw}"
+    );
 
     // Rendered again from report.json alone: the same bytes.
     let again = output_dir("pprof_again");
