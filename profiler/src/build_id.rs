@@ -6,25 +6,28 @@ use std::{collections::BTreeSet, fs::File, path::Path};
 
 use object::Object as _;
 
-use crate::report::{Language, Module, Report};
+use crate::report::{Language, Module, Report, Site};
 
 /// The report's native modules, each with its build id where the file (as
 /// the target sees it, through `/proc/PID/root` while it lives) has one.
 pub fn modules(report: &Report, pid: u32) -> Vec<Module> {
-    let paths: BTreeSet<&str> = report
-        .sites
-        .iter()
-        .flat_map(|site| &site.frames)
-        .filter(|frame| frame.language == Language::Native)
-        .filter_map(|frame| frame.module.as_deref())
-        .filter(|module| module.starts_with('/'))
-        .collect();
-    paths
+    native_paths(&report.sites)
         .into_iter()
         .map(|path| Module {
             path: path.to_owned(),
             build_id: read(&crate::process_maps::through_root(pid, Path::new(path))),
         })
+        .collect()
+}
+
+/// The files the sites' native frames come from.
+pub fn native_paths(sites: &[Site]) -> BTreeSet<&str> {
+    sites
+        .iter()
+        .flat_map(|site| &site.frames)
+        .filter(|frame| frame.language == Language::Native)
+        .filter_map(|frame| frame.module.as_deref())
+        .filter(|module| module.starts_with('/'))
         .collect()
 }
 

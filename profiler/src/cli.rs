@@ -249,8 +249,8 @@ pub struct ProfileArgs {
     /// Run `sh -c CMD` for each alert, with its JSON on standard input.
     #[arg(long, value_name = "CMD")]
     pub alert_exec: Option<String>,
-    /// At the end, send profile.pb.gz to this Grafana Pyroscope server
-    /// (http://HOST:PORT, or its /ingest URL), named
+    /// Send each window's profile, as it closes, to this Grafana Pyroscope
+    /// server (http://HOST:PORT, or its /ingest URL), named
     /// `memscope.PROGRAM{pid=PID}`.
     #[arg(long, value_name = "URL")]
     pub pprof_push: Option<String>,

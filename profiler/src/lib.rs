@@ -27,6 +27,7 @@ pub mod alert;
 pub mod allocator;
 pub mod arenas;
 pub mod attach;
+pub mod background;
 pub mod bpf;
 pub mod build_id;
 pub mod classify;

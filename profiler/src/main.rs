@@ -134,7 +134,8 @@ struct Profiled {
     reason: StopReason,
     dir: PathBuf,
     written: Result<(), memscope::output::OutputError>,
-    push: Option<output::push::PprofPush>,
+    /// `--pprof-push`: its URL, and how many window profiles went out.
+    pushed: Option<(String, Result<u64, output::push::PushError>)>,
 }
 
 impl Profiled {
@@ -149,13 +150,8 @@ impl Profiled {
             output::FILES.join(", "),
             dir.display()
         );
-        if let Some(push) = self.push {
-            let until = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            push.push(&self.report, until)?;
-            eprintln!("memscope: pushed profile.pb.gz to {}", push.url());
+        if let Some((url, pushed)) = self.pushed {
+            eprintln!("memscope: pushed {} window profiles to {url}", pushed?);
         }
         Ok(())
     }
@@ -198,6 +194,10 @@ async fn profile(
         .map(output::push::PprofPush::parse)
         .transpose()?;
     let mut session = Session::start(spec, &options)?;
+    let push_url = push.as_ref().map(|p| p.url().to_owned());
+    if let Some(push) = push {
+        session.set_push(push);
+    }
     // The command line and library path are the target's to choose; escaped,
     // they cannot send escape sequences to the terminal of root running this.
     eprintln!(
@@ -255,6 +255,7 @@ async fn profile(
     let ended = std::time::Instant::now();
     let report = session.report()?;
     tracing::info!("report built in {:?}", ended.elapsed());
+    let pushed = push_url.zip(session.finish_pushes());
     // The table first: if the files cannot be written, it is all the user gets.
     let written = match &out {
         Some(out) => output::write_into(out, &report),
@@ -265,7 +266,7 @@ async fn profile(
         reason,
         dir,
         written,
-        push,
+        pushed,
     })
 }
 

@@ -298,47 +298,18 @@ fn diff_of_10_and_100_requests_puts_the_leak_first_and_red() {
     let _ = std::fs::remove_dir_all(&copy);
 }
 
-/// A one-request HTTP server on a free port: answers `status` and hands
-/// back the request line and the body it read.
-fn receiver(status: &'static str) -> (String, std::thread::JoinHandle<(String, Vec<u8>)>) {
-    use std::io::{BufRead as _, Read as _, Write as _};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("address"));
-    let handle = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().expect("a request comes");
-        let mut reader = std::io::BufReader::new(stream);
-        let mut request_line = String::new();
-        reader.read_line(&mut request_line).expect("request line");
-        let mut length = 0usize;
-        loop {
-            let mut header = String::new();
-            reader.read_line(&mut header).expect("header");
-            if header.trim().is_empty() {
-                break;
-            }
-            if let Some(value) = header.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = value.trim().parse().expect("length");
-            }
-        }
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).expect("body");
-        let mut stream = reader.into_inner();
-        let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
-        (request_line.trim().to_owned(), body)
-    });
-    (url, handle)
-}
-
-/// Check that --pprof-push sends exactly profile.pb.gz to the ingest
-/// endpoint of a Pyroscope-style server, named for the program; that a
-/// refused push fails the run with the files written (exit 8); and that a
-/// URL memscope cannot use is refused before anything is attached.
+/// Check that --pprof-push sends the session's window (one, for a run
+/// shorter than --window) to the ingest endpoint of a Pyroscope-style
+/// server, named for the program, as a pprof holding what leak_basic
+/// leaked; that a refused push fails the run with the files written (exit
+/// 8); and that a URL memscope cannot use is refused before anything is
+/// attached. (windows.rs checks the figures window by window.)
 #[test]
 fn pprof_push_sends_the_profile_to_the_ingest_endpoint() {
     if !bpf_available() {
         return;
     }
-    let (url, server) = receiver("200 OK");
+    let (url, pushes) = http_receiver("200 OK");
     let dir = output_dir("pprof_push");
     let output = Command::new(MEMSCOPE)
         .args(["run", "--pprof-push", &url, "-o"])
@@ -349,11 +320,13 @@ fn pprof_push_sends_the_profile_to_the_ingest_endpoint() {
         .expect("memscope runs");
     assert!(output.status.success(), "{}", stderr_of(&output));
     assert!(
-        stderr_of(&output).contains(&format!("memscope: pushed profile.pb.gz to {url}")),
+        stderr_of(&output).contains(&format!("memscope: pushed 1 window profiles to {url}")),
         "{}",
         stderr_of(&output)
     );
-    let (request, body) = server.join().expect("receiver");
+    let pushes: Vec<_> = pushes.try_iter().collect();
+    assert_eq!(pushes.len(), 1, "{pushes:?}");
+    let (request, body) = &pushes[0];
     let report = read_report(&dir);
     let prefix = format!(
         "POST /ingest?name=memscope.fixture-leak_basic%7Bpid%3D{}%7D&from=",
@@ -364,10 +337,19 @@ fn pprof_push_sends_the_profile_to_the_ingest_endpoint() {
         request.contains("&format=pprof&spyName=memscope HTTP/1.1"),
         "{request}"
     );
-    let written = std::fs::read(dir.join(memscope::output::PROFILE_PB_GZ)).expect("profile");
-    assert_eq!(body, written, "the body is profile.pb.gz");
+    let pushed = pprof_of(body);
+    let written =
+        pprof_of(&std::fs::read(dir.join(memscope::output::PROFILE_PB_GZ)).expect("profile"));
+    for site in report.sites.iter().filter(|s| s.live_bytes > 0) {
+        let function = &site.frames[0].function;
+        assert_eq!(
+            sample_values(&pushed, function)[3],
+            sample_values(&written, function)[3],
+            "inuse_space of {function}"
+        );
+    }
 
-    let (url, server) = receiver("500 Internal Server Error");
+    let (url, _pushes) = http_receiver("500 Internal Server Error");
     let dir = output_dir("pprof_push_refused");
     let output = Command::new(MEMSCOPE)
         .args(["run", "--pprof-push", &url, "-o"])
@@ -376,8 +358,12 @@ fn pprof_push_sends_the_profile_to_the_ingest_endpoint() {
         .arg(fixture("leak_basic"))
         .output()
         .expect("memscope runs");
-    let _ = server.join();
     assert_eq!(output.status.code(), Some(8), "{}", stderr_of(&output));
+    assert!(
+        stderr_of(&output).contains("1 of 1 window profiles not pushed: 1 refused or unreachable"),
+        "{}",
+        stderr_of(&output)
+    );
     assert!(
         stderr_of(&output).contains("answered \"HTTP/1.1 500 Internal Server Error\""),
         "{}",

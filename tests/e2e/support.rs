@@ -298,3 +298,71 @@ pub fn assert_near(ours: u64, theirs: u64, what: &str) {
 pub fn stderr_of(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+/// A plain-HTTP server on a free local port that answers every request
+/// with `status`: its URL, and each request's line and body as they come.
+pub fn http_receiver(status: &'static str) -> (String, mpsc::Receiver<(String, Vec<u8>)>) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let mut reader = BufReader::new(stream);
+            let mut request_line = String::new();
+            reader.read_line(&mut request_line).expect("request line");
+            let mut length = 0usize;
+            loop {
+                let mut header = String::new();
+                reader.read_line(&mut header).expect("header");
+                if header.trim().is_empty() {
+                    break;
+                }
+                if let Some(value) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().expect("length");
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).expect("body");
+            let mut stream = reader.into_inner();
+            let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+            if tx.send((request_line.trim().to_owned(), body)).is_err() {
+                return;
+            }
+        }
+    });
+    (url, rx)
+}
+
+/// A gzipped pprof profile, decoded.
+pub fn pprof_of(gzipped: &[u8]) -> memscope::output::pprof::Profile {
+    use prost::Message as _;
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(gzipped)
+        .read_to_end(&mut bytes)
+        .expect("gzip");
+    memscope::output::pprof::Profile::decode(bytes.as_slice()).expect("a pprof profile")
+}
+
+/// The four values (alloc_objects, alloc_space, inuse_objects,
+/// inuse_space) of the samples whose innermost frame is `function`, summed.
+pub fn sample_values(profile: &memscope::output::pprof::Profile, function: &str) -> [i64; 4] {
+    let name = |index: i64| profile.string_table[index as usize].as_str();
+    let innermost = |id: u64| {
+        let location = profile.location.iter().find(|l| l.id == id)?;
+        let line = location.line.first()?;
+        let f = profile.function.iter().find(|f| f.id == line.function_id)?;
+        Some(name(f.name))
+    };
+    let mut sum = [0; 4];
+    for sample in &profile.sample {
+        if sample.location_id.first().and_then(|id| innermost(*id)) == Some(function) {
+            for (into, value) in sum.iter_mut().zip(&sample.value) {
+                *into += value;
+            }
+        }
+    }
+    sum
+}

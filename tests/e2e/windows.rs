@@ -367,3 +367,81 @@ fn growth_alerts_reach_every_sink_while_the_session_runs() {
     assert_eq!(&given, alert);
     assert_eq!(read_report(&dir).alerts, alerts);
 }
+
+/// Check that --pprof-push sends one profile per window as each closes,
+/// each holding exactly what its phase allocated and what was in use at
+/// its end, with spans that follow each other: Pyroscope's timeline of the
+/// session.
+#[test]
+fn each_window_is_pushed_with_its_own_figures() {
+    if !bpf_available() {
+        return;
+    }
+    let (url, pushes) = http_receiver("200 OK");
+    let dir = output_dir("windows_push");
+    let args = ["--window", "1h", "--pprof-push", &url].map(String::from);
+    let mut phases = Phases::start(&dir, &args);
+    let pushed = |index: usize| {
+        let (request, body) = pushes
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("window {index} pushed as it closed"));
+        (request, pprof_of(&body))
+    };
+    phases.phase("hold");
+    phases.usr2();
+    let first = pushed(0);
+    phases.phase("release");
+    phases.usr2();
+    let second = pushed(1);
+    phases.phase("grow");
+    phases.usr2();
+    let third = pushed(2);
+    phases.quit();
+    let last = pushed(3);
+    assert!(pushes.try_recv().is_err(), "one push per window");
+
+    let report = read_report(&dir);
+    assert_eq!(report.windows.len(), 4, "{:#?}", report.windows);
+    let (hold, grow) = (HELD_BYTES as i64, GROWN_BYTES as i64);
+    let values = |profile, function| sample_values(profile, function);
+    // alloc_objects, alloc_space, inuse_objects, inuse_space.
+    assert_eq!(values(&first.1, "hold_site"), [50, hold, 50, hold]);
+    assert_eq!(values(&second.1, "hold_site"), [0, 0, 0, 0]);
+    assert_eq!(values(&third.1, "hold_site"), [0, 0, 0, 0]);
+    assert_eq!(values(&third.1, "grow_site"), [10, grow, 10, grow]);
+    assert_eq!(values(&last.1, "grow_site"), [0, 0, 10, grow]);
+
+    let span = |request: &str| -> (u64, u64) {
+        let value = |key: &str| {
+            let (_, rest) = request
+                .split_once(&format!("&{key}="))
+                .unwrap_or_else(|| panic!("{key} in {request}"));
+            rest.split(['&', ' '])
+                .next()
+                .expect("value")
+                .parse()
+                .expect("seconds")
+        };
+        (value("from"), value("until"))
+    };
+    let all = [&first, &second, &third, &last];
+    for pair in all.windows(2) {
+        let (from, until) = span(&pair[0].0);
+        let (next_from, _) = span(&pair[1].0);
+        assert!(
+            from < until && from <= next_from,
+            "{} then {}",
+            pair[0].0,
+            pair[1].0
+        );
+        assert!(pair[0].1.time_nanos <= pair[1].1.time_nanos);
+    }
+    for (profile, window) in all.iter().map(|p| &p.1).zip(&report.windows) {
+        let length_ns = ((window.end_s - window.start_s) * 1e9) as i64;
+        assert!(
+            (profile.duration_nanos - length_ns).abs() < 1000,
+            "{} against {length_ns}",
+            profile.duration_nanos
+        );
+    }
+}

@@ -7,20 +7,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Alert, Sink, background::Background};
+use super::{Alert, Sink};
+use crate::background::Background;
 
 /// A command still running after this is killed.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct ExecSink {
-    background: Background,
+    background: Background<Vec<u8>>,
 }
 
 impl ExecSink {
     pub fn new(command: String) -> Self {
         let what = format!("--alert-exec {command}");
         Self {
-            background: Background::start(what, move |json| run(&command, json)),
+            background: Background::start(what, "alert", move |json: &Vec<u8>| run(&command, json)),
         }
     }
 }

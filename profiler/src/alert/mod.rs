@@ -4,7 +4,6 @@
 //! saying is the sinks' (one `Sink` per destination, fed by the window
 //! tick).
 
-mod background;
 mod exec;
 pub mod limit;
 mod stream;

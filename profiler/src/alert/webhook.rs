@@ -2,7 +2,8 @@
 //! (a local relay, Alertmanager-style receivers), with timeouts and
 //! retries, off the collection thread.
 
-use super::{Alert, Sink, background::Background};
+use super::{Alert, Sink};
+use crate::background::Background;
 use crate::http::Endpoint;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +24,7 @@ fn parse(url: &str) -> Result<Endpoint, WebhookError> {
 }
 
 pub struct WebhookSink {
-    background: Background,
+    background: Background<Vec<u8>>,
 }
 
 impl WebhookSink {
@@ -31,7 +32,7 @@ impl WebhookSink {
         let endpoint = parse(url)?;
         let what = format!("--alert-webhook {url}");
         Ok(Self {
-            background: Background::start(what, move |json| {
+            background: Background::start(what, "alert", move |json: &Vec<u8>| {
                 endpoint.post(endpoint.path(), "application/json", json)
             }),
         })

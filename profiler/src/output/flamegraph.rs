@@ -182,6 +182,12 @@ mod tests {
     }
 
     #[test]
+    fn growth_svg_matches_golden_file() {
+        let svg = render_growth(&sample_report()).expect("render");
+        crate::output::assert_golden("growth.svg", &svg);
+    }
+
+    #[test]
     fn alloc_svg_matches_golden_file() {
         let svg = render_alloc(&sample_report()).expect("render");
         crate::output::assert_golden("alloc.svg", &svg);

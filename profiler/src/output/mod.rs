@@ -152,7 +152,21 @@ pub(crate) fn assert_golden(name: &str, actual: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::tests_support::sample_report;
+    use crate::report::tests_support::{full_report, sample_report};
+
+    /// Check report.json and the table of a report with every part (windows,
+    /// peak, alerts, requests, workers, fragmentation) against golden files.
+    #[test]
+    fn full_report_json_and_table_match_golden_files() {
+        let report = full_report();
+        assert_golden(
+            "report.json",
+            report_json(&report).expect("json").as_bytes(),
+        );
+        let mut table = Vec::new();
+        table::render(&report, 10, &mut table).expect("table");
+        assert_golden("table-full.txt", &table);
+    }
 
     #[test]
     fn long_commands_keep_their_ends_in_the_title() {

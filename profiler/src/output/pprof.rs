@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use prost::Message as _;
 
 use super::OutputError;
-use crate::report::{Frame, Report};
+use crate::report::{Frame, Module, Report, Site};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Profile {
@@ -200,9 +200,36 @@ impl Builder {
 
 /// The report as a pprof profile.
 pub fn profile(report: &Report) -> Profile {
+    profile_of(&Span::of(report), &report.sites, &report.modules)
+}
+
+/// What a profile covers, besides its sites.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Span {
+    /// memscope's version, the target's pid and command.
+    pub comment: String,
+    /// When it began, Unix nanoseconds (0: not said).
+    pub time_nanos: i64,
+    pub duration_s: f64,
+}
+
+impl Span {
+    pub fn of(report: &Report) -> Self {
+        Self {
+            comment: format!(
+                "memscope {}: pid {} ({})",
+                report.memscope_version, report.target.pid, report.target.command
+            ),
+            time_nanos: 0,
+            duration_s: report.duration_s,
+        }
+    }
+}
+
+/// `sites` as a pprof profile: allocations and what is in use.
+pub fn profile_of(span: &Span, sites: &[Site], modules: &[Module]) -> Profile {
     let mut b = Builder {
-        build_ids: report
-            .modules
+        build_ids: modules
             .iter()
             .filter_map(|m| Some((m.path.clone(), m.build_id.clone()?)))
             .collect(),
@@ -219,13 +246,10 @@ pub fn profile(report: &Report) -> Profile {
     b.profile.sample_type = sample_type;
     b.profile.period_type = Some(b.value_type("space", "bytes"));
     b.profile.period = 1;
-    b.profile.duration_nanos = (report.duration_s * 1e9) as i64;
-    let comment = format!(
-        "memscope {}: pid {} ({})",
-        report.memscope_version, report.target.pid, report.target.command
-    );
-    b.profile.comment = vec![b.string(&comment)];
-    for site in &report.sites {
+    b.profile.time_nanos = span.time_nanos;
+    b.profile.duration_nanos = (span.duration_s * 1e9) as i64;
+    b.profile.comment = vec![b.string(&span.comment)];
+    for site in sites {
         let location_id = site.frames.iter().map(|f| b.location(f)).collect();
         let value = [
             site.alloc_count,
@@ -242,8 +266,13 @@ pub fn profile(report: &Report) -> Profile {
 
 /// profile.pb.gz's bytes.
 pub fn render(report: &Report) -> Result<Vec<u8>, OutputError> {
+    gzipped(&profile(report))
+}
+
+/// A profile encoded and gzipped, as pprof files are.
+pub fn gzipped(profile: &Profile) -> Result<Vec<u8>, OutputError> {
     use std::io::Write as _;
-    let bytes = profile(report).encode_to_vec();
+    let bytes = profile.encode_to_vec();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&bytes)
         .and_then(|()| gz.finish())

@@ -45,11 +45,12 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
     if let Some(peak) = &report.peak {
         writeln!(
             out,
-            "peak: {} bytes ({}) at {:.1}s; {} windows",
+            "peak: {} bytes ({}) at {:.1}s; {} window{}",
             peak.live_bytes,
             format_bytes(peak.live_bytes),
             peak.at_s,
-            report.windows.len()
+            report.windows.len(),
+            if report.windows.len() == 1 { "" } else { "s" }
         )?;
     }
     // Each process as last read: at the end, or at its exit stop.

@@ -380,6 +380,51 @@ fn top_growing(
     sites
 }
 
+/// A window's sites for the profile pushed when it closes, as Go's delta
+/// heap profiles have them: what each allocated in the window (`alloc_*`)
+/// and what it held at the window's end (`live_*`), stacks with equal
+/// frames merged. Biggest holders first.
+pub fn window_sites(
+    changes: &BTreeMap<StackKey, StackTotals>,
+    held: &BTreeMap<StackKey, StackTotals>,
+    frames: &BTreeMap<StackKey, Vec<Frame>>,
+) -> Vec<Site> {
+    fn site<'s, 'f>(
+        sites: &'s mut BTreeMap<(u32, &'f [Frame]), Site>,
+        (class, frames): (u32, &'f [Frame]),
+    ) -> &'s mut Site {
+        sites.entry((class, frames)).or_insert_with(|| Site {
+            kind: SiteKind::of_class(class),
+            frames: frames.to_vec(),
+            ..Site::default()
+        })
+    }
+    let mut sites = BTreeMap::new();
+    for (at, (t, _)) in by_site(changes.iter(), frames) {
+        let site = site(&mut sites, at);
+        site.alloc_count = t.alloc_count;
+        site.alloc_bytes = t.alloc_bytes;
+        site.free_count = t.free_count;
+        site.free_bytes = t.free_bytes;
+    }
+    for (at, (t, _)) in by_site(held.iter(), frames) {
+        let site = site(&mut sites, at);
+        site.live_count = t.live_count();
+        site.live_bytes = t.live_bytes();
+    }
+    let mut sites: Vec<Site> = sites
+        .into_values()
+        .filter(|s| s.alloc_count > 0 || s.live_count > 0)
+        .collect();
+    sites.sort_by(|a, b| {
+        b.live_bytes
+            .cmp(&a.live_bytes)
+            .then(b.alloc_bytes.cmp(&a.alloc_bytes))
+            .then_with(|| a.frames.cmp(&b.frames))
+    });
+    sites
+}
+
 /// Sites by class and frames: their summed totals, and the (process,
 /// stack) keys they were made of.
 type BySite<'f> = BTreeMap<(u32, &'f [Frame]), (StackTotals, Vec<StackKey>)>;

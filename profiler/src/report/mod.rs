@@ -9,7 +9,9 @@ use profiler_common::{HeapTop, StackTotals, site_class};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use self::build::{Measured, ReportContext, build_report, combined_totals, key_frames};
+pub use self::build::{
+    Measured, ReportContext, build_report, combined_totals, key_frames, window_sites,
+};
 pub use self::schema::{SCHEMA_FILE, json_schema, json_schema_text};
 use crate::{attach::AttachedProbe, processes::Following};
 
@@ -728,6 +730,7 @@ impl Completeness {
 #[cfg(test)]
 pub(crate) mod tests_support {
     use super::*;
+    use crate::alert::{Alert, AlertKind, AlertLevel, AlertRequest, AlertSite};
 
     fn frame(function: &str, file: &str, line: u32) -> Frame {
         Frame {
@@ -818,6 +821,272 @@ pub(crate) mod tests_support {
             fragmentation: None,
             requests: None,
         }
+    }
+
+    /// A report with every part a report can have: each optional field
+    /// set, each list that is left out when empty given an entry.
+    pub(crate) fn full_report() -> Report {
+        let mut report = sample_report();
+        report.modules = vec![Module {
+            path: "/opt/app/server".into(),
+            build_id: Some("5e6b0c2d4f".into()),
+        }];
+        let memory = crate::process_memory::MemoryFigures {
+            rss_bytes: 9 << 20,
+            pss_bytes: 8 << 20,
+            uss_bytes: 7 << 20,
+            shared_bytes: 2 << 20,
+            anon_bytes: 6 << 20,
+            file_bytes: 3 << 20,
+            shmem_bytes: 4096,
+            swap_bytes: 0,
+            vms_bytes: 200 << 20,
+            threads: 2,
+            processes: 1,
+        };
+        let frames = report.sites[0].frames.clone();
+        let mut python = Frame::named("handle");
+        python.file = Some("/srv/app/app.py".into());
+        python.line = Some(41);
+        python.language = Language::Python;
+        let site = &mut report.sites[0];
+        site.frames.push(python);
+        site.history = Some(SiteHistory {
+            live_bytes: vec![2_048_000, 4_096_000],
+            alloc_bytes: vec![2_048_000, 2_048_000],
+            surviving_bytes: vec![2_048_000, 2_048_000],
+        });
+        site.classification = Some(crate::classify::Classification {
+            verdict: crate::classify::Verdict::Unknown,
+            growth_bytes_per_window: 2_048_000,
+            confidence: crate::classify::Confidence::Low,
+            reason: "2 windows".into(),
+            windows_needed: Some(1),
+        });
+        let mapped = MappedReport {
+            recorded_bytes: 1 << 27,
+            mapped_bytes: 1 << 27,
+            committed_bytes: 1 << 20,
+            reserved_bytes: (1 << 27) - (1 << 20),
+            resident_bytes: 1 << 18,
+        };
+        report.sites.push(Site {
+            kind: SiteKind::Mmap,
+            frames: vec![Frame::named("reserve_site")],
+            live_bytes: 1 << 20,
+            live_count: 1,
+            alloc_bytes: 1 << 27,
+            alloc_count: 1,
+            mapped: Some(mapped),
+            ..Site::default()
+        });
+        report.mapped = Totals {
+            alloc_count: 1,
+            alloc_bytes: 1 << 27,
+            live_count: 1,
+            live_bytes: 1 << 20,
+            ..Totals::default()
+        };
+        report.mapped_memory = Some(mapped);
+        report.loader = Some(Totals {
+            alloc_count: 1,
+            alloc_bytes: 8192,
+            live_count: 1,
+            live_bytes: 8192,
+            ..Totals::default()
+        });
+        report.stdio_buffers = Some(Totals {
+            alloc_count: 1,
+            alloc_bytes: 1024,
+            live_count: 1,
+            live_bytes: 1024,
+            ..Totals::default()
+        });
+        report.probes = vec![crate::attach::AttachedProbe {
+            function: "free".into(),
+            library: "/usr/lib/x86_64-linux-gnu/libc.so.6".into(),
+            entry_offset: 3,
+            emulated: true,
+            return_probe: false,
+        }];
+        report.warnings = vec!["1 child was not followed".into()];
+        let target = ProcessReport {
+            pid: 4242,
+            command: "./server --port 8080".into(),
+            totals: report.totals,
+            heap: Some(HeapReport {
+                first: 0x5555_0000_0000,
+                current: 0x5555_0040_0000,
+                grown_bytes: 0x40_0000,
+                shrunk_bytes: 0,
+            }),
+            growth_bytes: report.totals.live_bytes as i64,
+            sites: report.sites.clone(),
+            following: crate::processes::Following::Started,
+            python: Some("3.11.2".into()),
+            python_objects: Some(PythonObjects::Malloc),
+            peak_bytes: Some(4_096_000),
+            peak_s: Some(11.0),
+            memory: Some(memory),
+            arenas: vec![crate::arenas::ArenaHeap {
+                kind: crate::arenas::HeapKind::Main,
+                address: 0x5555_0000_0000,
+                committed_bytes: 0x40_0000,
+                resident_bytes: 0x40_0000,
+                live_bytes: 4_096_000,
+                live_count: 1000,
+                free_bytes: 80_304,
+            }],
+            anon_mappings: vec![crate::address_space::SizeClass {
+                min_bytes: 1 << 20,
+                count: 1,
+                mapped_bytes: 1 << 27,
+                committed_bytes: 1 << 20,
+                resident_bytes: 1 << 18,
+            }],
+            teardown_s: Some(12.0),
+            ..ProcessReport::default()
+        };
+        let child = ProcessReport {
+            pid: 4243,
+            ppid: Some(4242),
+            command: "./server --port 8080".into(),
+            started_s: 0.5,
+            exited_s: Some(3.0),
+            inherited_count: 1,
+            inherited_bytes: 4096,
+            following: crate::processes::Following::Late,
+            note: Some("held 62 ms before memscope could probe it".into()),
+            ..ProcessReport::default()
+        };
+        report.processes = vec![target, child];
+        report.attach_costs = Some(AttachCosts {
+            processes: 2,
+            median_ms: 12.5,
+            max_ms: 20.0,
+        });
+        report.tick_costs = Some(TickCosts {
+            ticks: 2,
+            median_ms: 0.5,
+            max_ms: 0.75,
+        });
+        let window_site = WindowSite {
+            kind: SiteKind::Malloc,
+            frames: frames.clone(),
+            growth_bytes: 2_048_000,
+            alloc_bytes: 2_048_000,
+            alloc_count: 500,
+            free_bytes: 0,
+            free_count: 0,
+        };
+        report.windows = vec![WindowReport {
+            index: 0,
+            start_s: 0.0,
+            end_s: 6.25,
+            closed_by: crate::timeline::WindowEnd::Timer,
+            alloc_bytes: 2_048_000,
+            alloc_count: 500,
+            free_bytes: 0,
+            free_count: 0,
+            growth_bytes: 2_048_000,
+            live_bytes: 2_048_000,
+            rss_bytes: 9 << 20,
+            memory: Some(memory),
+            top_sites: vec![window_site],
+        }];
+        report.peak = Some(PeakReport {
+            live_bytes: 4_096_000,
+            at_s: 11.0,
+            processes: vec![ProcessPeakReport {
+                pid: 4242,
+                live_bytes: 4_096_000,
+                at_s: 11.0,
+            }],
+            window: Some(0),
+            top_sites: vec![report.sites[0].clone()],
+        });
+        report.alerts = vec![Alert {
+            kind: AlertKind::Request,
+            level: AlertLevel::Warning,
+            at_s: 6.25,
+            window: 0,
+            value_bytes: 2_048_000,
+            threshold_bytes: 1 << 20,
+            limit_bytes: Some(1 << 30),
+            message: "a request retained 2.0 MB at leak_site".into(),
+            top_sites: vec![AlertSite {
+                site: "leak_site <- handle_request <- main".into(),
+                growth_bytes: 2_048_000,
+            }],
+            held_back: 1,
+            request: Some(AlertRequest {
+                pid: 4242,
+                tid: 4244,
+                start_s: 6.0,
+                duration_ms: 3.5,
+            }),
+        }];
+        report.workers = vec![crate::workers::WorkerGroup {
+            master: 4242,
+            workers: vec![4243, 4245],
+            memory: Some(memory),
+            added_bytes: 8192,
+            repeated_bytes_per_worker: 4096,
+            repeated_sites: vec![crate::workers::RepeatedSite {
+                kind: SiteKind::Malloc,
+                frames: frames.clone(),
+                bytes_per_worker: 4096,
+            }],
+        }];
+        report.fragmentation = Some(crate::fragmentation::Fragmentation {
+            rss_bytes: 9 << 20,
+            anon_bytes: 6 << 20,
+            live_heap_bytes: 4_096_000,
+            heap_overhead_bytes: 16_000,
+            mapped_resident_bytes: 1 << 18,
+            python_arena_bytes: 0,
+            loader_bytes: 8192,
+            retained_free_bytes: 1_920_000,
+            ratio: Some(1.5),
+            vms_rss_ratio: Some(22.2),
+            threads: 2,
+            arenas: 1,
+            arena_resident_bytes: 0x40_0000,
+            arena_free_bytes: 80_304,
+            arena_max_saving_bytes: 0,
+            verdict: crate::fragmentation::FragmentationVerdict::None,
+            reason: "the live heap accounts for the anonymous RSS".into(),
+            advice: vec!["nothing to do".into()],
+        });
+        let figures = crate::requests::Percentiles {
+            p50: 4096,
+            p95: 8192,
+            max: 2_048_000,
+        };
+        report.requests = Some(crate::requests::RequestsReport {
+            function: "handle_request".into(),
+            keep_after: 10,
+            count: 100,
+            kept_count: 90,
+            open: 1,
+            partial: 0,
+            alloc_bytes: Some(figures),
+            retained_bytes: Some(figures),
+            kept_bytes: Some(figures),
+            approximate: true,
+            largest: vec![crate::requests::RequestReport {
+                pid: 4242,
+                tid: 4244,
+                start_s: 6.0,
+                duration_ms: 3.5,
+                alloc_count: 600,
+                alloc_bytes: 2_100_000,
+                retained_bytes: 2_048_000,
+                kept_bytes: Some(2_048_000),
+            }],
+            sites: vec![report.sites[0].clone()],
+        });
+        report
     }
 }
 

@@ -5,6 +5,7 @@
 mod child;
 mod exits;
 mod lifecycle;
+mod push;
 mod python;
 mod requests;
 mod teardown;
@@ -330,6 +331,8 @@ pub struct Session {
     /// Decides the alerts at each window's end, and where they go.
     alerter: Option<Alerter>,
     sinks: Vec<Box<dyn Sink>>,
+    /// `--pprof-push`: each window's profile as it closes.
+    pushes: Option<crate::output::push::WindowPushes>,
     alerts: Vec<Alert>,
     /// On a terminal: elapsed, live bytes, last window's growth, alerts.
     status: Option<indicatif::ProgressBar>,
@@ -577,6 +580,7 @@ impl Session {
             merged_peak,
             alerter: None,
             sinks: Vec::new(),
+            pushes: None,
             alerts: Vec::new(),
             status: None,
             exit_code: None,
@@ -837,6 +841,7 @@ impl Session {
             }
         };
         let cumulative = report::combined_totals(&totals, &self.adjustments);
+        let held = self.pushes.is_some().then(|| push::held(&cumulative));
         let memory = self.read_memory(Some(MEMORY_READS_PER_WINDOW));
         let rss_bytes = memory.rss_bytes;
         if self
@@ -845,6 +850,9 @@ impl Session {
             .is_none()
         {
             return;
+        }
+        if let Some(held) = held {
+            self.push_last_window(&held);
         }
         if memory.processes > 0 {
             self.timeline.set_last_memory(memory);
@@ -1057,15 +1065,20 @@ impl Session {
         self.drain_pending_events();
         let snapshot = collect::read_snapshot(&self.kernel.ebpf)?;
         let cumulative = report::combined_totals(&snapshot.totals, &self.adjustments);
+        let held = self.pushes.is_some().then(|| push::held(&cumulative));
         // The figures just read.
         let memory = self.read_memory(Some(0));
         if self
             .timeline
             .close(self.now(), cumulative, memory.rss_bytes, WindowEnd::End)
             .is_some()
-            && memory.processes > 0
         {
-            self.timeline.set_last_memory(memory);
+            if memory.processes > 0 {
+                self.timeline.set_last_memory(memory);
+            }
+            if let Some(held) = held {
+                self.push_last_window(&held);
+            }
         }
         let windows = self.timeline.windows();
         let arenas = &mut self.arenas;
