@@ -70,24 +70,30 @@ END { clear(@s); clear(@a); }
 enum Tool {
     Untraced,
     Memscope,
+    BareTraps,
     Bpftrace,
     Memleak,
     Heaptrack,
 }
 
-const TOOLS: [Tool; 5] = [
+const TOOLS: [Tool; 6] = [
     Tool::Untraced,
     Tool::Memscope,
+    Tool::BareTraps,
     Tool::Bpftrace,
     Tool::Memleak,
     Tool::Heaptrack,
 ];
+
+/// What `--allocs` measures: memscope between its two bounds.
+const OWN: [Tool; 3] = [Tool::Untraced, Tool::Memscope, Tool::BareTraps];
 
 impl Tool {
     fn name(self) -> &'static str {
         match self {
             Tool::Untraced => "untraced",
             Tool::Memscope => "memscope",
+            Tool::BareTraps => "bare traps (limit)",
             Tool::Bpftrace => "bpftrace (floor)",
             Tool::Memleak => "memleak",
             Tool::Heaptrack => "heaptrack",
@@ -98,6 +104,7 @@ impl Tool {
         match self {
             Tool::Untraced => "untraced",
             Tool::Memscope => "memscope",
+            Tool::BareTraps => "bare_traps",
             Tool::Bpftrace => "bpftrace",
             Tool::Memleak => "memleak",
             Tool::Heaptrack => "heaptrack",
@@ -125,7 +132,7 @@ struct Tools {
 impl Tools {
     fn unavailable(&self, tool: Tool) -> Option<&str> {
         match tool {
-            Tool::Untraced | Tool::Memscope => None,
+            Tool::Untraced | Tool::Memscope | Tool::BareTraps => None,
             Tool::Bpftrace => self.bpftrace.as_ref().err().map(String::as_str),
             Tool::Memleak => self.memleak.as_ref().err().map(String::as_str),
             Tool::Heaptrack => self.heaptrack.as_ref().err().map(String::as_str),
@@ -164,6 +171,8 @@ struct Context<'a> {
     work: PathBuf,
     bpftrace_script: PathBuf,
     clk_tck: f64,
+    /// memscope's probes, from its first report: where the bare traps go.
+    probes: std::sync::OnceLock<Vec<crate::bare_traps::Probe>>,
 }
 
 /// The Python rows alone (`cargo xtask bench --python`).
@@ -212,7 +221,9 @@ pub fn run_requests(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn run(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
+/// The whole bench; with `allocs_only`, only the allocation loops under
+/// memscope and the bare traps (what speed work moves), into allocs.json.
+pub fn run(workspace_root: &Path, memscope_bin: &Path, allocs_only: bool) -> Result<()> {
     let started = Instant::now();
     let out_dir = workspace_root.join("target/bench");
     fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
@@ -240,6 +251,7 @@ pub fn run(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
         work: work.clone(),
         bpftrace_script,
         clk_tck: clock_ticks(),
+        probes: std::sync::OnceLock::new(),
     };
 
     // cells[workload][tool]
@@ -256,7 +268,10 @@ pub fn run(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
             let order = TOOLS.iter().copied().chain([Tool::Untraced]);
             for tool in order {
                 let t = tool_index(tool);
-                if tools.unavailable(tool).is_some() || (!worked[t] && failures[t] >= 2) {
+                if (allocs_only && !OWN.contains(&tool))
+                    || tools.unavailable(tool).is_some()
+                    || (!worked[t] && failures[t] >= 2)
+                {
                     continue;
                 }
                 let t0 = Instant::now();
@@ -288,12 +303,27 @@ pub fn run(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
                     }
                 };
                 eprintln!(
-                    "bench: round {rep}/{REPS} {workload:<8} {:<17} {shown} ({:.1} s)",
+                    "bench: round {rep}/{REPS} {workload:<8} {:<18} {shown} ({:.1} s)",
                     tool.name(),
                     t0.elapsed().as_secs_f64()
                 );
             }
         }
+    }
+    if allocs_only {
+        let _ = fs::remove_dir_all(&work);
+        let results = results_json(&ctx, &cells, started.elapsed());
+        let path = out_dir.join("allocs.json");
+        let text = serde_json::to_string_pretty(&results)?;
+        fs::write(&path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        print!("{}", render_table(&tools, &cells, &OWN));
+        println!(
+            "\nbench: {REPS} rounds in {:.0} s; results in {}",
+            started.elapsed().as_secs_f64(),
+            path.display()
+        );
+        return Ok(());
     }
     let (fork_table, fork_json) = crate::fork_rate::run(workspace_root, &work, memscope_bin)?;
     let (python_table, python_json) = crate::python_rate::run(workspace_root, &work, memscope_bin)?;
@@ -314,7 +344,7 @@ pub fn run(workspace_root: &Path, memscope_bin: &Path) -> Result<()> {
     let path = out_dir.join("results.json");
     let text = serde_json::to_string_pretty(&results)?;
     fs::write(&path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
-    print!("{}", render_table(&tools, &cells));
+    print!("{}", render_table(&tools, &cells, &TOOLS));
     print!("{fork_table}");
     print!("{python_table}");
     print!("{objects_table}");
@@ -624,6 +654,7 @@ fn measure(ctx: &Context, tool: Tool, workload: &str, ops: u64) -> Result<Sample
             run_plain(cmd)
         }
         Tool::Memscope => run_memscope(ctx, workload, &ops_arg),
+        Tool::BareTraps => run_bare_traps(ctx, workload, &ops_arg),
         Tool::Bpftrace => {
             let Ok(bpftrace) = &ctx.tools.bpftrace else {
                 return Err("bpftrace unavailable".into());
@@ -775,6 +806,11 @@ fn run_memscope(ctx: &Context, workload: &str, ops: &str) -> Result<Sample, Stri
             Err(_) => break,
         }
     }
+    if ctx.probes.get().is_none()
+        && let Ok(probes) = crate::bare_traps::probes_of(&report_dir.join("report.json"))
+    {
+        let _ = ctx.probes.set(probes);
+    }
     let _ = fs::remove_dir_all(&report_dir);
     if !status.success() {
         return Err(failure("memscope failed", Some(&status.to_string()), &err));
@@ -800,25 +836,10 @@ fn run_attached(
     ready_markers: &[&str],
     tool_command: impl FnOnce(u32) -> Command,
 ) -> Result<Sample, String> {
-    let mut bench = Command::new(&ctx.bench)
-        .args([workload, ops])
-        .env("BENCH_WAIT_STDIN", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start the bench: {e}"))?;
-    let bench_lines = spawn_readers(&mut bench);
+    let (mut bench, bench_lines) = start_waiting(ctx, workload, ops)?;
     let mut tool: Option<Child> = None;
     let result = (|| {
-        let pid = match bench_lines.recv_timeout(Duration::from_secs(30)) {
-            Ok(Line::Out(line)) => line
-                .strip_prefix("ready ")
-                .and_then(|p| p.trim().parse::<u32>().ok())
-                .ok_or_else(|| format!("bench printed {line:?} instead of \"ready PID\""))?,
-            Ok(Line::Err(line)) => return Err(format!("bench: {line}")),
-            Err(_) => return Err("the bench did not get ready".to_owned()),
-        };
+        let pid = ready_pid(&bench_lines)?;
         let mut cmd = tool_command(pid);
         let mut child = spawn_piped(&mut cmd)?;
         let tool_lines = spawn_readers(&mut child);
@@ -853,11 +874,7 @@ fn run_attached(
             let what = format!("{ATTACH_FAILED}the tool exited");
             return Err(failure(&what, Some(&status.to_string()), &said));
         }
-        // go: one byte, then EOF
-        if let Some(mut stdin) = bench.stdin.take() {
-            let _ = stdin.write_all(b"g");
-        }
-        let (out, err, status) = collect_until_exit(&mut bench, &bench_lines, RUN_TIMEOUT)?;
+        let (out, err, status) = release(&mut bench, &bench_lines)?;
         drain_all(&tool_lines, &mut said);
         parse_ns_per_op(&out).ok_or_else(|| {
             let mut context = err;
@@ -869,6 +886,68 @@ fn run_attached(
     if let Some(mut child) = tool {
         stop(&mut child);
     }
+    let _ = bench.kill();
+    let _ = bench.wait();
+    result.map(|ns_per_op| Sample {
+        ns_per_op,
+        memscope: None,
+    })
+}
+
+/// The bench started so that it waits on stdin after its warm-up.
+fn start_waiting(
+    ctx: &Context,
+    workload: &str,
+    ops: &str,
+) -> Result<(Child, Receiver<Line>), String> {
+    let mut bench = Command::new(&ctx.bench)
+        .args([workload, ops])
+        .env("BENCH_WAIT_STDIN", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the bench: {e}"))?;
+    let lines = spawn_readers(&mut bench);
+    Ok((bench, lines))
+}
+
+/// The waiting bench's pid, once it says it is ready.
+fn ready_pid(lines: &Receiver<Line>) -> Result<u32, String> {
+    match lines.recv_timeout(Duration::from_secs(30)) {
+        Ok(Line::Out(line)) => line
+            .strip_prefix("ready ")
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .ok_or_else(|| format!("bench printed {line:?} instead of \"ready PID\"")),
+        Ok(Line::Err(line)) => Err(format!("bench: {line}")),
+        Err(_) => Err("the bench did not get ready".to_owned()),
+    }
+}
+
+/// Lets the waiting bench run its timed loop (one byte, then EOF) and
+/// collects what it says until it exits.
+fn release(bench: &mut Child, lines: &Receiver<Line>) -> Result<Collected, String> {
+    if let Some(mut stdin) = bench.stdin.take() {
+        let _ = stdin.write_all(b"g");
+    }
+    collect_until_exit(bench, lines, RUN_TIMEOUT)
+}
+
+/// The bench under bare perf-event uprobes at memscope's probe sites.
+fn run_bare_traps(ctx: &Context, workload: &str, ops: &str) -> Result<Sample, String> {
+    let probes = ctx
+        .probes
+        .get()
+        .ok_or("memscope's probe sites are not known: no memscope run wrote its report")?;
+    let (mut bench, lines) = start_waiting(ctx, workload, ops)?;
+    let result = (|| {
+        let pid = ready_pid(&lines)?;
+        let traps =
+            crate::bare_traps::attach(pid, probes).map_err(|e| format!("{ATTACH_FAILED}{e}"))?;
+        let (out, err, status) = release(&mut bench, &lines)?;
+        drop(traps);
+        parse_ns_per_op(&out).ok_or_else(|| failure("no ns_per_op line", status.as_deref(), &err))
+    })();
     let _ = bench.kill();
     let _ = bench.wait();
     result.map(|ns_per_op| Sample {
@@ -1071,6 +1150,12 @@ fn results_json(ctx: &Context, cells: &[Vec<Cell>], elapsed: Duration) -> Value 
                 "version": tool_version(ctx.memscope, "--version"),
                 "command": "memscope run -o DIR -- allocbench WORKLOAD OPS",
             }),
+            Tool::BareTraps => json!({
+                "available": true,
+                "command": "perf_event_open uprobes (no BPF program, inherited by threads) at the sites \
+                            of memscope's report.json probes: an entry probe at entry_offset, a return \
+                            probe at the same site where memscope has one (attached after the warm-up)",
+            }),
             Tool::Bpftrace => match &tools.bpftrace {
                 Ok(p) => json!({
                     "available": true,
@@ -1111,6 +1196,7 @@ fn results_json(ctx: &Context, cells: &[Vec<Cell>], elapsed: Duration) -> Value 
         .enumerate()
         .map(|(w, &(name, ops, what))| {
             let untraced = median(&cells[w][tool_index(Tool::Untraced)].ns_per_op);
+            let bare = median(&cells[w][tool_index(Tool::BareTraps)].ns_per_op);
             let results: Vec<Value> = TOOLS
                 .iter()
                 .map(|&tool| {
@@ -1121,6 +1207,7 @@ fn results_json(ctx: &Context, cells: &[Vec<Cell>], elapsed: Duration) -> Value 
                         "tool": tool.key(),
                         "ns_per_op": ns.map(round1),
                         "ratio_to_untraced": ratio.map(round2),
+                        "ratio_to_bare_traps": ns.zip(bare).map(|(n, b)| round2(n / b)),
                         "samples_ns_per_op": cell.ns_per_op.iter().copied().map(round1).collect::<Vec<_>>(),
                         "errors": cell.errors,
                         "attach_retries": cell.retried,
@@ -1155,7 +1242,8 @@ fn results_json(ctx: &Context, cells: &[Vec<Cell>], elapsed: Duration) -> Value 
     json!({
         "schema": "memscope.bench/1",
         "note": "ns_per_op is the bench's own figure for its timed loop (median of the rounds); \
-                 ratio_to_untraced divides it by the untraced median of the same run. \
+                 ratio_to_untraced divides it by the untraced median of the same run, \
+                 ratio_to_bare_traps by the bare traps' (the trap limit at memscope's sites). \
                  memscope_process is memscope's own process (not the target): peak RSS (VmHWM) \
                  and CPU time, medians.",
         "machine": {
@@ -1183,16 +1271,17 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn render_table(tools: &Tools, cells: &[Vec<Cell>]) -> String {
+fn render_table(tools: &Tools, cells: &[Vec<Cell>], shown: &[Tool]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "\n{:<8} {:<17} {:>10} {:>11}  note",
-        "WORKLOAD", "TOOL", "NS/OP", "x UNTRACED"
+        "\n{:<8} {:<18} {:>10} {:>11} {:>7}  note",
+        "WORKLOAD", "TOOL", "NS/OP", "x UNTRACED", "x BARE"
     );
     for (w, &(name, _, _)) in WORKLOADS.iter().enumerate() {
         let untraced = median(&cells[w][tool_index(Tool::Untraced)].ns_per_op);
-        for &tool in &TOOLS {
+        let bare = median(&cells[w][tool_index(Tool::BareTraps)].ns_per_op);
+        for &tool in shown {
             let cell = &cells[w][tool_index(tool)];
             let ns = median(&cell.ns_per_op);
             let ratio = ns.zip(untraced).map(|(n, u)| n / u);
@@ -1216,13 +1305,15 @@ fn render_table(tools: &Tools, cells: &[Vec<Cell>]) -> String {
             } else {
                 String::new()
             };
+            let to_bare = ns.zip(bare).filter(|_| tool != Tool::Untraced);
             let _ = writeln!(
                 s,
-                "{:<8} {:<17} {:>10} {:>11}  {}",
+                "{:<8} {:<18} {:>10} {:>11} {:>7}  {}",
                 name,
                 tool.name(),
                 ns.map_or("-".to_owned(), |n| format!("{n:.1}")),
                 ratio.map_or("-".to_owned(), |r| format!("{r:.2}")),
+                to_bare.map_or("-".to_owned(), |(n, b)| format!("{:.2}", n / b)),
                 note
             );
         }

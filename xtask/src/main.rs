@@ -8,6 +8,7 @@
 //!   report and flamegraph are.
 //! - `bench`: build, then the allocation benchmark against other tools.
 
+mod bare_traps;
 mod bench;
 mod demo;
 mod fork_rate;
@@ -65,6 +66,10 @@ enum Task {
         /// into target/bench/unwind.json.
         #[arg(long, conflicts_with_all = ["python", "requests"])]
         unwind: bool,
+        /// Only the allocation loops under memscope against the untraced
+        /// program and the bare-trap limit, into target/bench/allocs.json.
+        #[arg(long, conflicts_with_all = ["python", "requests", "unwind"])]
+        allocs: bool,
     },
     /// cargo fmt --check and clippy with -D warnings.
     Lint,
@@ -92,6 +97,7 @@ fn main() -> Result<()> {
             python,
             requests,
             unwind,
+            allocs,
         } => {
             setup::run(&root)?;
             let memscope = build_release(&root)?;
@@ -102,7 +108,7 @@ fn main() -> Result<()> {
             } else if unwind {
                 bench::run_unwind(&root, &memscope)
             } else {
-                bench::run(&root, &memscope)
+                bench::run(&root, &memscope, allocs)
             }
         }
         Task::Lint => {
