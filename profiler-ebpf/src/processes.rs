@@ -141,8 +141,8 @@ pub fn process_fork(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Runs as every task leaves a system call; a new child leaves fork()
-/// here before its first user instruction. A new process (not a thread) is
+/// Runs as a task leaves clone, clone3, fork or vfork; a new child leaves
+/// it here before its first user instruction. A new process (not a thread) is
 /// stopped and reported; userspace attaches its probes and continues it.
 #[tracepoint]
 pub fn syscall_exit(_ctx: TracePointContext) -> u32 {

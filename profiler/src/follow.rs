@@ -54,11 +54,17 @@ const LIFECYCLE: [(&str, &str, &str); 2] = [
     ("process_exec", "sched", "sched_process_exec"),
     ("process_exit", "sched", "sched_process_exit"),
 ];
-const FORK_FOLLOWING: [(&str, &str, &str); 2] = [
+const FORK_FOLLOWING: [(&str, &str, &str); 5] = [
     ("process_fork", "sched", "sched_process_fork"),
-    // Every system call exit on the host runs this; it is one hash look-up
-    // that misses unless a traced process has just forked.
-    ("syscall_exit", "raw_syscalls", "sys_exit"),
+    // A new child leaves the system call that made it (its registers are
+    // its parent's, the call number included) before its first user
+    // instruction. On these exits only, not raw_syscalls' every exit: that
+    // one also ran on the uretprobe system call each allocator return makes
+    // (Linux 6.11+), 47 ns a malloc.
+    ("syscall_exit", "syscalls", "sys_exit_clone"),
+    ("syscall_exit", "syscalls", "sys_exit_clone3"),
+    ("syscall_exit", "syscalls", "sys_exit_fork"),
+    ("syscall_exit", "syscalls", "sys_exit_vfork"),
 ];
 
 /// Anonymous mmaps, munmap, mremap and brk (profiler-ebpf/src/mapped.rs).
@@ -118,6 +124,7 @@ pub fn attach_lifecycle(
         &[]
     };
     let mut links = Vec::new();
+    let mut loaded = std::collections::BTreeSet::new();
     for (program, category, name) in LIFECYCLE.iter().chain(forks).chain(&MAPPED_MEMORY) {
         let tracepoint: &mut TracePoint = ebpf
             .program_mut(program)
@@ -127,7 +134,10 @@ pub fn attach_lifecycle(
             tracepoint: name,
             source,
         };
-        tracepoint.load().map_err(attach_error)?;
+        // One program may serve several tracepoints; it is loaded once.
+        if loaded.insert(*program) {
+            tracepoint.load().map_err(attach_error)?;
+        }
         let link = tracepoint.attach(category, name).map_err(attach_error)?;
         // Owned apart from the program, so teardown detaches them all at
         // once (each detach waits ~70 ms for the kernel here).
