@@ -101,7 +101,10 @@ pub mod config {
     /// A request's "kept" bytes are its live bytes when this many more
     /// requests of its process have closed (1 to `MAX_KEEP_AFTER`).
     pub const KEEP_AFTER: u32 = 6;
-    pub const SLOTS: u32 = 7;
+    /// Non-zero once a Python process is described (`PY_PROCS`): before
+    /// that, an allocation skips the hash look-up of its process there.
+    pub const PYTHON: u32 = 7;
+    pub const SLOTS: u32 = 8;
 }
 
 /// Processes followed at once (the target and its descendants).

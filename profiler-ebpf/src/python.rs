@@ -91,6 +91,9 @@ pub fn forget(tgid: u32) {
 /// process, also the outermost of its frames on the stack (zero when none
 /// is), for `request::current`; `None` without one or when the walk failed.
 pub fn current_stack(tgid: u32, requests: bool) -> (u64, Option<u64>) {
+    if crate::processes::config(profiler_common::config::PYTHON) == 0 {
+        return (0, None);
+    }
     // SAFETY: the value is copied out.
     let Some(process) = (unsafe { PY_PROCS.get(tgid) }).copied() else {
         return (0, None);

@@ -254,6 +254,17 @@ fn set_python_process(
     pid: u32,
     process: PythonProcess,
 ) -> Result<(), aya::maps::MapError> {
+    // The switch first: a process described without it would go unwalked.
+    let map = ebpf
+        .map_mut(map_names::CONFIG)
+        .ok_or_else(|| aya::maps::MapError::InvalidName {
+            name: map_names::CONFIG.into(),
+        })?;
+    aya::maps::Array::<&mut MapData, u32>::try_from(map)?.set(
+        profiler_common::config::PYTHON,
+        1,
+        0,
+    )?;
     insert_into(ebpf, map_names::PY_PROCS, pid, process)
 }
 
