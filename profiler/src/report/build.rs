@@ -416,13 +416,17 @@ pub fn window_sites(
         .into_values()
         .filter(|s| s.alloc_count > 0 || s.live_count > 0)
         .collect();
-    sites.sort_by(|a, b| {
-        b.live_bytes
-            .cmp(&a.live_bytes)
-            .then(b.alloc_bytes.cmp(&a.alloc_bytes))
-            .then_with(|| a.frames.cmp(&b.frames))
-    });
+    sites.sort_by(by_holding);
     sites
+}
+
+/// Biggest holders first, then biggest allocators; the frames break ties,
+/// so equal figures keep the outputs deterministic.
+fn by_holding(a: &Site, b: &Site) -> std::cmp::Ordering {
+    b.live_bytes
+        .cmp(&a.live_bytes)
+        .then(b.alloc_bytes.cmp(&a.alloc_bytes))
+        .then_with(|| a.frames.cmp(&b.frames))
 }
 
 /// Sites by class and frames: their summed totals, and the (process,
@@ -665,13 +669,7 @@ fn sites_of<'a>(
             }
         })
         .collect();
-    // Stable order for equal live bytes keeps outputs deterministic.
-    sites.sort_by(|a, b| {
-        b.live_bytes
-            .cmp(&a.live_bytes)
-            .then(b.alloc_bytes.cmp(&a.alloc_bytes))
-            .then_with(|| a.frames.cmp(&b.frames))
-    });
+    sites.sort_by(by_holding);
     sites
 }
 
@@ -750,6 +748,34 @@ mod tests {
         assert_eq!(with_caller(&[1, 2, 4], 2), [1, 2, 4], "already there");
         assert_eq!(with_caller(&[1, 3], 0), [1, 3]);
         assert!(with_caller(&[], 2).is_empty());
+    }
+
+    /// Check that a window's sites take their allocations from the window
+    /// and what they hold from the end, that stacks of two processes with
+    /// the same frames are one site, and that a site with neither is left
+    /// out.
+    #[test]
+    fn window_sites_hold_the_windows_allocations_and_the_end_live_set() {
+        let (a, b, idle) = (
+            StackKey::new(1, 1),
+            StackKey::new(2, 1),
+            StackKey::new(1, 3),
+        );
+        let frames: BTreeMap<StackKey, Vec<Frame>> = [
+            (a, vec![Frame::named("leak")]),
+            (b, vec![Frame::named("leak")]),
+            (idle, vec![Frame::named("idle")]),
+        ]
+        .into();
+        let changes = [(a, totals(3, 300, 1, 100)), (idle, totals(0, 0, 0, 0))].into();
+        let held = [(a, totals(10, 1000, 2, 200)), (b, totals(1, 50, 0, 0))].into();
+        let sites = window_sites(&changes, &held, &frames);
+        assert_eq!(sites.len(), 1, "{sites:?}");
+        let leak = &sites[0];
+        assert_eq!(names(&leak.frames), ["leak"]);
+        assert_eq!((leak.alloc_count, leak.alloc_bytes), (3, 300));
+        assert_eq!((leak.free_count, leak.free_bytes), (1, 100));
+        assert_eq!((leak.live_count, leak.live_bytes), (9, 850));
     }
 
     #[test]
