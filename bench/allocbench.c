@@ -1,13 +1,14 @@
 /*
  * allocbench: the allocation workload behind `cargo xtask bench`.
  *
- *   allocbench tight|mixed|threads|leak [OPS]     (default 500000)
+ *   allocbench tight|mixed|threads|leak|hold [OPS]     (default 500000)
  *
  * tight    malloc(64) then free, in a loop
  * mixed    sizes 16..4096 into a ring of 1024 slots; a slot's old block is
  *          freed when it is replaced (bounded live set)
  * threads  mixed on 2 threads, OPS/2 each
  * leak     mixed, but every 16th block is kept (never freed)
+ * hold     malloc(32) OPS times, every block kept: OPS live at the end
  *
  * One op is one malloc and (except for kept blocks) one free. The loop is
  * timed alone with CLOCK_MONOTONIC after an untimed warm-up, and the result
@@ -102,10 +103,24 @@ static void *mixed_thread(void *arg)
     return NULL;
 }
 
+/* Kept until the exit: the live set memscope has to hold and report. */
+static __attribute__((noinline)) void hold(long ops)
+{
+    for (long i = 0; i < ops; i++) {
+        unsigned char *p = malloc(32);
+        if (!p)
+            abort();
+        p[0] = (unsigned char)i;
+        sink = p[0];
+    }
+}
+
 static void run(const char *workload, long ops)
 {
     if (!strcmp(workload, "tight")) {
         tight(ops);
+    } else if (!strcmp(workload, "hold")) {
+        hold(ops);
     } else if (!strcmp(workload, "mixed")) {
         struct mixed_args a = {ops, 0, 2463534242u};
         mixed_loop(&a);
@@ -121,7 +136,7 @@ static void run(const char *workload, long ops)
         for (int i = 0; i < 2; i++)
             pthread_join(t[i], NULL);
     } else {
-        fprintf(stderr, "allocbench: unknown workload %s (tight, mixed, threads, leak)\n", workload);
+        fprintf(stderr, "allocbench: unknown workload %s (tight, mixed, threads, leak, hold)\n", workload);
         exit(2);
     }
 }
@@ -129,7 +144,7 @@ static void run(const char *workload, long ops)
 int main(int argc, char **argv)
 {
     if (argc < 2 || argc > 3) {
-        fprintf(stderr, "usage: allocbench tight|mixed|threads|leak [OPS]\n");
+        fprintf(stderr, "usage: allocbench tight|mixed|threads|leak|hold [OPS]\n");
         return 2;
     }
     const char *workload = argv[1];
@@ -140,8 +155,9 @@ int main(int argc, char **argv)
     }
 
     /* Warm-up: fault in the heap and libc's lazy bindings, untimed. The
-     * leak workload's warm-up must not leak, so it runs "mixed". */
-    run(!strcmp(workload, "leak") ? "mixed" : workload, WARMUP_OPS);
+     * keeping workloads' warm-up must not keep, so it runs "mixed". */
+    int keeps = !strcmp(workload, "leak") || !strcmp(workload, "hold");
+    run(keeps ? "mixed" : workload, WARMUP_OPS);
 
     const char *wait = getenv("BENCH_WAIT_STDIN");
     if (wait && *wait && strcmp(wait, "0")) {

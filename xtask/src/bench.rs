@@ -1,8 +1,9 @@
 //! `cargo xtask bench`: what memscope costs a program that allocates, next
 //! to the untraced program and to the tools people use today.
 //!
-//! bench/allocbench.c runs one of four workloads (`tight`, `mixed`,
-//! `threads`, `leak`) for a fixed number of operations and prints its own
+//! bench/allocbench.c runs one of five workloads (`tight`, `mixed`,
+//! `threads`, `leak`, and `hold`, which ends with 1M live blocks: memscope's
+//! own RSS there is the figure) for a fixed number of operations and prints its own
 //! `ns_per_op=...`, timed around the loop only. Each workload is measured
 //! untraced, under `memscope run`, under a minimal bpftrace script (uprobe +
 //! uretprobe on malloc, uprobe on free: the floor of any uprobe tracer),
@@ -37,11 +38,13 @@ const REPS: usize = 3;
 /// is single-stepped) stay under 10 s a run and the whole bench fits in
 /// about 5 minutes on 2 cores; the untraced loops are then short (4-80 ms)
 /// but steady, and the untraced program is measured twice per round.
-const WORKLOADS: [(&str, u64, &str); 4] = [
+const WORKLOADS: [(&str, u64, &str); 5] = [
     ("tight", 500_000, "malloc(64)/free loop"),
     ("mixed", 500_000, "sizes 16..4096, ring of 1024 live blocks"),
     ("threads", 500_000, "mixed on 2 threads (ops in total)"),
     ("leak", 500_000, "mixed, every 16th block kept"),
+    // The live set memscope holds at its end: its own RSS is the figure.
+    ("hold", 1_000_000, "malloc(32), every block kept: 1M live"),
 ];
 /// Longest any single run may take before it is killed and recorded as failed.
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
