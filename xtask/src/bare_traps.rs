@@ -126,6 +126,9 @@ struct Attr {
     sample_stack_user: u32,
     clockid: i32,
     sample_regs_intr: u64,
+    aux_watermark: u32,
+    sample_max_stack: u16,
+    _reserved: u16,
 }
 
 /// linux/perf_event.h.
