@@ -19,9 +19,12 @@ use crate::{counters::count, unwind::WithUserRegs};
 const EEXIST: i32 = 17;
 
 // Capacities are defaults: userspace resizes LIVE and STACKS at load time
-// (`--max-live`, `--max-stacks`).
+// (`--max-live`, `--max-stacks`). LIVE is not preallocated: its memory
+// follows the live set (1-3% more per malloc/free pair than a preallocated
+// map, measured; 96 MiB less reserved at the defaults).
 #[map]
-static LIVE: HashMap<LiveKey, LiveAllocation> = HashMap::with_max_entries(DEFAULT_MAX_LIVE, 0);
+static LIVE: HashMap<LiveKey, LiveAllocation> =
+    HashMap::with_max_entries(DEFAULT_MAX_LIVE, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map]
 static STACK_TOTALS: HashMap<StackKey, StackTotals> =

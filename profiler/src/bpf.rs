@@ -15,6 +15,12 @@ pub fn object() -> &'static [u8] {
 }
 
 /// Capacities of the kernel maps.
+/// Kernel memory per live block or mapping: the hash element (48 B
+/// header, 16 B key, 48 B value) and bpf_mem_alloc's 8 B header, in its
+/// 128 B size class (memlock of the map with 1M blocks live: 135.5 MB,
+/// its buckets included).
+pub const LIVE_BLOCK_BYTES: u64 = 128;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapCapacity {
     /// Live allocations tracked at once (`--max-live`).
@@ -42,7 +48,6 @@ impl MapCapacity {
     pub fn reserved_bytes(&self) -> u64 {
         // struct htab_elem header, plus key and value rounded to 8 bytes.
         const HTAB_ELEM: u64 = 48;
-        let live = u64::from(self.max_live) * (HTAB_ELEM + 16 + 32);
         let totals =
             u64::from(self.max_stacks) * u64::from(STACK_TOTALS_PER_STACK) * (HTAB_ELEM + 24 + 32);
         // struct stack_map_bucket header plus the frames, one bucket per
@@ -50,7 +55,16 @@ impl MapCapacity {
         let stacks =
             u64::from(self.max_stacks.next_power_of_two()) * (16 + 8 * MAX_STACK_DEPTH as u64);
         let in_flight = u64::from(MAX_IN_FLIGHT) * (HTAB_ELEM + 8 + 32);
-        live + totals + stacks + in_flight + self.unwind_rows_bytes()
+        // The live map's buckets (16 B each) are allocated at load; its
+        // elements as blocks become live.
+        let live_buckets = u64::from(self.max_live.next_power_of_two()) * 16;
+        totals + stacks + in_flight + live_buckets + self.unwind_rows_bytes()
+    }
+
+    /// At most, the live blocks' map (not preallocated: it grows with the
+    /// live set, `LIVE_BLOCK_BYTES` a block, up to `--max-live`).
+    pub fn live_bytes_at_most(&self) -> u64 {
+        u64::from(self.max_live) * LIVE_BLOCK_BYTES
     }
 
     /// The unwind rows' array, preallocated.

@@ -191,7 +191,8 @@ pub struct ProfileArgs {
     /// Sites shown in the table.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub top: usize,
-    /// Live allocations tracked at once (kernel memory: about 96 bytes each).
+    /// Live allocations tracked at once (kernel memory: 128 bytes each, taken
+    /// as the live set grows).
     #[arg(long, default_value_t = DEFAULT_MAX_LIVE, value_name = "N")]
     pub max_live: u32,
     /// Profile only the given process, not the children it forks.

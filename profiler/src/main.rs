@@ -201,7 +201,7 @@ async fn profile(
     // The command line and library path are the target's to choose; escaped,
     // they cannot send escape sequences to the terminal of root running this.
     eprintln!(
-        "memscope: profiling pid {} ({}); {} probes on {}; kernel maps reserve {}; Ctrl-C to stop",
+        "memscope: profiling pid {} ({}); {} probes on {}; kernel maps reserve {} (and {} B a live block, up to {}); Ctrl-C to stop",
         session.pid(),
         escape_control(session.command()),
         session.probes().len(),
@@ -211,6 +211,8 @@ async fn profile(
             .map(|p| escape_control(&p.library.display().to_string()).into_owned())
             .unwrap_or_default(),
         format_bytes(session.reserved_bytes()),
+        memscope::bpf::LIVE_BLOCK_BYTES,
+        format_bytes(session.live_bytes_at_most()),
     );
     session.announce_requests();
     for probe in session.probes() {

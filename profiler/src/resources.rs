@@ -6,7 +6,7 @@ use crate::units::format_bytes;
 #[derive(Debug, thiserror::Error)]
 pub enum ResourceError {
     #[error(
-        "--max-live/--max-stacks would reserve {} of kernel memory but only {} is available: lower them",
+        "--max-live/--max-stacks would take up to {} of kernel memory but only {} is available: lower them",
         format_bytes(*reserved),
         format_bytes(*available)
     )]
@@ -121,7 +121,7 @@ mod tests {
             check_reservation(3 * GIB, 4 * GIB)
                 .expect_err("refused")
                 .to_string(),
-            "--max-live/--max-stacks would reserve 3.0 GiB of kernel memory but only 4.0 GiB is available: lower them"
+            "--max-live/--max-stacks would take up to 3.0 GiB of kernel memory but only 4.0 GiB is available: lower them"
         );
     }
 

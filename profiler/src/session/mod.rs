@@ -426,7 +426,10 @@ impl Session {
         }
         preflight::check_privileges()?;
         preflight::check_uprobes()?;
-        resources::check_kernel_memory(options.capacity.reserved_bytes())?;
+        // The live map's worst case counts: it grows while the target runs.
+        resources::check_kernel_memory(
+            options.capacity.reserved_bytes() + options.capacity.live_bytes_at_most(),
+        )?;
         // Every followed process holds a link descriptor; sudo's soft
         // limit is 1024.
         let (before, now) = resources::raise_nofile_limit();
@@ -671,6 +674,11 @@ impl Session {
     /// Kernel memory the session's maps reserve.
     pub fn reserved_bytes(&self) -> u64 {
         self.capacity.reserved_bytes()
+    }
+
+    /// Kernel memory the live map may grow to (`--max-live`).
+    pub fn live_bytes_at_most(&self) -> u64 {
+        self.capacity.live_bytes_at_most()
     }
 
     /// Waits for the end of the session and returns why it ended.
