@@ -260,6 +260,9 @@ pub struct UnwindMapping {
 pub struct ProcessUnwind {
     pub len: u32,
     pub _pad: u32,
+    /// Unique to this description of this process (never reused, also
+    /// across processes): the kernel caches the rules found by it.
+    pub generation: u64,
     pub mappings: [UnwindMapping; MAX_UNWIND_MAPPINGS],
 }
 

@@ -40,14 +40,45 @@ static UNWIND_PROCS: HashMap<u32, ProcessUnwind> =
 static UNWOUND: HashMap<u32, UnwoundStack> =
     HashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
 
-/// The walk's registers and the stack being built: too big for the
-/// 512-byte BPF stack.
+/// Rules found lately, per CPU, by pc and the description they came from:
+/// most frames return to a few addresses, and a frame's two binary
+/// searches cost more than the rest of its step. An entry another program
+/// tore (it preempted the writer) fails its check and is searched again.
+const RULE_CACHE: usize = 256;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CachedRule {
+    pc: u64,
+    generation: u64,
+    /// The row's bytes, or `FRAME_POINTER_STEP`.
+    rule: u64,
+    check: u64,
+}
+
+/// A rule cached for a pc in no object with rows.
+const FRAME_POINTER_STEP: u64 = u64::MAX;
+
+/// The top of the user stack is read at once as a walk starts (up to the
+/// end of its page: the page past it may be unmapped, and a fault costs
+/// more than the reads it saves); frames beyond are read one by one.
+const WINDOW_BYTES: u64 = 1024;
+const WINDOW_WORDS: usize = 2 * WINDOW_BYTES as usize / 8;
+
+/// The walk's registers, the stack being built, the window and the rule
+/// cache: too big for the 512-byte BPF stack.
 #[repr(C)]
 struct Scratch {
     ip: u64,
     sp: u64,
     bp: u64,
+    generation: u64,
+    window_base: u64,
+    window_len: u64,
     stack: UnwoundStack,
+    /// Twice the bytes read, so a length bounded by a mask fits.
+    window: [u64; WINDOW_WORDS],
+    rules: [CachedRule; RULE_CACHE],
 }
 
 #[map]
@@ -156,8 +187,10 @@ fn walk(process: *const ProcessUnwind, ctx: &impl WithUserRegs) -> Result<u32, C
         (*scratch).ip = regs.ip;
         (*scratch).sp = regs.sp;
         (*scratch).bp = regs.bp;
+        (*scratch).generation = (*process).generation;
         (*scratch).stack.len = 0;
         (*scratch).stack.flags = 0;
+        read_window(&mut *scratch, regs.sp);
     }
     // NB: bpf_loop, not a loop: the verifier checks `step` once. Its
     // context is this stack slot, which holds the process's map value: a
@@ -216,6 +249,74 @@ fn read_user(addr: u64) -> Option<u64> {
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
+/// Reads the stack from `sp` into the window, as far as the end of its page.
+fn read_window(scratch: &mut Scratch, sp: u64) {
+    let to_page_end = 4096 - (sp & 4095);
+    let len = if to_page_end < WINDOW_BYTES {
+        to_page_end & !7
+    } else {
+        WINDOW_BYTES
+    };
+    // NB: the mask is for the verifier: the window holds twice `len`.
+    let len = len & (2 * WINDOW_BYTES - 1);
+    // SAFETY: the helper checks the user address and writes at most `len`
+    // bytes, which the window holds.
+    let read = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            scratch.window.as_mut_ptr().cast(),
+            len as u32,
+            sp as *const core::ffi::c_void,
+        )
+    };
+    scratch.window_base = sp;
+    scratch.window_len = if read == 0 { len } else { 0 };
+}
+
+/// The word at `addr` on the user stack: from the window when it has it.
+fn read_stack(scratch: &Scratch, addr: u64) -> Option<u64> {
+    let offset = addr.wrapping_sub(scratch.window_base);
+    if offset & 7 == 0 && offset < scratch.window_len {
+        return Some(scratch.window[(offset / 8) as usize & (WINDOW_WORDS - 1)]);
+    }
+    read_user(addr)
+}
+
+fn rule_check(pc: u64, generation: u64, rule: u64) -> u64 {
+    (pc ^ generation.rotate_left(32) ^ rule.rotate_left(17) ^ FNV_OFFSET)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// The rule for `pc`: None for a frame-pointer step (no object with rows
+/// there), STOP_ROW for a gap in an object with rows.
+fn rule_for(scratch: &mut Scratch, process: &ProcessUnwind, pc: u64) -> Option<UnwindRow> {
+    let generation = scratch.generation;
+    let index = ((pc ^ (pc >> 8) ^ (pc >> 16)) as usize) & (RULE_CACHE - 1);
+    let cached = scratch.rules[index];
+    if cached.pc == pc
+        && cached.generation == generation
+        && cached.check == rule_check(pc, generation, cached.rule)
+    {
+        // SAFETY: 8 bytes of plain integers, any pattern valid.
+        return (cached.rule != FRAME_POINTER_STEP)
+            .then(|| unsafe { core::mem::transmute::<u64, UnwindRow>(cached.rule) });
+    }
+    let rule = match find_mapping(process, pc) {
+        Some(mapping) if mapping.rows_len != 0 => Some(find_row(&mapping, pc).unwrap_or(STOP_ROW)),
+        _ => None,
+    };
+    // SAFETY: as above.
+    let bits = rule.map_or(FRAME_POINTER_STEP, |row| unsafe {
+        core::mem::transmute::<UnwindRow, u64>(row)
+    });
+    scratch.rules[index] = CachedRule {
+        pc,
+        generation,
+        rule: bits,
+        check: rule_check(pc, generation, bits),
+    };
+    rule
+}
+
 /// One frame of the walk; non-zero ends it.
 extern "C" fn step(_index: u64, context: *mut core::ffi::c_void) -> i64 {
     let Some(scratch) = UNWIND_SCRATCH.get_ptr_mut(0) else {
@@ -237,10 +338,7 @@ extern "C" fn step(_index: u64, context: *mut core::ffi::c_void) -> i64 {
     // too (a return probe's) or just past a syscall: its call is before it.
     let pc = ip.wrapping_sub(1);
     // An object with rows but none for this pc: a gap, cut as STOP is.
-    let rule = match find_mapping(process, pc) {
-        Some(mapping) if mapping.rows_len != 0 => Some(find_row(&mapping, pc).unwrap_or(STOP_ROW)),
-        _ => None,
-    };
+    let rule = rule_for(scratch, process, pc);
     let (cfa, saved_bp) = match rule {
         None => {
             // The frame-pointer step: the caller's rbp at [rbp], the return
@@ -276,12 +374,12 @@ extern "C" fn step(_index: u64, context: *mut core::ffi::c_void) -> i64 {
         scratch.stack.flags |= unwound_flags::CUT;
         return 1;
     }
-    let Some(return_address) = read_user(cfa - 8) else {
+    let Some(return_address) = read_stack(scratch, cfa - 8) else {
         scratch.stack.flags |= unwound_flags::CUT;
         return 1;
     };
     let bp = match saved_bp {
-        Some(slot) => match read_user(slot) {
+        Some(slot) => match read_stack(scratch, slot) {
             Some(bp) => bp,
             None => {
                 scratch.stack.flags |= unwound_flags::CUT;

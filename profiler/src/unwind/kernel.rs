@@ -74,6 +74,9 @@ pub struct Unwinder {
     objects: HashMap<ObjectKey, Object>,
     /// What each process was last described with.
     described: HashMap<u32, Vec<UnwindMapping>>,
+    /// The last description's `generation`: each gets a new one, as the
+    /// kernel's rule cache is keyed by it.
+    generation: u64,
 }
 
 impl Unwinder {
@@ -84,6 +87,7 @@ impl Unwinder {
             used: 0,
             objects: HashMap::new(),
             described: HashMap::new(),
+            generation: 0,
         }
     }
 
@@ -138,7 +142,8 @@ impl Unwinder {
         if self.described.get(&maps.pid) == Some(&mappings) {
             return Ok(());
         }
-        let process = process_unwind(&mappings);
+        self.generation += 1;
+        let process = process_unwind(&mappings, self.generation);
         if mappings.len() > MAX_UNWIND_MAPPINGS {
             tracing::warn!(
                 "pid {}: {} executable mappings, the unwinder keeps the first {MAX_UNWIND_MAPPINGS}",
@@ -252,10 +257,11 @@ fn executable_files(maps: &ProcessMaps) -> impl Iterator<Item = &Mapping> {
 }
 
 /// The kernel's form: sorted, at most `MAX_UNWIND_MAPPINGS`.
-fn process_unwind(mappings: &[UnwindMapping]) -> ProcessUnwind {
+fn process_unwind(mappings: &[UnwindMapping], generation: u64) -> ProcessUnwind {
     let mut process = ProcessUnwind {
         len: 0,
         _pad: 0,
+        generation,
         mappings: [UnwindMapping::default(); MAX_UNWIND_MAPPINGS],
     };
     for (slot, mapping) in process.mappings.iter_mut().zip(mappings) {
@@ -305,9 +311,9 @@ mod tests {
                 ..UnwindMapping::default()
             })
             .collect();
-        let process = process_unwind(&many);
+        let process = process_unwind(&many, 1);
         assert_eq!(process.len as usize, MAX_UNWIND_MAPPINGS);
         assert_eq!(process.mappings[3], many[3]);
-        assert_eq!(process_unwind(&many[..2]).len, 2);
+        assert_eq!(process_unwind(&many[..2], 1).len, 2);
     }
 }
