@@ -59,9 +59,8 @@ struct CachedRule {
 /// A rule cached for a pc in no object with rows.
 const FRAME_POINTER_STEP: u64 = u64::MAX;
 
-/// The top of the user stack is read at once as a walk starts (up to the
-/// end of its page: the page past it may be unmapped, and a fault costs
-/// more than the reads it saves); frames beyond are read one by one.
+/// The user stack is read a window at a time, not a word at a time: one
+/// copy costs about what one word's read does.
 const WINDOW_BYTES: u64 = 1024;
 const WINDOW_WORDS: usize = 2 * WINDOW_BYTES as usize / 8;
 
@@ -249,9 +248,11 @@ fn read_user(addr: u64) -> Option<u64> {
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
-/// Reads the stack from `sp` into the window, as far as the end of its page.
-fn read_window(scratch: &mut Scratch, sp: u64) {
-    let to_page_end = 4096 - (sp & 4095);
+/// Reads the user stack from `base` into the window, as far as the end of
+/// its page (the next may be unmapped, and a fault costs more than the
+/// reads saved) and at most `WINDOW_BYTES`. Returns whether it could.
+fn read_window(scratch: &mut Scratch, base: u64) -> bool {
+    let to_page_end = 4096 - (base & 4095);
     let len = if to_page_end < WINDOW_BYTES {
         to_page_end & !7
     } else {
@@ -265,20 +266,31 @@ fn read_window(scratch: &mut Scratch, sp: u64) {
         aya_ebpf::helpers::generated::bpf_probe_read_user(
             scratch.window.as_mut_ptr().cast(),
             len as u32,
-            sp as *const core::ffi::c_void,
+            base as *const core::ffi::c_void,
         )
     };
-    scratch.window_base = sp;
+    scratch.window_base = base;
     scratch.window_len = if read == 0 { len } else { 0 };
+    read == 0
 }
 
-/// The word at `addr` on the user stack: from the window when it has it.
-fn read_stack(scratch: &Scratch, addr: u64) -> Option<u64> {
-    let offset = addr.wrapping_sub(scratch.window_base);
-    if offset & 7 == 0 && offset < scratch.window_len {
-        return Some(scratch.window[(offset / 8) as usize & (WINDOW_WORDS - 1)]);
+/// The word at `addr` on the user stack, from the window; one outside it
+/// moves the window there (a walk goes up the stack, so the next frames
+/// are likely in it too). The window starts a word below: the saved rbp
+/// is often just under the return address read first.
+fn read_stack(scratch: &mut Scratch, addr: u64) -> Option<u64> {
+    let mut offset = addr.wrapping_sub(scratch.window_base);
+    if offset >= scratch.window_len {
+        let base = (addr.wrapping_sub(8) & !7).max(addr & !4095);
+        if !read_window(scratch, base) {
+            return read_user(addr);
+        }
+        offset = addr.wrapping_sub(base);
     }
-    read_user(addr)
+    if offset & 7 != 0 || offset >= scratch.window_len {
+        return read_user(addr);
+    }
+    Some(scratch.window[(offset / 8) as usize & (WINDOW_WORDS - 1)])
 }
 
 fn rule_check(pc: u64, generation: u64, rule: u64) -> u64 {
