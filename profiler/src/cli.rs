@@ -6,7 +6,8 @@ use clap::{Args, Parser, Subcommand};
 use memscope::unwind::UnwindMode;
 use memscope::{
     bpf::MapCapacity,
-    session::FollowMode,
+    holds,
+    session::{FollowMode, TargetSpec},
     units::{parse_duration, parse_size},
 };
 use profiler_common::{DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS, DEFAULT_UNWIND_ROWS};
@@ -268,6 +269,12 @@ pub struct ProfileArgs {
     /// bytes each, preallocated: libc takes about 28K).
     #[arg(long, default_value_t = DEFAULT_UNWIND_ROWS, value_name = "N")]
     pub unwind_rows: u32,
+    /// Longest a process stays stopped for memscope (a fork until its
+    /// probes are on, an exec, a started command's exit) before it is let
+    /// go, probed or not (10ms-10s) [default: 50ms with attach, 1s with run
+    /// and check].
+    #[arg(long, value_parser = parse_hold_budget, value_name = "DUR")]
+    pub hold_budget: Option<Duration>,
 }
 
 /// What `memscope check` fails on, besides a leak.
@@ -321,12 +328,33 @@ impl ProfileArgs {
         }
     }
 
+    /// `--hold-budget`, else what suits the target: a live service's
+    /// processes must not wait on memscope, a started command's may.
+    pub fn hold_budget(&self, spec: &TargetSpec) -> Duration {
+        self.hold_budget.unwrap_or(match spec {
+            TargetSpec::Attach(_) => holds::ATTACH_HOLD_BUDGET,
+            TargetSpec::Run(_) => holds::RUN_HOLD_BUDGET,
+        })
+    }
+
     pub fn capacity(&self) -> MapCapacity {
         MapCapacity {
             max_live: self.max_live,
             max_stacks: self.max_stacks,
             unwind_rows: self.unwind_rows,
         }
+    }
+}
+
+/// A duration within `holds::HOLD_BUDGET_RANGE`.
+fn parse_hold_budget(input: &str) -> Result<Duration, String> {
+    let budget = parse_duration(input).map_err(|error| error.to_string())?;
+    if holds::HOLD_BUDGET_RANGE.contains(&budget) {
+        Ok(budget)
+    } else {
+        Err(format!(
+            "hold budget {input:?} is out of range: give 10ms to 10s (a process waits this long at most)"
+        ))
     }
 }
 
@@ -346,5 +374,39 @@ fn parse_levels(input: &str) -> Result<memscope::alert::RssLevels, String> {
             emergency: e / 100.0,
         }),
         _ => Err(error()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile_args(argv: &[&str]) -> ProfileArgs {
+        let cli = Cli::try_parse_from(std::iter::once("memscope").chain(argv.iter().copied()))
+            .expect("parses");
+        match cli.command {
+            Command::Run { profile, .. }
+            | Command::Attach { profile, .. }
+            | Command::Check { profile, .. } => profile,
+            other => panic!("not a profiling command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_hold_budget_suits_the_target_unless_given() {
+        let attach = TargetSpec::Attach(1);
+        let run = TargetSpec::Run(vec!["true".into()]);
+        let args = profile_args(&["attach", "1"]);
+        assert_eq!(args.hold_budget(&attach), Duration::from_millis(50));
+        let args = profile_args(&["check", "--", "true"]);
+        assert_eq!(args.hold_budget(&run), Duration::from_secs(1));
+        let args = profile_args(&["attach", "--hold-budget", "200ms", "1"]);
+        assert_eq!(args.hold_budget(&attach), Duration::from_millis(200));
+        for outside in ["5ms", "11s"] {
+            let error =
+                Cli::try_parse_from(["memscope", "run", "--hold-budget", outside, "--", "true"])
+                    .expect_err(outside);
+            assert!(error.to_string().contains("out of range"), "{error}");
+        }
     }
 }

@@ -5,11 +5,21 @@
 //! continues a process can see every one: memscope once its work is done,
 //! and the watchdog (see `watchdog`) when memscope is too slow or gone.
 
+use std::time::Duration;
+
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
 
-/// A process left stopped longer than this is continued, probes or not:
-/// the target's own work must not wait on memscope.
-pub const HOLD_BUDGET_NS: u64 = 50_000_000;
+/// With `attach`, a process left stopped longer than this is continued,
+/// probes or not: a live service's own work must not wait on memscope.
+pub const ATTACH_HOLD_BUDGET: Duration = Duration::from_millis(50);
+/// With `run` and `check`: the command is the user's own, and a fork held
+/// longer only while memscope is starved of CPU (a loaded CI machine) costs
+/// its wall time, where a child let go unprobed would cost the results (a
+/// gate that passes or fails by the machine's load).
+pub const RUN_HOLD_BUDGET: Duration = Duration::from_secs(1);
+/// What `--hold-budget` accepts.
+pub const HOLD_BUDGET_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(10);
 
 /// The `HELD` map.
 pub struct Holds {

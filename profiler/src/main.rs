@@ -184,6 +184,7 @@ async fn profile(
                 function,
                 keep_after: args.keep_after,
             }),
+        hold_budget: args.hold_budget(spec),
     };
     if let Some(url) = &args.alert_webhook {
         memscope::alert::check_webhook(url)?;

@@ -68,6 +68,22 @@ fn bad_duration_is_a_usage_error() {
 }
 
 #[test]
+fn a_hold_budget_out_of_range_is_a_usage_error() {
+    let output = Command::new(MEMSCOPE)
+        .args(["run", "--hold-budget", "1h", "--", "true"])
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr_of(&output).contains(
+            "hold budget \"1h\" is out of range: give 10ms to 10s (a process waits this long at most)"
+        ),
+        "{}",
+        stderr_of(&output)
+    );
+}
+
+#[test]
 fn unwritable_output_still_prints_the_table_and_exits_8() {
     if !bpf_available() {
         return;

@@ -100,8 +100,13 @@ fn python_site<'a>(report: &'a Report, function: &str, script: &Path, line: u32)
     assert_eq!(
         sites.len(),
         1,
-        "one site at {function} ({}:{line}); sites: {:#?}",
+        "one site at {function} ({}:{line}); processes: {:?}; sites: {:#?}",
         script.display(),
+        report
+            .processes
+            .iter()
+            .map(|p| (&p.command, &p.note))
+            .collect::<Vec<_>>(),
         report
             .sites
             .iter()

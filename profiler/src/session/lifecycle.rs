@@ -12,7 +12,7 @@ use crate::{
     allocator,
     attach::{self, Attached},
     follow,
-    holds::{HOLD_BUDGET_NS, monotonic_ns},
+    holds::monotonic_ns,
     process_maps::ProcessMaps,
     processes::{self, Following, ProcessRecord},
     target::{self, TargetError},
@@ -83,7 +83,12 @@ impl Session {
                     self.probe_request_fn(pid, maps);
                 }
                 if event.held != 0 && !self.kernel.holds.release(pid, event.hold_ns) {
-                    self.exec_let_go(pid, event.timestamp_ns);
+                    self.let_go_early(
+                        pid,
+                        event.timestamp_ns,
+                        "at its exec",
+                        "its first allocations may be missed or lack Python frames",
+                    );
                 }
                 // The old image's blocks, found by their timestamps, can go
                 // while the new one runs (a shell loop waits on each exec).
@@ -115,8 +120,13 @@ impl Session {
                 {
                     record.memory = Some(figures);
                 }
-                if event.held != 0 {
-                    self.kernel.holds.release(pid, event.hold_ns);
+                if event.held != 0 && !self.kernel.holds.release(pid, event.hold_ns) {
+                    self.let_go_early(
+                        pid,
+                        event.timestamp_ns,
+                        "in its _exit",
+                        "its Python frames may be unnamed",
+                    );
                 }
             }
             event_kind::CODE_MAPPED => {
@@ -147,15 +157,15 @@ impl Session {
         }
     }
 
-    /// The watchdog continued `pid` at its exec before memscope was done
-    /// with it: the new program ran a while unprobed and without its
-    /// interpreter known, which its record says.
-    fn exec_let_go(&mut self, pid: u32, exec_ns: u64) {
-        let waited_ms = monotonic_ns().saturating_sub(exec_ns) / 1_000_000;
-        tracing::warn!("pid {pid} was continued by the watchdog at its exec, {waited_ms} ms later");
+    /// The watchdog continued `pid` at a stop (`at`: "at its exec") before
+    /// memscope was done with it, which its record says, with what may be
+    /// missing for it.
+    fn let_go_early(&mut self, pid: u32, stop_ns: u64, at: &str, missing: &str) {
+        let waited_ms = monotonic_ns().saturating_sub(stop_ns) / 1_000_000;
+        tracing::warn!("pid {pid} was continued by the watchdog {at}, {waited_ms} ms later");
         if let Some(record) = self.record_mut(pid) {
             record.note = Some(format!(
-                "continued by the watchdog at its exec before memscope was done ({waited_ms} ms): its first allocations may be missed or lack Python frames"
+                "continued by the watchdog {at} before memscope was done ({waited_ms} ms): {missing} (--hold-budget)"
             ));
         }
     }
@@ -179,12 +189,13 @@ impl Session {
             self.kernel.holds.release(pid, event.hold_ns);
             return;
         }
+        let budget_ns = self.kernel.hold_budget_ns;
         let waited_ns = monotonic_ns().saturating_sub(event.timestamp_ns);
-        if waited_ns > HOLD_BUDGET_NS {
+        if waited_ns > budget_ns {
             let note = format!(
                 "held {} ms before memscope could probe it (budget {} ms): forks come faster than probes go on",
                 waited_ns / 1_000_000,
-                HOLD_BUDGET_NS / 1_000_000
+                budget_ns / 1_000_000
             );
             self.kernel.holds.release(pid, event.hold_ns);
             self.unfollow(pid, ppid, note);
@@ -195,7 +206,7 @@ impl Session {
         let still_held = self.kernel.holds.release(pid, event.hold_ns);
         // NB: past the budget the watchdog may have let it go already, its
         // SIGCONT sent but the map entry not yet removed: late, to be safe.
-        let in_time = monotonic_ns().saturating_sub(event.timestamp_ns) < HOLD_BUDGET_NS;
+        let in_time = monotonic_ns().saturating_sub(event.timestamp_ns) < budget_ns;
         if !(still_held && in_time)
             && let Some(record) = self.record_mut(pid)
         {
@@ -203,7 +214,7 @@ impl Session {
             record.following = Following::Late;
             record.note = Some(format!(
                 "continued by the watchdog after {} ms, before its probes were on: its first allocations may be missed",
-                HOLD_BUDGET_NS / 1_000_000
+                budget_ns / 1_000_000
             ));
         }
         match followed {

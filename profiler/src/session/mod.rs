@@ -34,7 +34,7 @@ use crate::{
     collect::{self, CollectError},
     completeness,
     follow::{self, FollowError},
-    holds::{HOLD_BUDGET_NS, Holds},
+    holds::Holds,
     multi_uprobe::{self, MultiPrograms, MultiUprobeError},
     peaks::{MergedPeak, PeakError},
     preflight::{self, PreflightError},
@@ -105,6 +105,9 @@ pub struct SessionOptions {
     pub max_windows: usize,
     /// Follow requests of this handler (see `requests`).
     pub requests: Option<RequestOptions>,
+    /// How long a process may stay held (a fork before its probes are on,
+    /// an exec, an exit) before the watchdog continues it (see `holds`).
+    pub hold_budget: Duration,
 }
 
 /// `--window` unless given.
@@ -125,6 +128,7 @@ impl Default for SessionOptions {
             python_teardown: false,
             max_windows: crate::timeline::MAX_WINDOWS,
             requests: None,
+            hold_budget: crate::holds::ATTACH_HOLD_BUDGET,
         }
     }
 }
@@ -212,6 +216,8 @@ struct Kernel {
     follow_mode: FollowMode,
     tracepoints: LinkSet,
     holds: Holds,
+    /// `SessionOptions::hold_budget`, in ns.
+    hold_budget_ns: u64,
     /// Gives the kernel each process's unwind rules, before its probes go
     /// on: a stack walked both ways would make two sites of one.
     unwinder: Unwinder,
@@ -246,7 +252,8 @@ impl Kernel {
             exe: "/proc/self/exe".into(),
             source,
         })?;
-        let watchdog = Watchdog::spawn(&exe, held_id, HOLD_BUDGET_NS)?;
+        let hold_budget_ns = u64::try_from(options.hold_budget.as_nanos()).unwrap_or(u64::MAX);
+        let watchdog = Watchdog::spawn(&exe, held_id, hold_budget_ns)?;
         if let (Some(config_fd), Some(traced_fd)) = (
             ebpf.map(map_names::CONFIG).and_then(multi_uprobe::map_fd),
             ebpf.map(map_names::TRACED).and_then(multi_uprobe::map_fd),
@@ -271,6 +278,7 @@ impl Kernel {
             follow_mode: options.follow_mode,
             tracepoints,
             holds,
+            hold_budget_ns,
             unwinder: Unwinder::new(options.unwind, options.capacity.unwind_rows),
             watchdog,
         })
