@@ -16,6 +16,7 @@ pub mod map_names {
     pub const STACKS: &str = "STACKS";
     /// Arguments of allocator calls in flight, by pid_tgid.
     pub const IN_FLIGHT: &str = "IN_FLIGHT";
+    pub const CALL_SLOTS: &str = "CALL_SLOTS";
     /// Per-CPU failure counters, indexed by `Counter`.
     pub const COUNTERS: &str = "COUNTERS";
     /// Processes under the probes: `tgid -> 1`.
@@ -187,8 +188,11 @@ pub const STACK_TOTALS_PER_STACK: u32 = 8;
 /// An allocator call in flight longer than this lost its return (it was
 /// caught while probes were being attached, or the thread longjmp'd out).
 pub const STALE_CALL_NS: u64 = 1_000_000_000;
-/// Threads that can be inside an allocator call at once.
-pub const MAX_IN_FLIGHT: u32 = 1 << 16;
+/// Threads' call slots: a thread's allocator call in flight is in the slot
+/// of its tid modulo this (a power of two).
+pub const CALL_SLOTS_LEN: u32 = 1 << 16;
+/// Calls in flight of threads whose slot another thread holds at once.
+pub const MAX_HASHED_CALLS: u32 = 1 << 12;
 /// Deepest user stack recorded; the kernel's PERF_MAX_STACK_DEPTH.
 pub const MAX_STACK_DEPTH: usize = 127;
 

@@ -12,6 +12,7 @@
     reason = "atomic_xadd and atomic_xchg: the BPF target offers no AtomicU64"
 )]
 
+mod calls;
 mod counters;
 mod live;
 mod mapped;
@@ -22,140 +23,23 @@ mod request;
 mod unwind;
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
-    macros::{map, uprobe, uretprobe},
-    maps::HashMap,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::{uprobe, uretprobe},
     EbpfContext as _,
     programs::{ProbeContext, RetProbeContext},
 };
-use profiler_common::{Counter, InFlightCall, MAX_IN_FLIGHT, STALE_CALL_NS, alloc_kind};
+use profiler_common::{InFlightCall, alloc_kind};
 
-use crate::counters::count;
-
-/// Arguments of allocator calls in flight, by pid_tgid: one call per thread
-/// (the outermost; see `enter`).
-#[map]
-static IN_FLIGHT: HashMap<u64, InFlightCall> = HashMap::with_max_entries(MAX_IN_FLIGHT, 0);
+pub(crate) use crate::calls::{
+    enter, forget_call, free_is_counted, in_allocator_call, mark_python_free, take_call,
+    take_call_if_any,
+};
 
 /// The attach cookie names the allocator function (one of `alloc_kind`), so
 /// one program serves every function with the same argument layout.
 fn cookie(ctx: &impl aya_ebpf::EbpfContext) -> u32 {
     // SAFETY: the context pointer is the one the kernel passed in.
     unsafe { aya_ebpf::helpers::generated::bpf_get_attach_cookie(ctx.as_ptr()) as u32 }
-}
-
-/// Saves a call's arguments. glibc's realloc calls malloc and free itself
-/// (realloc(NULL, n), realloc(p, 0)): the outer call owns the thread's slot,
-/// and inner calls are left to it, or they would be counted twice.
-pub(crate) fn enter(size: u64, ptr: u64, kind: u32) {
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let call = InFlightCall {
-        size,
-        ptr,
-        timestamp_ns: now,
-        kind,
-        _pad: 0,
-    };
-    let id = bpf_get_current_pid_tgid();
-    if IN_FLIGHT.insert(id, call, BPF_NOEXIST as u64).is_ok() {
-        return;
-    }
-    // SAFETY: read-only look-up; the value is copied.
-    let Some(outer) = (unsafe { IN_FLIGHT.get(id) }).copied() else {
-        count(Counter::InFlightFull);
-        return;
-    };
-    // A mark left by PyObject_Free is no call (see `mark_python_free`).
-    if outer.kind == alloc_kind::PY_FREE {
-        let _ = IN_FLIGHT.insert(id, call, 0);
-        return;
-    }
-    // The same function cannot be in flight twice on one thread, and no
-    // allocator call lasts a second: such an entry lost its return and would
-    // block the thread's slot for good.
-    if outer.kind == kind || now.wrapping_sub(outer.timestamp_ns) > STALE_CALL_NS {
-        count(Counter::MissedReturns);
-        let _ = IN_FLIGHT.insert(id, call, 0);
-    }
-}
-
-/// Takes the thread's saved call if it belongs to the function returning now;
-/// an inner call nested in realloc finds its outer call and leaves it.
-pub(crate) fn take_call(kind: u32) -> Option<InFlightCall> {
-    let call = take_call_if_any(kind);
-    if call.is_none() && !in_allocator_call() {
-        count(Counter::MissedReturns);
-    }
-    call
-}
-
-/// As `take_call`, for exits that often have no entry (system calls the
-/// entry program chose not to track).
-pub(crate) fn take_call_if_any(kind: u32) -> Option<InFlightCall> {
-    let id = bpf_get_current_pid_tgid();
-    // SAFETY: the value is copied out before the entry is removed.
-    let call = (unsafe { IN_FLIGHT.get(id) }).copied()?;
-    if call.kind != kind {
-        return None;
-    }
-    let _ = IN_FLIGHT.remove(id);
-    Some(call)
-}
-
-/// Drops the current thread's call in flight, if any (at its exit).
-pub(crate) fn forget_call() {
-    let _ = IN_FLIGHT.remove(bpf_get_current_pid_tgid());
-}
-
-/// Whether this thread is inside a (live, not stale) allocator call.
-pub(crate) fn in_allocator_call() -> bool {
-    // SAFETY: read-only look-up.
-    match unsafe { IN_FLIGHT.get(bpf_get_current_pid_tgid()) } {
-        Some(call) => is_live_call(call),
-        None => false,
-    }
-}
-
-fn is_live_call(call: &InFlightCall) -> bool {
-    // SAFETY: no preconditions.
-    call.kind != alloc_kind::PY_FREE
-        && unsafe { bpf_ktime_get_ns() }.wrapping_sub(call.timestamp_ns) <= STALE_CALL_NS
-}
-
-/// PyObject_Free has no return probe: its first instruction would be
-/// single-stepped (10 µs a call here). It frees its block at the entry and
-/// leaves this mark, since pymalloc hands a block it does not serve (over
-/// 512 bytes) to libc's free, which must not count it again. The next
-/// allocator call on the thread writes over the mark; the next free takes
-/// it (see `free_is_counted`).
-fn mark_python_free(ptr: u64) {
-    let mark = InFlightCall {
-        size: 0,
-        ptr,
-        // SAFETY: no preconditions.
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        kind: alloc_kind::PY_FREE,
-        _pad: 0,
-    };
-    let _ = IN_FLIGHT.insert(bpf_get_current_pid_tgid(), mark, BPF_NOEXIST as u64);
-}
-
-/// Whether libc's free(ptr) is the program's own: not made inside another
-/// allocator call (realloc's), nor by PyObject_Free for the block it just
-/// freed. One look-up, as `in_allocator_call`.
-fn free_is_counted(ptr: u64) -> bool {
-    let id = bpf_get_current_pid_tgid();
-    // SAFETY: the value is copied out before the entry is removed.
-    match (unsafe { IN_FLIGHT.get(id) }).copied() {
-        None => true,
-        Some(mark) if mark.kind == alloc_kind::PY_FREE => {
-            let _ = IN_FLIGHT.remove(id);
-            mark.ptr != ptr
-        }
-        Some(call) => !is_live_call(&call),
-    }
 }
 
 /// Entry of every allocator function: one program for all of them, told

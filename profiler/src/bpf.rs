@@ -2,8 +2,8 @@
 
 use aya::{Ebpf, EbpfLoader};
 use profiler_common::{
-    MAX_IN_FLIGHT, MAX_STACK_DEPTH, STACK_TOTALS_PER_STACK, UNWOUND_STACK_BIT, UnwindRow,
-    UnwoundStack, map_names,
+    CALL_SLOTS_LEN, MAX_HASHED_CALLS, MAX_STACK_DEPTH, STACK_TOTALS_PER_STACK, UNWOUND_STACK_BIT,
+    UnwindRow, UnwoundStack, map_names,
 };
 
 /// The BPF object built by build.rs from profiler-ebpf.
@@ -14,13 +14,13 @@ pub fn object() -> &'static [u8] {
     BPF_OBJECT
 }
 
-/// Capacities of the kernel maps.
 /// Kernel memory per live block or mapping: the hash element (48 B
 /// header, 16 B key, 48 B value) and bpf_mem_alloc's 8 B header, in its
 /// 128 B size class (memlock of the map with 1M blocks live: 135.5 MB,
 /// its buckets included).
 pub const LIVE_BLOCK_BYTES: u64 = 128;
 
+/// Capacities of the kernel maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapCapacity {
     /// Live allocations tracked at once (`--max-live`).
@@ -30,6 +30,9 @@ pub struct MapCapacity {
     pub max_stacks: u32,
     /// Unwind rows for every object unwound (`--unwind-rows`).
     pub unwind_rows: u32,
+    /// Threads' call slots (`CALL_SLOTS_LEN`; fewer only to test the
+    /// hashed calls of threads whose slot is taken, hidden `--call-slots`).
+    pub call_slots: u32,
 }
 
 impl Default for MapCapacity {
@@ -38,6 +41,7 @@ impl Default for MapCapacity {
             max_live: profiler_common::DEFAULT_MAX_LIVE,
             max_stacks: profiler_common::DEFAULT_MAX_STACKS,
             unwind_rows: profiler_common::DEFAULT_UNWIND_ROWS,
+            call_slots: CALL_SLOTS_LEN,
         }
     }
 }
@@ -54,7 +58,10 @@ impl MapCapacity {
         // entry rounded up to a power of two.
         let stacks =
             u64::from(self.max_stacks.next_power_of_two()) * (16 + 8 * MAX_STACK_DEPTH as u64);
-        let in_flight = u64::from(MAX_IN_FLIGHT) * (HTAB_ELEM + 8 + 32);
+        // The threads' call slots (an array: 8 B owner, 32 B call), and the
+        // hash map for threads whose slot is taken.
+        let in_flight = u64::from(self.call_slots) * (8 + 32)
+            + u64::from(MAX_HASHED_CALLS) * (HTAB_ELEM + 8 + 32);
         // The live map's buckets (16 B each) are allocated at load; its
         // elements as blocks become live.
         let live_buckets = u64::from(self.max_live.next_power_of_two()) * 16;
@@ -95,6 +102,11 @@ pub enum LoadError {
 /// Loads the BPF object into the kernel (maps created; programs are loaded
 /// by `attach`).
 pub fn load(capacity: MapCapacity) -> Result<Ebpf, LoadError> {
+    if !(1..=CALL_SLOTS_LEN).contains(&capacity.call_slots) {
+        return Err(LoadError::Capacity(format!(
+            "--call-slots must be 1 to {CALL_SLOTS_LEN}"
+        )));
+    }
     if capacity.max_live == 0 || capacity.max_stacks == 0 || capacity.unwind_rows == 0 {
         return Err(LoadError::Capacity(
             "--max-live, --max-stacks and --unwind-rows must be at least 1".into(),
@@ -115,6 +127,7 @@ pub fn load(capacity: MapCapacity) -> Result<Ebpf, LoadError> {
         .map_max_entries(map_names::PY_STACKS, capacity.max_stacks)
         .map_max_entries(map_names::UNWOUND, capacity.max_stacks)
         .map_max_entries(map_names::UNWIND_ROWS, capacity.unwind_rows)
+        .map_max_entries(map_names::CALL_SLOTS, capacity.call_slots)
         .map_max_entries(
             map_names::STACK_TOTALS,
             capacity.max_stacks.saturating_mul(STACK_TOTALS_PER_STACK),

@@ -275,6 +275,11 @@ pub struct ProfileArgs {
     /// and check].
     #[arg(long, value_parser = parse_hold_budget, value_name = "DUR")]
     pub hold_budget: Option<Duration>,
+    /// Threads' call slots in the kernel: fewer send threads' calls to the
+    /// hash map kept for threads whose slot is taken (for its tests).
+    #[arg(long, hide = true, default_value_t = profiler_common::CALL_SLOTS_LEN,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(profiler_common::CALL_SLOTS_LEN)))]
+    pub call_slots: u32,
 }
 
 /// What `memscope check` fails on, besides a leak.
@@ -342,6 +347,7 @@ impl ProfileArgs {
             max_live: self.max_live,
             max_stacks: self.max_stacks,
             unwind_rows: self.unwind_rows,
+            call_slots: self.call_slots,
         }
     }
 }

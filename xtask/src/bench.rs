@@ -1155,7 +1155,7 @@ fn results_json(ctx: &Context, cells: &[Vec<Cell>], elapsed: Duration) -> Value 
             }),
             Tool::BareTraps => json!({
                 "available": true,
-                "command": "perf_event_open uprobes (no BPF program, inherited by threads) at the sites \
+                "command": "perf_event_open uprobes (no BPF program; not inherited: every thread traps, the first one's hits are counted) at the sites \
                             of memscope's report.json probes: an entry probe at entry_offset, a return \
                             probe at the same site where memscope has one (attached after the warm-up)",
             }),

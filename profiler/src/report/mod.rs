@@ -648,8 +648,8 @@ pub struct Completeness {
     /// stored.
     #[serde(default)]
     pub totals_map_full: u64,
-    /// Allocator calls missed: too many threads were inside the allocator
-    /// at once.
+    /// Allocator calls missed: the thread's call slot was another
+    /// thread's, and the map for such threads was full.
     #[serde(default)]
     pub in_flight_full: u64,
     /// Forked children that could not be followed.
