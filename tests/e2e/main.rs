@@ -27,4 +27,5 @@ mod stacks;
 mod stopping;
 mod threads;
 mod unwinding;
+mod verifier;
 mod windows;
