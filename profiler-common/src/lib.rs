@@ -7,6 +7,8 @@
 #![no_std]
 
 /// Map names, shared so both sides name a map the same way (15 bytes max).
+pub mod sampling;
+
 pub mod map_names {
     /// Live allocations: `LiveKey -> LiveAllocation`.
     pub const LIVE: &str = "LIVE";
@@ -105,7 +107,11 @@ pub mod config {
     /// Non-zero once a Python process is described (`PY_PROCS`): before
     /// that, an allocation skips the hash look-up of its process there.
     pub const PYTHON: u32 = 7;
-    pub const SLOTS: u32 = 8;
+    /// With `--stack-sample BYTES`: the mean gap, in bytes allocated,
+    /// between heap allocations whose stack is walked (`sampling`); zero
+    /// walks every one.
+    pub const STACK_SAMPLE: u32 = 8;
+    pub const SLOTS: u32 = 9;
 }
 
 /// Processes followed at once (the target and its descendants).
@@ -199,6 +205,13 @@ pub const MAX_STACK_DEPTH: usize = 127;
 /// Stack id recorded when the kernel could not walk the stack, so the bytes
 /// still count (under an "unknown stack" site) instead of vanishing.
 pub const UNKNOWN_STACK: u32 = u32::MAX;
+
+/// Stack id of heap blocks whose stack `--stack-sample` did not walk: their
+/// figures make the exact totals, and no site.
+pub const UNSAMPLED_STACK: u32 = u32::MAX - 1;
+
+/// The highest id an unwound stack takes: the two above are reserved.
+pub const MAX_UNWOUND_ID: u32 = u32::MAX - 2;
 
 /// Set in the id of a stack the .eh_frame unwinder walked (`UNWOUND`);
 /// ids without it are the kernel's frame-pointer walks (`STACKS`).
@@ -542,6 +555,15 @@ pub struct StackTotals {
 }
 
 impl StackTotals {
+    pub const fn new(alloc_count: u64, alloc_bytes: u64, free_count: u64, free_bytes: u64) -> Self {
+        Self {
+            alloc_count,
+            alloc_bytes,
+            free_count,
+            free_bytes,
+        }
+    }
+
     pub const fn live_count(&self) -> u64 {
         self.alloc_count.saturating_sub(self.free_count)
     }

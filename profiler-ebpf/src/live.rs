@@ -11,7 +11,8 @@ use aya_ebpf::{
 };
 use profiler_common::{
     Counter, DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS, INHERITANCE_DEPTH, LiveAllocation, LiveKey,
-    STACK_TOTALS_PER_STACK, StackKey, StackTotals, UNKNOWN_STACK, site_class,
+    STACK_TOTALS_PER_STACK, StackKey, StackTotals, UNKNOWN_STACK, UNSAMPLED_STACK, alloc_kind,
+    site_class,
 };
 
 use crate::{counters::count, unwind::WithUserRegs};
@@ -52,9 +53,15 @@ pub fn record_alloc(
     caller: u64,
 ) {
     let tgid = tgid();
-    let (stack_id, caller) = match crate::unwind::stack_id(tgid, ctx) {
-        Some(id) => (id, 0),
-        None => (frame_pointer_stack(ctx), caller),
+    // Mappings are few and large: always walked.
+    let walked = kind == alloc_kind::MMAP || crate::sampling::walks_stack(size);
+    let (stack_id, caller) = if !walked {
+        (UNSAMPLED_STACK, 0)
+    } else {
+        match crate::unwind::stack_id(tgid, ctx) {
+            Some(id) => (id, 0),
+            None => (frame_pointer_stack(ctx), caller),
+        }
     };
     let key = LiveKey {
         tgid,
@@ -62,7 +69,14 @@ pub fn record_alloc(
         addr,
     };
     let requests = crate::request::enabled();
-    let (python_stack, python_frame) = crate::python::current_stack(tgid, requests);
+    // NB: a request is found by its frame on the Python stack, so with
+    // requests on the walk is made even for a block not sampled (userspace
+    // counts every unsampled block alike, whatever its Python stack).
+    let (python_stack, python_frame) = if walked || requests {
+        crate::python::current_stack(tgid, requests)
+    } else {
+        (0, None)
+    };
     let request = if requests {
         crate::request::current(python_frame)
     } else {

@@ -20,6 +20,7 @@ mod peak;
 mod processes;
 mod python;
 mod request;
+mod sampling;
 mod unwind;
 
 use aya_ebpf::{

@@ -21,7 +21,7 @@ use aya_ebpf::{
 };
 use profiler_common::{
     Counter, DEFAULT_MAX_STACKS, DEFAULT_UNWIND_ROWS, MAX_PROCESSES, MAX_STACK_DEPTH,
-    MAX_UNWIND_MAPPINGS, ProcessUnwind, UNKNOWN_STACK, UNWOUND_STACK_BIT, UnwindMapping,
+    MAX_UNWIND_MAPPINGS, MAX_UNWOUND_ID, ProcessUnwind, UNKNOWN_STACK, UNWOUND_STACK_BIT, UnwindMapping,
     UnwindRow, UnwoundStack, cfa_rule, unwound_flags,
 };
 
@@ -171,15 +171,38 @@ pub fn forget(tgid: u32) {
 /// when it could not be recorded, counted), or None when userspace did not
 /// describe this process: the kernel's frame-pointer walk stands.
 pub fn stack_id(tgid: u32, ctx: &impl WithUserRegs) -> Option<u32> {
-    let process = UNWIND_PROCS.get_ptr(tgid)?;
-    Some(walk(process, ctx).unwrap_or_else(|counter| {
+    let Some(regs) = ctx.user_regs() else {
+        if !is_described(tgid) {
+            return None;
+        }
+        count(Counter::StackErrors);
+        return Some(UNKNOWN_STACK);
+    };
+    u32::try_from(memscope_unwind(tgid, regs.ip, regs.sp, regs.bp)).ok()
+}
+
+/// `stack_id`'s walk, from registers, or `NOT_DESCRIBED`.
+///
+/// NB: a global function, which the verifier checks once, with unknown
+/// arguments, instead of once for each state its callers reach it in: the
+/// walk is most of a program's instructions, and an allocation reaches it
+/// from several places.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn memscope_unwind(tgid: u32, ip: u64, sp: u64, bp: u64) -> u64 {
+    let Some(process) = UNWIND_PROCS.get_ptr(tgid) else {
+        return NOT_DESCRIBED;
+    };
+    u64::from(walk(process, UserRegs { ip, sp, bp }).unwrap_or_else(|counter| {
         count(counter);
         UNKNOWN_STACK
     }))
 }
 
-fn walk(process: *const ProcessUnwind, ctx: &impl WithUserRegs) -> Result<u32, Counter> {
-    let regs = ctx.user_regs().ok_or(Counter::StackErrors)?;
+/// What `memscope_unwind` returns for a process userspace did not describe.
+const NOT_DESCRIBED: u64 = u64::MAX;
+
+fn walk(process: *const ProcessUnwind, regs: UserRegs) -> Result<u32, Counter> {
     let scratch = UNWIND_SCRATCH
         .get_ptr_mut(0)
         .ok_or(Counter::StackErrors)?;
@@ -224,7 +247,8 @@ fn walk(process: *const ProcessUnwind, ctx: &impl WithUserRegs) -> Result<u32, C
         check = (check ^ frame.rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
     stack.check = check;
-    let id = ((hash ^ (hash >> 32)) as u32 & !UNWOUND_STACK_BIT) | UNWOUND_STACK_BIT;
+    let id = (((hash ^ (hash >> 32)) as u32 & !UNWOUND_STACK_BIT) | UNWOUND_STACK_BIT)
+        .min(MAX_UNWOUND_ID - 1);
     // A taken id with another stack in it: the next one is tried once.
     for id in [id, (id.wrapping_add(1) & !UNWOUND_STACK_BIT) | UNWOUND_STACK_BIT] {
         // SAFETY: the value is only compared.

@@ -97,6 +97,8 @@ pub enum LoadError {
     Unavailable(#[source] aya::EbpfError),
     #[error("invalid map size: {0}")]
     Capacity(String),
+    #[error("cannot configure memscope's BPF programs: {0}")]
+    Config(String),
 }
 
 /// Loads the BPF object into the kernel (maps created; programs are loaded
@@ -160,4 +162,21 @@ fn raise_memlock_limit() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK");
     }
+}
+
+/// Walks the stacks of a byte sample of heap blocks only, one every
+/// `mean_bytes` allocated on average (see `sampling`).
+pub fn set_stack_sample(ebpf: &mut Ebpf, mean_bytes: u64) -> Result<(), LoadError> {
+    let mean = u32::try_from(mean_bytes)
+        .ok()
+        .filter(|&mean| mean > 0)
+        .ok_or_else(|| LoadError::Config("--stack-sample must be 1 byte to 4 GiB".into()))?;
+    let map = ebpf
+        .map_mut(map_names::CONFIG)
+        .ok_or_else(|| LoadError::Config(format!("BPF map {} is missing", map_names::CONFIG)))?;
+    let mut config: aya::maps::Array<&mut aya::maps::MapData, u32> =
+        aya::maps::Array::try_from(map).map_err(|e| LoadError::Config(e.to_string()))?;
+    config
+        .set(profiler_common::config::STACK_SAMPLE, mean, 0)
+        .map_err(|e| LoadError::Config(format!("--stack-sample: {e}")))
 }

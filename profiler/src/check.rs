@@ -33,6 +33,16 @@ pub async fn check(
     gate: GateArgs,
 ) -> anyhow::Result<u8> {
     // Bad input fails before the command runs.
+    if args.stack_sample.is_some() {
+        // A usage error, as clap's own: a gate on estimates would fail or
+        // pass a pull request by chance.
+        <crate::cli::Cli as clap::CommandFactory>::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--stack-sample cannot be used with check: the gate needs each site's exact figures, and sampled sites are estimates",
+            )
+            .exit();
+    }
     let suppressions = match &gate.suppress {
         Some(path) => Suppressions::read(path)?,
         None => Suppressions::default(),

@@ -9,8 +9,8 @@ use aya::{
 };
 use profiler_common::{
     Counter, HeapTop, LiveAllocation, LiveKey, MAX_STACK_DEPTH, ProcessPeak, PythonFrame,
-    PythonStack, StackKey, StackTotals, UNKNOWN_STACK, UNWOUND_STACK_BIT, UnwoundStack, map_names,
-    python_stack_flags, unwound_flags,
+    PythonStack, StackKey, StackTotals, UNKNOWN_STACK, UNSAMPLED_STACK, UNWOUND_STACK_BIT,
+    UnwoundStack, map_names, python_stack_flags, unwound_flags,
 };
 
 /// Everything the kernel side knows at one moment.
@@ -209,7 +209,10 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
     let stack_maps = StackMaps::open(ebpf)?;
     let mut stacks = HashMap::new();
     for key in totals.keys() {
-        if key.stack_id == UNKNOWN_STACK || stacks.contains_key(&key.stack_id) {
+        if key.stack_id == UNKNOWN_STACK
+            || key.stack_id == UNSAMPLED_STACK
+            || stacks.contains_key(&key.stack_id)
+        {
             continue;
         }
         if let Some(ips) = stack_maps.get(key.stack_id) {

@@ -55,6 +55,7 @@ pub mod python;
 pub mod report;
 pub mod requests;
 pub mod resources;
+pub mod sampling;
 pub mod session;
 pub mod symbolize;
 pub mod target;

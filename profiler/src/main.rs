@@ -185,6 +185,9 @@ async fn profile(
                 keep_after: args.keep_after,
             }),
         hold_budget: args.hold_budget(spec),
+        stack_sample: args
+            .stack_sample
+            .map(|mean_bytes| memscope::sampling::StackSample { mean_bytes }),
     };
     if let Some(url) = &args.alert_webhook {
         memscope::alert::check_webhook(url)?;

@@ -69,17 +69,9 @@ fn bad_duration_is_a_usage_error() {
 
 #[test]
 fn a_hold_budget_out_of_range_is_a_usage_error() {
-    let output = Command::new(MEMSCOPE)
-        .args(["run", "--hold-budget", "1h", "--", "true"])
-        .output()
-        .expect("runs");
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr_of(&output).contains(
-            "hold budget \"1h\" is out of range: give 10ms to 10s (a process waits this long at most)"
-        ),
-        "{}",
-        stderr_of(&output)
+    assert_usage_error(
+        &["run", "--hold-budget", "1h", "--", "true"],
+        "hold budget \"1h\" is out of range: give 10ms to 10s (a process waits this long at most)",
     );
 }
 

@@ -22,6 +22,7 @@ mod python;
 mod python_frames;
 mod requests;
 mod rust_fixture;
+mod sampling;
 mod scale;
 mod stacks;
 mod stopping;

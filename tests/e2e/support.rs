@@ -366,3 +366,14 @@ pub fn sample_values(profile: &memscope::output::pprof::Profile, function: &str)
     }
     sum
 }
+
+/// `memscope ARGS` exits 2 (a usage error) and says `expected`.
+pub fn assert_usage_error(args: &[&str], expected: &str) {
+    let output = Command::new(MEMSCOPE).args(args).output().expect("runs");
+    assert_eq!(output.status.code(), Some(2), "{}", stderr_of(&output));
+    assert!(
+        stderr_of(&output).contains(expected),
+        "{}",
+        stderr_of(&output)
+    );
+}

@@ -73,15 +73,18 @@ END { clear(@s); clear(@a); }
 enum Tool {
     Untraced,
     Memscope,
+    /// memscope walking a byte sample of stacks (`SAMPLE_GAP`).
+    MemscopeSampled,
     BareTraps,
     Bpftrace,
     Memleak,
     Heaptrack,
 }
 
-const TOOLS: [Tool; 6] = [
+const TOOLS: [Tool; 7] = [
     Tool::Untraced,
     Tool::Memscope,
+    Tool::MemscopeSampled,
     Tool::BareTraps,
     Tool::Bpftrace,
     Tool::Memleak,
@@ -89,13 +92,22 @@ const TOOLS: [Tool; 6] = [
 ];
 
 /// What `--allocs` measures: memscope between its two bounds.
-const OWN: [Tool; 3] = [Tool::Untraced, Tool::Memscope, Tool::BareTraps];
+const OWN: [Tool; 4] = [
+    Tool::Untraced,
+    Tool::Memscope,
+    Tool::MemscopeSampled,
+    Tool::BareTraps,
+];
+
+/// `--stack-sample` of the sampled row: tcmalloc's and Go's default gap.
+const SAMPLE_GAP: &str = "512KB";
 
 impl Tool {
     fn name(self) -> &'static str {
         match self {
             Tool::Untraced => "untraced",
             Tool::Memscope => "memscope",
+            Tool::MemscopeSampled => "memscope, sampled",
             Tool::BareTraps => "bare traps (limit)",
             Tool::Bpftrace => "bpftrace (floor)",
             Tool::Memleak => "memleak",
@@ -107,6 +119,7 @@ impl Tool {
         match self {
             Tool::Untraced => "untraced",
             Tool::Memscope => "memscope",
+            Tool::MemscopeSampled => "memscope_sampled",
             Tool::BareTraps => "bare_traps",
             Tool::Bpftrace => "bpftrace",
             Tool::Memleak => "memleak",
@@ -135,7 +148,7 @@ struct Tools {
 impl Tools {
     fn unavailable(&self, tool: Tool) -> Option<&str> {
         match tool {
-            Tool::Untraced | Tool::Memscope | Tool::BareTraps => None,
+            Tool::Untraced | Tool::Memscope | Tool::MemscopeSampled | Tool::BareTraps => None,
             Tool::Bpftrace => self.bpftrace.as_ref().err().map(String::as_str),
             Tool::Memleak => self.memleak.as_ref().err().map(String::as_str),
             Tool::Heaptrack => self.heaptrack.as_ref().err().map(String::as_str),
@@ -656,7 +669,10 @@ fn measure(ctx: &Context, tool: Tool, workload: &str, ops: u64) -> Result<Sample
                 .args([workload, &ops_arg]);
             run_plain(cmd)
         }
-        Tool::Memscope => run_memscope(ctx, workload, &ops_arg),
+        Tool::Memscope => run_memscope(ctx, workload, &ops_arg, &[]),
+        Tool::MemscopeSampled => {
+            run_memscope(ctx, workload, &ops_arg, &["--stack-sample", SAMPLE_GAP])
+        }
         Tool::BareTraps => run_bare_traps(ctx, workload, &ops_arg),
         Tool::Bpftrace => {
             let Ok(bpftrace) = &ctx.tools.bpftrace else {
@@ -750,12 +766,18 @@ fn run_plain(mut cmd: Command) -> Result<Sample, String> {
 /// `memscope run -o DIR -- bench WORKLOAD OPS`, watching memscope's own
 /// process in /proc: VmHWM while it lives, utime/stime once it is a zombie
 /// (before it is reaped, so they are final and exclude the bench's).
-fn run_memscope(ctx: &Context, workload: &str, ops: &str) -> Result<Sample, String> {
+fn run_memscope(
+    ctx: &Context,
+    workload: &str,
+    ops: &str,
+    options: &[&str],
+) -> Result<Sample, String> {
     let report_dir = ctx.work.join(format!("memscope-{workload}"));
     let mut cmd = Command::new(ctx.memscope);
     cmd.arg("run")
         .arg("-o")
         .arg(&report_dir)
+        .args(options)
         .arg("--")
         .arg(&ctx.bench)
         .args([workload, ops]);
@@ -1152,6 +1174,10 @@ fn results_json(ctx: &Context, cells: &[Vec<Cell>], elapsed: Duration) -> Value 
                 "path": ctx.memscope.display().to_string(),
                 "version": tool_version(ctx.memscope, "--version"),
                 "command": "memscope run -o DIR -- allocbench WORKLOAD OPS",
+            }),
+            Tool::MemscopeSampled => json!({
+                "available": true,
+                "command": format!("memscope run -o DIR --stack-sample {SAMPLE_GAP} -- allocbench WORKLOAD OPS"),
             }),
             Tool::BareTraps => json!({
                 "available": true,

@@ -129,6 +129,14 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
             runtime.join("; ")
         )?;
     }
+    if let Some(sampling) = &report.sampling {
+        writeln!(
+            out,
+            "stacks sampled: 1 every {} allocated on average ({} blocks walked); the totals are exact, the sites' figures estimates (report.json gives each one's 95% error)",
+            format_bytes(sampling.mean_bytes),
+            sampling.walked_count
+        )?;
+    }
     writeln!(out)?;
     // Verdicts once there are windows enough to give them.
     let verdicts = report.windows.len() >= crate::classify::MIN_WINDOWS;

@@ -5,9 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use profiler_common::{StackKey, StackTotals, UNKNOWN_STACK, site_class};
 
+use crate::sampling::{StackSample, is_unsampled};
+
 use super::{
     Completeness, Frame, HeapReport, PeakReport, ProcessPeakReport, ProcessReport, Report, SCHEMA,
-    Site, SiteHistory, SiteKind, TargetInfo, Totals, WindowReport, WindowSite,
+    SamplingReport, Site, SiteHistory, SiteKind, TargetInfo, Totals, WindowReport, WindowSite,
 };
 use crate::{
     attach::AttachedProbe,
@@ -43,6 +45,9 @@ pub struct ReportContext {
     /// Mapped sites' ranges as recorded and what they hold, per (process,
     /// stack), for the processes whose address space was read.
     pub measured: Measured,
+    /// `--stack-sample`: sites are estimated from a sample of stacks, and
+    /// `windows` already are.
+    pub stack_sample: Option<StackSample>,
 }
 
 /// Per (process, stack) of the mmap class: the bytes recorded, and what
@@ -87,9 +92,13 @@ pub const PEAK_TOP_SITES: usize = 10;
 pub fn build_report(
     snapshot: &KernelSnapshot,
     mut symbolize: impl FnMut(u32, &[u64], Option<&RecordedPythonStack>) -> Vec<Frame>,
-    context: ReportContext,
+    mut context: ReportContext,
 ) -> Report {
-    let combined = combined_totals(&snapshot.totals, &context.adjustments);
+    let recorded = combined_totals(&snapshot.totals, &context.adjustments);
+    let combined = match context.stack_sample {
+        Some(sample) => estimate_context(sample, &recorded, &mut context),
+        None => recorded.clone(),
+    };
     let mut frames_of = |key: &StackKey| {
         key_frames(
             key,
@@ -310,6 +319,7 @@ pub fn build_report(
         stdio_buffers: stdio_totals,
         workers,
         fragmentation: None,
+        sampling: None,
         requests: context.requests.map(|mut requests| {
             requests.sites = sites_of(
                 context.kept_by_requests.iter(),
@@ -321,8 +331,48 @@ pub fn build_report(
             requests
         }),
     };
+    if let Some(sample) = context.stack_sample {
+        apply_sampling(&mut report, sample, &recorded, &snapshot.totals);
+    }
     report.fragmentation = crate::fragmentation::assess(&report);
     report
+}
+
+/// The exact totals in place of the estimates' sum, each site's error, and
+/// what was sampled.
+fn apply_sampling(
+    report: &mut Report,
+    sample: StackSample,
+    recorded: &BTreeMap<StackKey, StackTotals>,
+    kernel: &BTreeMap<StackKey, StackTotals>,
+) {
+    let estimated = report.totals;
+    report.totals = class_totals(recorded.iter()).0;
+    for (pid, process) in report.processes.iter_mut().map(|p| (p.pid, p)) {
+        process.totals = class_totals(recorded.iter().filter(|(k, _)| k.tgid == pid)).0;
+    }
+    let all_sites = report.sites.iter_mut().chain(
+        report
+            .processes
+            .iter_mut()
+            .flat_map(|process| process.sites.iter_mut()),
+    );
+    for site in all_sites {
+        if site.kind == SiteKind::Malloc {
+            site.live_bytes_error =
+                Some(sample.live_error(site.alloc_count, site.alloc_bytes, site.live_count));
+        }
+    }
+    let walked = kernel
+        .iter()
+        .filter(|(key, _)| key.class == site_class::MALLOC && !is_unsampled(key))
+        .map(|(_, t)| t.alloc_count)
+        .sum();
+    report.sampling = Some(SamplingReport {
+        mean_bytes: sample.mean_bytes,
+        walked_count: walked,
+        estimated,
+    });
 }
 
 fn windows_of(
@@ -595,6 +645,43 @@ fn with_caller(ips: &[u64], caller: u64) -> Vec<u64> {
 }
 
 /// The kernel's totals with userspace's changes to the live set added.
+/// With `--stack-sample`: the sites' figures estimated from `recorded`,
+/// and the context's per-site figures scaled alike.
+fn estimate_context(
+    sample: StackSample,
+    recorded: &BTreeMap<StackKey, StackTotals>,
+    context: &mut ReportContext,
+) -> BTreeMap<StackKey, StackTotals> {
+    let weight = |key: &StackKey| {
+        recorded
+            .get(key)
+            .map_or(1.0, |totals| sample.weight(key, totals))
+    };
+    context.adjustments = std::mem::take(&mut context.adjustments)
+        .into_iter()
+        .filter(|(key, _)| !is_unsampled(key))
+        .map(|(key, t)| (key, crate::sampling::scale(&t, weight(&key))))
+        .collect();
+    context.kept_by_requests = std::mem::take(&mut context.kept_by_requests)
+        .into_iter()
+        .filter(|(key, _)| !is_unsampled(key))
+        .map(|(key, t)| (key, crate::sampling::scale(&t, weight(&key))))
+        .collect();
+    context.survivors = std::mem::take(&mut context.survivors)
+        .into_iter()
+        .filter(|(key, _)| !is_unsampled(key))
+        .map(|(key, bytes)| {
+            let w = weight(&key);
+            let bytes = bytes
+                .iter()
+                .map(|&b| (b as f64 * w).round() as u64)
+                .collect();
+            (key, bytes)
+        })
+        .collect();
+    sample.estimate(recorded)
+}
+
 pub fn combined_totals(
     kernel: &BTreeMap<StackKey, StackTotals>,
     adjustments: &Adjustments,
@@ -666,6 +753,7 @@ fn sites_of<'a>(
                 alloc_count: t.alloc_count,
                 free_bytes: t.free_bytes,
                 free_count: t.free_count,
+                live_bytes_error: None,
             }
         })
         .collect();
@@ -679,12 +767,7 @@ mod tests {
     use super::*;
 
     fn totals(alloc_count: u64, alloc_bytes: u64, free_count: u64, free_bytes: u64) -> StackTotals {
-        StackTotals {
-            alloc_count,
-            alloc_bytes,
-            free_count,
-            free_bytes,
-        }
+        StackTotals::new(alloc_count, alloc_bytes, free_count, free_bytes)
     }
 
     fn names(frames: &[Frame]) -> Vec<&str> {

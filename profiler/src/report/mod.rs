@@ -90,6 +90,10 @@ pub struct Report {
     /// (see `fragmentation`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fragmentation: Option<crate::fragmentation::Fragmentation>,
+    /// With `--stack-sample`: the sites, windows and requests are estimated
+    /// from a byte sample of stacks; `totals` and the processes' are exact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<SamplingReport>,
     /// Per request of the handler (`--request-fn`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<crate::requests::RequestsReport>,
@@ -571,6 +575,24 @@ pub struct Site {
     /// What its memory is doing: leak, growing, bounded, temporary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classification: Option<crate::classify::Classification>,
+    /// With `--stack-sample`: its figures are estimates, and its true live
+    /// bytes are within this of `live_bytes` at 95% confidence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_bytes_error: Option<u64>,
+}
+
+/// `--stack-sample`: how the sites' figures were estimated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SamplingReport {
+    /// The mean gap, in bytes allocated, between heap blocks whose stack
+    /// was walked: a block of `s` bytes was walked with chance
+    /// `1 - exp(-s / mean_bytes)`, and stands for the inverse of that.
+    pub mean_bytes: u64,
+    /// Heap blocks whose stack was walked.
+    pub walked_count: u64,
+    /// The heap's totals summed over the estimated sites (`totals` are
+    /// exact: every block is counted with its size).
+    pub estimated: Totals,
 }
 
 /// What anonymous mappings hold, from /proc/PID/maps and pagemap (see
@@ -756,6 +778,7 @@ pub(crate) mod tests_support {
             history: None,
             mapped: None,
             classification: None,
+            live_bytes_error: None,
         }
     }
 
@@ -819,6 +842,7 @@ pub(crate) mod tests_support {
             workers: Vec::new(),
             loader: None,
             fragmentation: None,
+            sampling: None,
             requests: None,
         }
     }
@@ -827,6 +851,11 @@ pub(crate) mod tests_support {
     /// set, each list that is left out when empty given an entry.
     pub(crate) fn full_report() -> Report {
         let mut report = sample_report();
+        report.sampling = Some(SamplingReport {
+            mean_bytes: 512 * 1024,
+            walked_count: 61,
+            estimated: report.totals,
+        });
         report.modules = vec![Module {
             path: "/opt/app/server".into(),
             build_id: Some("5e6b0c2d4f".into()),
@@ -850,6 +879,7 @@ pub(crate) mod tests_support {
         python.line = Some(41);
         python.language = Language::Python;
         let site = &mut report.sites[0];
+        site.live_bytes_error = Some(512_000);
         site.frames.push(python);
         site.history = Some(SiteHistory {
             live_bytes: vec![2_048_000, 4_096_000],

@@ -42,6 +42,7 @@ use crate::{
     processes::{Adjustments, Following, LiveSetError, ProcessRecord},
     report::{self, Report, ReportContext, TargetInfo},
     resources::{self, ResourceError},
+    sampling::StackSample,
     symbolize::StackSymbolizer,
     target::{self, TargetError},
     timeline::{Timeline, WindowEnd},
@@ -108,6 +109,9 @@ pub struct SessionOptions {
     /// How long a process may stay held (a fork before its probes are on,
     /// an exec, an exit) before the watchdog continues it (see `holds`).
     pub hold_budget: Duration,
+    /// Walk the stacks of a byte sample of heap blocks only (see
+    /// `sampling`).
+    pub stack_sample: Option<StackSample>,
 }
 
 /// `--window` unless given.
@@ -129,6 +133,7 @@ impl Default for SessionOptions {
             max_windows: crate::timeline::MAX_WINDOWS,
             requests: None,
             hold_budget: crate::holds::ATTACH_HOLD_BUDGET,
+            stack_sample: None,
         }
     }
 }
@@ -229,6 +234,9 @@ struct Kernel {
 impl Kernel {
     fn load(options: &SessionOptions) -> Result<Self, SessionError> {
         let mut ebpf = bpf::load(options.capacity)?;
+        if let Some(sample) = options.stack_sample {
+            bpf::set_stack_sample(&mut ebpf, sample.mean_bytes)?;
+        }
         // Before any map is taken out of `ebpf`: the programs are relocated
         // against all of them.
         let multi = if multi_uprobe::supported() {
@@ -355,6 +363,8 @@ pub struct Session {
     start_times: std::collections::HashMap<u32, u64>,
     adjustments: Adjustments,
     per_process_sites: bool,
+    /// See `SessionOptions::stack_sample`.
+    stack_sample: Option<StackSample>,
     /// See `SessionOptions::python_frames`.
     python_frames: bool,
     /// See `SessionOptions::python_objects`.
@@ -610,6 +620,7 @@ impl Session {
                 .collect(),
             adjustments: Adjustments::new(),
             per_process_sites: options.per_process_sites,
+            stack_sample: options.stack_sample,
             python_frames: options.python_frames,
             python_objects: options.python_objects,
             python_teardown: options.python_teardown,
@@ -845,6 +856,18 @@ impl Session {
         self.probe_late_allocators(seen);
     }
 
+    /// The sites' figures as a window or the report counts them: estimated
+    /// from the walked blocks with `--stack-sample`.
+    fn estimated(
+        &self,
+        recorded: std::collections::BTreeMap<StackKey, profiler_common::StackTotals>,
+    ) -> std::collections::BTreeMap<StackKey, profiler_common::StackTotals> {
+        match self.stack_sample {
+            Some(sample) => sample.estimate(&recorded),
+            None => recorded,
+        }
+    }
+
     /// Closes the current window: the kernel's totals now, read while the
     /// target runs (no map is locked, nothing waits on memscope).
     fn close_window(&mut self, closed_by: WindowEnd) {
@@ -856,7 +879,7 @@ impl Session {
                 return;
             }
         };
-        let cumulative = report::combined_totals(&totals, &self.adjustments);
+        let cumulative = self.estimated(report::combined_totals(&totals, &self.adjustments));
         let held = self.pushes.is_some().then(|| push::held(&cumulative));
         let memory = self.read_memory(Some(MEMORY_READS_PER_WINDOW));
         let rss_bytes = memory.rss_bytes;
@@ -1080,7 +1103,8 @@ impl Session {
         self.refresh_maps();
         self.drain_pending_events();
         let snapshot = collect::read_snapshot(&self.kernel.ebpf)?;
-        let cumulative = report::combined_totals(&snapshot.totals, &self.adjustments);
+        let cumulative =
+            self.estimated(report::combined_totals(&snapshot.totals, &self.adjustments));
         let held = self.pushes.is_some().then(|| push::held(&cumulative));
         // The figures just read.
         let memory = self.read_memory(Some(0));
@@ -1139,6 +1163,7 @@ impl Session {
             requests,
             kept_by_requests: scan.kept_by_requests,
             measured,
+            stack_sample: self.stack_sample,
         };
         let mut report = report::build_report(
             &snapshot,
