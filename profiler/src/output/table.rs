@@ -132,7 +132,7 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
     if let Some(sampling) = &report.sampling {
         writeln!(
             out,
-            "stacks sampled: 1 every {} allocated on average ({} blocks walked); the totals are exact, the sites' figures estimates (report.json gives each one's 95% error)",
+            "stacks sampled: 1 every {} allocated on average ({} blocks walked); the totals are exact, the sites' figures estimates (+/-: the 95% error of their live bytes)",
             format_bytes(sampling.mean_bytes),
             sampling.walked_count
         )?;
@@ -140,10 +140,13 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
     writeln!(out)?;
     // Verdicts once there are windows enough to give them.
     let verdicts = report.windows.len() >= crate::classify::MIN_WINDOWS;
+    // With --stack-sample, each site's 95% error beside its live bytes.
+    let sampled = report.sampling.is_some();
     writeln!(
         out,
-        "{:>14} {:>10} {:>14} {:>10}  {}SITE (allocating function <- callers)",
+        "{:>14} {}{:>10} {:>14} {:>10}  {}SITE (allocating function <- callers)",
         "LIVE BYTES",
+        if sampled { "  +/- (95%) " } else { "" },
         "LIVE",
         "ALLOC BYTES",
         "ALLOCS",
@@ -165,9 +168,14 @@ pub fn render(report: &Report, limit: usize, out: &mut impl Write) -> io::Result
             Some(c) if verdicts => format!("{:<11}", verdict_word(c.verdict)),
             _ => String::new(),
         };
+        let spread = match site.live_bytes_error {
+            Some(error) => format!("{:>11} ", format_bytes(error)),
+            None if sampled => format!("{:>11} ", "-"),
+            None => String::new(),
+        };
         writeln!(
             out,
-            "{:>14} {:>10} {:>14} {:>10}  {verdict}{kind}{chain}",
+            "{:>14} {spread}{:>10} {:>14} {:>10}  {verdict}{kind}{chain}",
             site.live_bytes, site.live_count, site.alloc_bytes, site.alloc_count
         )?;
     }
