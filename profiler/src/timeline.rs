@@ -42,11 +42,18 @@ pub struct RecordedWindow {
     pub rss_bytes: u64,
     /// Their memory figures then, summed (see `process_memory`).
     pub memory: Option<crate::process_memory::MemoryFigures>,
+    /// With `--stack-sample`: the malloc family's exact changes in the
+    /// window, `changes` being the sites' estimates.
+    pub exact_malloc: Option<StackTotals>,
 }
 
 impl RecordedWindow {
-    /// The window's changes summed, malloc family only (as `totals`).
+    /// The window's changes summed, malloc family only (as `totals`):
+    /// exact, with `--stack-sample` too.
     pub fn malloc_changes(&self) -> StackTotals {
+        if let Some(exact) = self.exact_malloc {
+            return exact;
+        }
         let mut sum = StackTotals::default();
         for (key, t) in &self.changes {
             if key.class == site_class::MALLOC {
@@ -61,6 +68,8 @@ impl RecordedWindow {
 #[derive(Clone, Debug, Default)]
 pub struct Timeline {
     last: BTreeMap<StackKey, StackTotals>,
+    /// See `set_last_exact`.
+    last_exact: StackTotals,
     last_s: f64,
     windows: Vec<RecordedWindow>,
     /// Past this many windows, neighbours merge (0: `MAX_WINDOWS`).
@@ -121,6 +130,7 @@ impl Timeline {
             live_bytes,
             rss_bytes,
             memory: None,
+            exact_malloc: None,
         });
         self.last = cumulative;
         self.last_s = at_s;
@@ -141,6 +151,20 @@ impl Timeline {
     }
 
     /// The processes' memory figures at the end of the window just closed.
+    /// With `--stack-sample`: the malloc family's exact cumulative totals
+    /// at the last window's end, which `close` was given estimates of.
+    pub fn set_last_exact(&mut self, cumulative: StackTotals) {
+        let change = cumulative.since(&self.last_exact);
+        if let Some(last) = self.windows.last_mut() {
+            // A window merged into it has its own part already.
+            let mut exact = last.exact_malloc.unwrap_or_default();
+            exact.add(&change);
+            last.exact_malloc = Some(exact);
+            last.live_bytes = cumulative.live_bytes();
+        }
+        self.last_exact = cumulative;
+    }
+
     pub fn set_last_memory(&mut self, memory: crate::process_memory::MemoryFigures) {
         if let Some(last) = self.windows.last_mut() {
             last.rss_bytes = memory.rss_bytes;
@@ -166,6 +190,9 @@ pub fn merge_pairs(windows: Vec<RecordedWindow>) -> Vec<RecordedWindow> {
             first.live_bytes = second.live_bytes;
             first.rss_bytes = second.rss_bytes;
             first.memory = second.memory;
+            if let Some(exact) = second.exact_malloc {
+                first.exact_malloc.get_or_insert_default().add(&exact);
+            }
         }
         merged.push(first);
     }
@@ -284,6 +311,32 @@ mod tests {
         // Long enough, it is a window in which nothing happened.
         assert!(timeline.close((2.0, 0), now, 0, WindowEnd::End).is_some());
         assert_eq!(timeline.windows().len(), 2);
+    }
+
+    /// With `--stack-sample` the windows' totals are the exact ones given,
+    /// merged windows included, whatever the sites' estimates say.
+    #[test]
+    fn exact_totals_stand_beside_estimated_sites() {
+        // Nine windows kept: the tenth merges all in pairs, itself with the
+        // ninth before its exact totals are given.
+        let mut timeline = Timeline::with_max_windows(9);
+        let key = StackKey::new(1, 7);
+        for i in 1..=10u64 {
+            let estimate = BTreeMap::from([(key, StackTotals::new(i, 1000 * i, 0, 0))]);
+            assert!(
+                timeline
+                    .close((i as f64, 0), estimate, 0, WindowEnd::Timer)
+                    .is_some()
+            );
+            timeline.set_last_exact(StackTotals::new(10 * i, 900 * i, i, 100 * i));
+        }
+        let windows = timeline.windows();
+        assert_eq!(windows.len(), 5);
+        for window in windows {
+            assert_eq!(window.malloc_changes(), StackTotals::new(20, 1800, 2, 200));
+            assert_eq!(window.changes[&key], StackTotals::new(2, 2000, 0, 0));
+        }
+        assert_eq!(windows[4].live_bytes, 9000 - 1000);
     }
 
     #[test]

@@ -26,6 +26,16 @@ fn totals_stay_exact_and_sites_are_within_their_stated_error() {
         exact.peak.as_ref().map(|p| p.live_bytes)
     );
     assert_nothing_lost(&sampled);
+    // The windows' totals are exact too (alerts on growth read them).
+    let windows = &sampled.windows;
+    assert_eq!(
+        windows.iter().map(|w| w.alloc_bytes).sum::<u64>(),
+        sampled.totals.alloc_bytes
+    );
+    assert_eq!(
+        windows.last().map(|w| w.live_bytes),
+        Some(sampled.totals.live_bytes)
+    );
     let sampling = sampled.sampling.expect("the report says how it sampled");
     assert_eq!(sampling.mean_bytes, 65_536);
     // 4.7 MB allocated: about 72 walks expected; 30-150 holds with odds

@@ -5,7 +5,8 @@
 //! allocation; it runs untraced, under `memscope run --no-python-frames`
 //! and under `memscope run`, interleaved, [`ROUNDS`] times, and the medians
 //! are compared: frames minus no-frames is the walk, over the depth per
-//! frame.
+//! frame. A last mode, `--stack-sample 512KB`, shows what walking a byte
+//! sample of stacks leaves of it.
 
 use std::{path::Path, process::Command};
 
@@ -19,10 +20,11 @@ const OPS: &str = "200000";
 const DEPTHS: [u32; 2] = [1, 30];
 /// Debian's interpreter: libpython linked in, no frame pointers.
 const PYTHON: &str = "/usr/bin/python3.11";
-const MODES: [(&str, Option<&[&str]>); 3] = [
+const MODES: [(&str, Option<&[&str]>); 4] = [
     ("untraced", None),
     ("no frames", Some(&["--no-python-frames"])),
     ("frames", Some(&[])),
+    ("sampled", Some(&["--stack-sample", "512KB"])),
 ];
 
 /// Measures every depth in every mode; returns the table and the JSON.
@@ -115,8 +117,8 @@ fn render(medians: &[Vec<Option<f64>>]) -> String {
         "\nPython ({PYTHON}, a 4 KiB bytearray made and dropped per op; ns per allocation, median of {ROUNDS})\n"
     );
     out += &format!(
-        "{:<8} {:>10} {:>10} {:>10} {:>12} {:>12}\n",
-        "DEPTH", "untraced", "no frames", "frames", "walk/alloc", "walk/frame"
+        "{:<8} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10}\n",
+        "DEPTH", "untraced", "no frames", "frames", "walk/alloc", "walk/frame", "sampled"
     );
     let cell = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
     for (depth, row) in DEPTHS.iter().zip(medians) {
@@ -125,13 +127,14 @@ fn render(medians: &[Vec<Option<f64>>]) -> String {
             _ => None,
         };
         out += &format!(
-            "{:<8} {:>10} {:>10} {:>10} {:>12} {:>12}\n",
+            "{:<8} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10}\n",
             depth,
             cell(row[0]),
             cell(row[1]),
             cell(row[2]),
             cell(walk),
             cell(walk.map(|w| w / f64::from(*depth))),
+            cell(row[3]),
         );
     }
     out
@@ -147,8 +150,14 @@ fn to_json(medians: &[Vec<Option<f64>>]) -> Value {
                 "untraced_ns": row[0],
                 "no_frames_ns": row[1],
                 "frames_ns": row[2],
+                "sampled_ns": row[3],
             })
         })
         .collect();
-    json!({ "interpreter": PYTHON, "ops": OPS, "rows": rows })
+    json!({
+        "interpreter": PYTHON,
+        "ops": OPS,
+        "sampled": "--stack-sample 512KB, Python frames on",
+        "rows": rows,
+    })
 }

@@ -45,8 +45,8 @@ pub struct ReportContext {
     /// Mapped sites' ranges as recorded and what they hold, per (process,
     /// stack), for the processes whose address space was read.
     pub measured: Measured,
-    /// `--stack-sample`: sites are estimated from a sample of stacks, and
-    /// `windows` already are.
+    /// `--stack-sample`: sites are estimated from a sample of stacks, as
+    /// the windows' changes already are (their totals are exact).
     pub stack_sample: Option<StackSample>,
 }
 

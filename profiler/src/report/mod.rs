@@ -90,8 +90,9 @@ pub struct Report {
     /// (see `fragmentation`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fragmentation: Option<crate::fragmentation::Fragmentation>,
-    /// With `--stack-sample`: the sites, windows and requests are estimated
-    /// from a byte sample of stacks; `totals` and the processes' are exact.
+    /// With `--stack-sample`: the sites (the windows' and requests' too)
+    /// are estimated from a byte sample of stacks; `totals`, the
+    /// processes' and the windows' own figures are exact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampling: Option<SamplingReport>,
     /// Per request of the handler (`--request-fn`).

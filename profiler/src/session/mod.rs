@@ -868,6 +868,22 @@ impl Session {
         }
     }
 
+    /// With `--stack-sample`: the malloc family's exact totals, which the
+    /// windows keep beside their sites' estimates.
+    fn exact_malloc(
+        &self,
+        recorded: &std::collections::BTreeMap<StackKey, profiler_common::StackTotals>,
+    ) -> Option<profiler_common::StackTotals> {
+        self.stack_sample?;
+        let mut sum = profiler_common::StackTotals::default();
+        for (key, totals) in recorded {
+            if key.class == profiler_common::site_class::MALLOC {
+                sum.add(totals);
+            }
+        }
+        Some(sum)
+    }
+
     /// Closes the current window: the kernel's totals now, read while the
     /// target runs (no map is locked, nothing waits on memscope).
     fn close_window(&mut self, closed_by: WindowEnd) {
@@ -879,7 +895,9 @@ impl Session {
                 return;
             }
         };
-        let cumulative = self.estimated(report::combined_totals(&totals, &self.adjustments));
+        let recorded = report::combined_totals(&totals, &self.adjustments);
+        let exact = self.exact_malloc(&recorded);
+        let cumulative = self.estimated(recorded);
         let held = self.pushes.is_some().then(|| push::held(&cumulative));
         let memory = self.read_memory(Some(MEMORY_READS_PER_WINDOW));
         let rss_bytes = memory.rss_bytes;
@@ -889,6 +907,9 @@ impl Session {
             .is_none()
         {
             return;
+        }
+        if let Some(exact) = exact {
+            self.timeline.set_last_exact(exact);
         }
         if let Some(held) = held {
             self.push_last_window(&held);
@@ -1103,8 +1124,9 @@ impl Session {
         self.refresh_maps();
         self.drain_pending_events();
         let snapshot = collect::read_snapshot(&self.kernel.ebpf)?;
-        let cumulative =
-            self.estimated(report::combined_totals(&snapshot.totals, &self.adjustments));
+        let recorded = report::combined_totals(&snapshot.totals, &self.adjustments);
+        let exact = self.exact_malloc(&recorded);
+        let cumulative = self.estimated(recorded);
         let held = self.pushes.is_some().then(|| push::held(&cumulative));
         // The figures just read.
         let memory = self.read_memory(Some(0));
@@ -1113,6 +1135,9 @@ impl Session {
             .close(self.now(), cumulative, memory.rss_bytes, WindowEnd::End)
             .is_some()
         {
+            if let Some(exact) = exact {
+                self.timeline.set_last_exact(exact);
+            }
             if memory.processes > 0 {
                 self.timeline.set_last_memory(memory);
             }
