@@ -164,6 +164,41 @@ fn leak_here_is_named_by_function_file_and_line_on_every_interpreter() {
     }
 }
 
+/// With `--stack-sample` the blocks walked are named as in exact mode, and
+/// the site's estimate is within its stated error.
+#[test]
+fn a_sampled_python_leak_keeps_its_frames_within_its_error() {
+    if !bpf_available() {
+        return;
+    }
+    let script = script("leak_here.py");
+    let line = line_of(&script, "LEAK");
+    let (report, _) = run_command(
+        "py-leak-sampled",
+        &["/usr/bin/python3.11".into(), script.clone().into()],
+        &["--stack-sample", "64KB"],
+    );
+    assert_walked_everything(&report, "sampled");
+    let sampling = report.sampling.expect("sampled");
+    assert!(
+        sampling.walked_count < report.totals.alloc_count / 10,
+        "{sampling:?}"
+    );
+    assert!(report.totals.live_bytes >= 20 << 20, "{:?}", report.totals);
+    let site = python_site(&report, "leak_here", &script, line);
+    assert_eq!(site.frames[1].function, "<module>", "{site:#?}");
+    // 1 MiB blocks at a 64 KiB gap: each is walked but with odds of 1 in
+    // 9 million, so the estimate is the truth to its rounding, while the
+    // interpreter's small blocks are seldom walked.
+    let error = site.live_bytes_error.expect("an error");
+    let truth = 20 * ((1u64 << 20) + 1);
+    assert!(
+        site.live_bytes.abs_diff(truth) as f64 <= 2.5 * error as f64 + 16.0,
+        "{} against {truth}, error {error}",
+        site.live_bytes
+    );
+}
+
 #[test]
 fn two_threads_leaking_from_two_functions_are_told_apart() {
     if !bpf_available() {
