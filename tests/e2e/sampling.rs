@@ -93,6 +93,36 @@ fn totals_stay_exact_and_sites_are_within_their_stated_error() {
     assert_valid_report(&raw, "a sampled report");
 }
 
+/// A pre-fork master and its two workers: each process's totals, what it
+/// inherited and its growth are the exact run's, sampled or not.
+#[test]
+fn forked_processes_keep_their_exact_figures() {
+    if !bpf_available() {
+        return;
+    }
+    let (exact, _) = run_fixture("sampling_prefork_exact", "prefork", &[]);
+    let (sampled, _) = run_fixture("sampling_prefork", "prefork", &["--stack-sample", "64KB"]);
+    let figures = |report: &memscope::report::Report| -> Vec<_> {
+        let mut each: Vec<_> = report
+            .processes
+            .iter()
+            .map(|p| {
+                (
+                    p.totals,
+                    p.inherited_count,
+                    p.inherited_bytes,
+                    p.growth_bytes,
+                )
+            })
+            .collect();
+        each.sort_by_key(|(totals, ..)| (totals.alloc_bytes, totals.free_bytes));
+        each
+    };
+    assert_eq!(exact.processes.len(), 3);
+    assert_eq!(figures(&sampled), figures(&exact));
+    assert_eq!(sampled.totals, exact.totals);
+}
+
 #[test]
 fn a_sample_gap_out_of_range_is_a_usage_error() {
     assert_usage_error(

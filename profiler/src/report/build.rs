@@ -95,6 +95,11 @@ pub fn build_report(
     mut context: ReportContext,
 ) -> Report {
     let recorded = combined_totals(&snapshot.totals, &context.adjustments);
+    // The processes' own figures stay exact under sampling.
+    let recorded_adjustments = context
+        .stack_sample
+        .map(|_| context.adjustments.clone())
+        .unwrap_or_default();
     let combined = match context.stack_sample {
         Some(sample) => estimate_context(sample, &recorded, &mut context),
         None => recorded.clone(),
@@ -180,13 +185,7 @@ pub fn build_report(
         .map(|p| {
             let own = || combined.iter().filter(|(k, _)| k.tgid == p.pid);
             let (totals, mapped) = class_totals(own());
-            let (inherited_count, inherited_bytes) = context
-                .adjustments
-                .iter()
-                .filter(|(k, _)| k.tgid == p.pid && k.class == site_class::MALLOC)
-                .fold((0, 0), |(c, b), (_, t)| {
-                    (c + t.alloc_count, b + t.alloc_bytes)
-                });
+            let (inherited_count, inherited_bytes) = inherited(&context.adjustments, p.pid);
             ProcessReport {
                 pid: p.pid,
                 ppid: p.ppid,
@@ -332,7 +331,12 @@ pub fn build_report(
         }),
     };
     if let Some(sample) = context.stack_sample {
-        apply_sampling(&mut report, sample, &recorded, &snapshot.totals);
+        apply_sampling(
+            &mut report,
+            sample,
+            (&recorded, &recorded_adjustments),
+            &snapshot.totals,
+        );
     }
     report.fragmentation = crate::fragmentation::assess(&report);
     report
@@ -343,13 +347,18 @@ pub fn build_report(
 fn apply_sampling(
     report: &mut Report,
     sample: StackSample,
-    recorded: &BTreeMap<StackKey, StackTotals>,
+    (recorded, adjustments): (&BTreeMap<StackKey, StackTotals>, &Adjustments),
     kernel: &BTreeMap<StackKey, StackTotals>,
 ) {
     let estimated = report.totals;
     report.totals = class_totals(recorded.iter()).0;
-    for (pid, process) in report.processes.iter_mut().map(|p| (p.pid, p)) {
+    for process in &mut report.processes {
+        let pid = process.pid;
         process.totals = class_totals(recorded.iter().filter(|(k, _)| k.tgid == pid)).0;
+        let (count, bytes) = inherited(adjustments, pid);
+        process.inherited_count = count;
+        process.inherited_bytes = bytes;
+        process.growth_bytes = process.totals.live_bytes as i64 - bytes as i64;
     }
     let all_sites = report.sites.iter_mut().chain(
         report
@@ -644,7 +653,16 @@ fn with_caller(ips: &[u64], caller: u64) -> Vec<u64> {
     }
 }
 
-/// The kernel's totals with userspace's changes to the live set added.
+/// Heap blocks and bytes process `pid` inherited at its fork.
+fn inherited(adjustments: &Adjustments, pid: u32) -> (u64, u64) {
+    adjustments
+        .iter()
+        .filter(|(k, _)| k.tgid == pid && k.class == site_class::MALLOC)
+        .fold((0, 0), |(c, b), (_, t)| {
+            (c + t.alloc_count, b + t.alloc_bytes)
+        })
+}
+
 /// With `--stack-sample`: the sites' figures estimated from `recorded`,
 /// and the context's per-site figures scaled alike.
 fn estimate_context(
@@ -682,6 +700,7 @@ fn estimate_context(
     sample.estimate(recorded)
 }
 
+/// The kernel's totals with userspace's changes to the live set added.
 pub fn combined_totals(
     kernel: &BTreeMap<StackKey, StackTotals>,
     adjustments: &Adjustments,
