@@ -164,6 +164,29 @@ fn leak_here_is_named_by_function_file_and_line_on_every_interpreter() {
     }
 }
 
+/// A script that ends normally: its interpreter frees its code objects
+/// at teardown, before the `_exit` stop, so its frames are named at the
+/// stop on `Py_FinalizeEx`.
+#[test]
+fn a_script_that_ends_normally_has_its_frames_named() {
+    if !bpf_available() {
+        return;
+    }
+    let script = script("normal_exit.py");
+    let line = line_of(&script, "ALLOC");
+    for (name, interpreter) in interpreters() {
+        let report = run_python(&format!("py-normal-exit-{name}"), &interpreter, &script);
+        assert_walked_everything(&report, &name);
+        let site = python_site(&report, "grow", &script, line);
+        assert_eq!(
+            (site.alloc_count, site.alloc_bytes),
+            (5, 5 * 100_001),
+            "{name}: {site:#?}"
+        );
+        assert_eq!(site.frames[1].function, "<module>", "{name}: {site:#?}");
+    }
+}
+
 /// With `--stack-sample` the blocks walked are named as in exact mode, and
 /// the site's estimate is within its stated error.
 #[test]

@@ -140,13 +140,17 @@ impl Session {
                 }
             }
             event_kind::FINALIZING => {
-                // The program's end, before the interpreter frees it all.
-                self.close_window(crate::timeline::WindowEnd::Teardown);
-                let now = self.started.elapsed().as_secs_f64();
-                if let Some(record) = self.record_mut(pid)
-                    && record.teardown_s.is_none()
-                {
-                    record.teardown_s = Some(now);
+                // The program's end, before the interpreter frees it all
+                // (its code objects too).
+                self.resolve_new_python_stacks();
+                if self.python_teardown {
+                    self.close_window(crate::timeline::WindowEnd::Teardown);
+                    let now = self.started.elapsed().as_secs_f64();
+                    if let Some(record) = self.record_mut(pid)
+                        && record.teardown_s.is_none()
+                    {
+                        record.teardown_s = Some(now);
+                    }
                 }
                 if event.held != 0 {
                     self.kernel.holds.release(pid, event.hold_ns);

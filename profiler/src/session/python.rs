@@ -46,15 +46,17 @@ impl Session {
         self.stop_python_at_teardown(pid, maps, &runtime.interpreter);
     }
 
-    /// With `python_teardown`, a stop when the interpreter of a process
-    /// memscope started begins to finalize.
+    /// A stop when the interpreter of a process memscope started begins
+    /// to finalize: its Python stacks are named while their code objects
+    /// live (a script that ends normally frees them before its `_exit`),
+    /// and with `python_teardown` a window closes there.
     fn stop_python_at_teardown(
         &mut self,
         pid: u32,
         maps: &ProcessMaps,
         interpreter: &std::path::Path,
     ) {
-        if !self.python_teardown || !self.is_child || self.tearing_down {
+        if !self.is_child || self.tearing_down {
             return;
         }
         match attach::attach_python_finalize(&mut self.kernel.programs(), pid, maps, interpreter) {
