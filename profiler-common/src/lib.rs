@@ -6,9 +6,9 @@
 //! `aya::Pod`.
 #![no_std]
 
-/// Map names, shared so both sides name a map the same way (15 bytes max).
 pub mod sampling;
 
+/// Map names, shared so both sides name a map the same way (15 bytes max).
 pub mod map_names {
     /// Live allocations: `LiveKey -> LiveAllocation`.
     pub const LIVE: &str = "LIVE";

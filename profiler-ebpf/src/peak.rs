@@ -40,20 +40,15 @@ pub fn add_live(tgid: u32, delta: i64) {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn memscope_add_live(tgid: u32, delta: i64) -> u64 {
-    add_live_checked(tgid, delta);
-    0
-}
-
-fn add_live_checked(tgid: u32, delta: i64) {
     if let Some(merged) = MERGED_PEAK.get_ptr_mut(0) {
         // SAFETY: a map value, valid for this program's run.
         unsafe { add_and_raise(merged, delta) };
     }
-    let Some(peak) = crate::live::value_or_default(&PEAKS, &tgid, Counter::PeakMapFull) else {
-        return;
-    };
-    // SAFETY: as above.
-    unsafe { add_and_raise(peak, delta) };
+    if let Some(peak) = crate::live::value_or_default(&PEAKS, &tgid, Counter::PeakMapFull) {
+        // SAFETY: as above.
+        unsafe { add_and_raise(peak, delta) };
+    }
+    0
 }
 
 /// At an exec or exit: what the process held leaves the merged sum, and its

@@ -21,8 +21,8 @@ use aya_ebpf::{
 };
 use profiler_common::{
     Counter, DEFAULT_MAX_STACKS, DEFAULT_UNWIND_ROWS, MAX_PROCESSES, MAX_STACK_DEPTH,
-    MAX_UNWIND_MAPPINGS, MAX_UNWOUND_ID, ProcessUnwind, UNKNOWN_STACK, UNWOUND_STACK_BIT, UnwindMapping,
-    UnwindRow, UnwoundStack, cfa_rule, unwound_flags,
+    MAX_UNWIND_MAPPINGS, MAX_UNWOUND_ID, ProcessUnwind, UNKNOWN_STACK, UNWOUND_STACK_BIT,
+    UnwindMapping, UnwindRow, UnwoundStack, cfa_rule, unwound_flags,
 };
 
 use crate::counters::count;

@@ -51,17 +51,20 @@ impl RecordedWindow {
     /// The window's changes summed, malloc family only (as `totals`):
     /// exact, with `--stack-sample` too.
     pub fn malloc_changes(&self) -> StackTotals {
-        if let Some(exact) = self.exact_malloc {
-            return exact;
-        }
-        let mut sum = StackTotals::default();
-        for (key, t) in &self.changes {
-            if key.class == site_class::MALLOC {
-                sum.add(t);
-            }
-        }
-        sum
+        self.exact_malloc
+            .unwrap_or_else(|| malloc_sum(&self.changes))
     }
+}
+
+/// The malloc family's totals in `totals`, summed.
+pub fn malloc_sum(totals: &BTreeMap<StackKey, StackTotals>) -> StackTotals {
+    let mut sum = StackTotals::default();
+    for (key, t) in totals {
+        if key.class == site_class::MALLOC {
+            sum.add(t);
+        }
+    }
+    sum
 }
 
 /// The windows so far and the snapshot the next one starts from.

@@ -675,16 +675,15 @@ fn estimate_context(
             .get(key)
             .map_or(1.0, |totals| sample.weight(key, totals))
     };
-    context.adjustments = std::mem::take(&mut context.adjustments)
-        .into_iter()
-        .filter(|(key, _)| !is_unsampled(key))
-        .map(|(key, t)| (key, crate::sampling::scale(&t, weight(&key))))
-        .collect();
-    context.kept_by_requests = std::mem::take(&mut context.kept_by_requests)
-        .into_iter()
-        .filter(|(key, _)| !is_unsampled(key))
-        .map(|(key, t)| (key, crate::sampling::scale(&t, weight(&key))))
-        .collect();
+    let scaled = |totals: &mut BTreeMap<StackKey, StackTotals>| {
+        *totals = std::mem::take(totals)
+            .into_iter()
+            .filter(|(key, _)| !is_unsampled(key))
+            .map(|(key, t)| (key, crate::sampling::scale(&t, weight(&key))))
+            .collect();
+    };
+    scaled(&mut context.adjustments);
+    scaled(&mut context.kept_by_requests);
     context.survivors = std::mem::take(&mut context.survivors)
         .into_iter()
         .filter(|(key, _)| !is_unsampled(key))

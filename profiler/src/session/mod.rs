@@ -874,14 +874,8 @@ impl Session {
         &self,
         recorded: &std::collections::BTreeMap<StackKey, profiler_common::StackTotals>,
     ) -> Option<profiler_common::StackTotals> {
-        self.stack_sample?;
-        let mut sum = profiler_common::StackTotals::default();
-        for (key, totals) in recorded {
-            if key.class == profiler_common::site_class::MALLOC {
-                sum.add(totals);
-            }
-        }
-        Some(sum)
+        self.stack_sample
+            .map(|_| crate::timeline::malloc_sum(recorded))
     }
 
     /// Closes the current window: the kernel's totals now, read while the
