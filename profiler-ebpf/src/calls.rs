@@ -57,9 +57,7 @@ fn slot_of(id: u64) -> Option<*mut CallSlot> {
 }
 
 fn hashed_calls() -> *mut u64 {
-    HASHED_CALLS
-        .get_ptr_mut(0)
-        .unwrap_or(core::ptr::null_mut())
+    HASHED_CALLS.get_ptr_mut(0).unwrap_or(core::ptr::null_mut())
 }
 
 /// The thread's call in flight, and where it is.

@@ -24,9 +24,9 @@ mod sampling;
 mod unwind;
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{uprobe, uretprobe},
-    EbpfContext as _,
     programs::{ProbeContext, RetProbeContext},
 };
 use profiler_common::{InFlightCall, alloc_kind};

@@ -77,7 +77,10 @@ fn event(kind: u32, pid: u32, ppid: u32) -> ProcessEvent {
 }
 
 pub fn emit(kind: u32, pid: u32, ppid: u32) {
-    if EVENTS.output::<ProcessEvent>(&event(kind, pid, ppid), 0).is_err() {
+    if EVENTS
+        .output::<ProcessEvent>(&event(kind, pid, ppid), 0)
+        .is_err()
+    {
         count(Counter::LostChildren);
     }
 }
@@ -199,7 +202,7 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
     let _ = INHERITED.remove(tgid);
     crate::peak::drop_live(tgid);
     crate::python::forget(tgid);
-        crate::unwind::forget(tgid);
+    crate::unwind::forget(tgid);
     forget_requests(tgid, true);
     // Unheld (with --follow image, or when it cannot be), the exec is
     // still reported: the old image's blocks go.

@@ -151,10 +151,9 @@ fn thread_state(process: &PythonProcess) -> Result<u64, Option<Counter>> {
     }
     // SAFETY: the current task is valid for the program's run; the
     // offset comes from the kernel's BTF.
-    let fsbase: u64 = unsafe {
-        bpf_probe_read_kernel((bpf_get_current_task() + fsbase_offset) as *const u64)
-    }
-    .map_err(|_| Some(Counter::PythonStackErrors))?;
+    let fsbase: u64 =
+        unsafe { bpf_probe_read_kernel((bpf_get_current_task() + fsbase_offset) as *const u64) }
+            .map_err(|_| Some(Counter::PythonStackErrors))?;
     read(fsbase + u64::from(process.tsd_offset) + u64::from(key) * 16 + 8)
 }
 

@@ -193,19 +193,19 @@ pub extern "C" fn memscope_unwind(tgid: u32, ip: u64, sp: u64, bp: u64) -> u64 {
     let Some(process) = UNWIND_PROCS.get_ptr(tgid) else {
         return NOT_DESCRIBED;
     };
-    u64::from(walk(process, UserRegs { ip, sp, bp }).unwrap_or_else(|counter| {
-        count(counter);
-        UNKNOWN_STACK
-    }))
+    u64::from(
+        walk(process, UserRegs { ip, sp, bp }).unwrap_or_else(|counter| {
+            count(counter);
+            UNKNOWN_STACK
+        }),
+    )
 }
 
 /// What `memscope_unwind` returns for a process userspace did not describe.
 const NOT_DESCRIBED: u64 = u64::MAX;
 
 fn walk(process: *const ProcessUnwind, regs: UserRegs) -> Result<u32, Counter> {
-    let scratch = UNWIND_SCRATCH
-        .get_ptr_mut(0)
-        .ok_or(Counter::StackErrors)?;
+    let scratch = UNWIND_SCRATCH.get_ptr_mut(0).ok_or(Counter::StackErrors)?;
     // SAFETY: a per-CPU map value, valid for this program's run; programs
     // on one CPU do not run in parallel.
     unsafe {
@@ -250,7 +250,10 @@ fn walk(process: *const ProcessUnwind, regs: UserRegs) -> Result<u32, Counter> {
     let id = (((hash ^ (hash >> 32)) as u32 & !UNWOUND_STACK_BIT) | UNWOUND_STACK_BIT)
         .min(MAX_UNWOUND_ID - 1);
     // A taken id with another stack in it: the next one is tried once.
-    for id in [id, (id.wrapping_add(1) & !UNWOUND_STACK_BIT) | UNWOUND_STACK_BIT] {
+    for id in [
+        id,
+        (id.wrapping_add(1) & !UNWOUND_STACK_BIT) | UNWOUND_STACK_BIT,
+    ] {
         // SAFETY: the value is only compared.
         match unsafe { UNWOUND.get(id) } {
             Some(kept) if kept.check == check => return Ok(id),
@@ -366,7 +369,8 @@ extern "C" fn step(_index: u64, context: *mut core::ffi::c_void) -> i64 {
     };
     // SAFETY: a per-CPU map value, valid for this program's run; the
     // context is `walk`'s slot holding the process's map value.
-    let (scratch, process) = unsafe { (&mut *scratch, &**(context as *const *const ProcessUnwind)) };
+    let (scratch, process) =
+        unsafe { (&mut *scratch, &**(context as *const *const ProcessUnwind)) };
     let len = scratch.stack.len as usize;
     if len >= MAX_STACK_DEPTH {
         scratch.stack.flags |= unwound_flags::TRUNCATED;

@@ -114,6 +114,7 @@ fn main() -> Result<()> {
         Task::Lint => {
             setup::run(&root)?;
             cargo(&root, &["fmt", "--all", "--check"], &[])?;
+            fmt_check_ebpf(&root)?;
             cargo(
                 &root,
                 &[
@@ -147,6 +148,17 @@ fn cargo(root: &Path, args: &[&str], extra: &[String]) -> Result<()> {
     }
     command.env("PATH", setup::path_with_tools(root)?);
     run_command(&mut command)
+}
+
+/// The kernel programs are outside the workspace (their own target and
+/// nightly toolchain), so `cargo fmt --all` never sees them.
+fn fmt_check_ebpf(root: &Path) -> Result<()> {
+    run_command(
+        Command::new("rustup")
+            .current_dir(root.join("profiler-ebpf"))
+            .args(["run", "nightly", "cargo", "fmt", "--check"]),
+    )
+    .context("profiler-ebpf is not formatted: run `cargo fmt` in profiler-ebpf/")
 }
 
 fn run_command(command: &mut Command) -> Result<()> {
