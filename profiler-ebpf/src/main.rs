@@ -88,6 +88,27 @@ pub fn alloc_session(ctx: *mut core::ffi::c_void) -> u32 {
     0
 }
 
+/// `alloc_session` recording nothing (the hidden `--empty-programs`): what
+/// memscope's own probes cost a target before any of its work, the floor
+/// its speed is measured against beside bare perf-event traps. The return
+/// runs where `alloc_session`'s would (free's is skipped).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "uprobe/alloc_session_empty")]
+pub fn alloc_session_empty(ctx: *mut core::ffi::c_void) -> u32 {
+    let ctx = ProbeContext::new(ctx);
+    // SAFETY: as in `alloc_session`.
+    let (ip, probed) = unsafe {
+        (
+            (*ctx.regs).rip,
+            aya_ebpf::helpers::generated::bpf_get_func_ip(ctx.as_ptr()),
+        )
+    };
+    let kind = cookie(&ctx);
+    u32::from(
+        ip.wrapping_sub(probed) <= 1 && (kind == alloc_kind::FREE || kind == alloc_kind::PY_FREE),
+    )
+}
+
 /// Returns whether the function has a return to probe.
 fn on_entry(ctx: &ProbeContext) -> bool {
     if !processes::counts_current() {

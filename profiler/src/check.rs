@@ -32,15 +32,21 @@ pub async fn check(
     args: ProfileArgs,
     gate: GateArgs,
 ) -> anyhow::Result<u8> {
-    // Bad input fails before the command runs.
-    if args.stack_sample.is_some() {
-        // A usage error, as clap's own: a gate on estimates would fail or
-        // pass a pull request by chance.
+    // Bad input fails before the command runs. Usage errors, as clap's
+    // own: a gate on estimates would fail or pass a pull request by
+    // chance, and one on nothing recorded would always pass.
+    let refused = if args.stack_sample.is_some() {
+        Some(
+            "--stack-sample cannot be used with check: the gate needs each site's exact figures, and sampled sites are estimates",
+        )
+    } else if args.empty_programs {
+        Some("--empty-programs cannot be used with check: its probes record nothing")
+    } else {
+        None
+    };
+    if let Some(message) = refused {
         <crate::cli::Cli as clap::CommandFactory>::command()
-            .error(
-                clap::error::ErrorKind::ArgumentConflict,
-                "--stack-sample cannot be used with check: the gate needs each site's exact figures, and sampled sites are estimates",
-            )
+            .error(clap::error::ErrorKind::ArgumentConflict, message)
             .exit();
     }
     let suppressions = match &gate.suppress {

@@ -286,6 +286,10 @@ pub struct ProfileArgs {
     #[arg(long, hide = true, default_value_t = profiler_common::CALL_SLOTS_LEN,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(profiler_common::CALL_SLOTS_LEN)))]
     pub call_slots: u32,
+    /// Allocator probes whose programs record nothing: what the probes
+    /// alone cost the target, for `cargo xtask bench`.
+    #[arg(long, hide = true)]
+    pub empty_programs: bool,
 }
 
 /// What `memscope check` fails on, besides a leak.

@@ -188,6 +188,7 @@ async fn profile(
         stack_sample: args
             .stack_sample
             .map(|mean_bytes| memscope::sampling::StackSample { mean_bytes }),
+        empty_programs: args.empty_programs,
     };
     if let Some(url) = &args.alert_webhook {
         memscope::alert::check_webhook(url)?;

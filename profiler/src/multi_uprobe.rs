@@ -30,6 +30,8 @@ pub const ENTRY_PROGRAM: &str = "alloc_enter";
 pub const RETURN_PROGRAM: &str = "alloc_exit";
 /// Entry and return in one program, for session links.
 pub const SESSION_PROGRAM: &str = "alloc_session";
+/// `SESSION_PROGRAM` recording nothing (`--empty-programs`).
+pub const EMPTY_SESSION_PROGRAM: &str = "alloc_session_empty";
 /// Stops a started command in `_exit`.
 pub const EXIT_STOP_PROGRAM: &str = "exit_enter";
 
@@ -64,6 +66,8 @@ pub enum MultiUprobeError {
         source: std::io::Error,
         log: String,
     },
+    #[error("--empty-programs needs session links (Linux 6.13 or later); this kernel has none")]
+    NoSessionLinks,
     #[error("cannot attach uprobes to {path}: {source}")]
     Link {
         path: String,
@@ -207,8 +211,9 @@ fn parse_release(release: &str) -> Option<(u32, u32)> {
 
 impl MultiPrograms {
     /// Loads the entry and return programs of `object` (memscope's BPF
-    /// object, whose maps `ebpf` has created).
-    pub fn load(ebpf: &Ebpf, object: &[u8]) -> Result<Self, MultiUprobeError> {
+    /// object, whose maps `ebpf` has created); with `empty`, programs that
+    /// record nothing (the bench's floor).
+    pub fn load(ebpf: &Ebpf, object: &[u8], empty: bool) -> Result<Self, MultiUprobeError> {
         let mut obj =
             aya_obj::Object::parse(object).map_err(|e| MultiUprobeError::Parse(e.to_string()))?;
         let btf = load_btf(&mut obj)?;
@@ -248,7 +253,13 @@ impl MultiPrograms {
             let btf = btf.as_ref().map(|btf| ProgramBtf { btf, function });
             load_program(name, &function.instructions, attach_type, btf)
         };
-        let allocator = if kernel_version().is_some_and(|version| version >= FIRST_SESSION_KERNEL) {
+        let sessions = kernel_version().is_some_and(|version| version >= FIRST_SESSION_KERNEL);
+        let allocator = if empty {
+            if !sessions {
+                return Err(MultiUprobeError::NoSessionLinks);
+            }
+            AllocatorPrograms::Session(load(EMPTY_SESSION_PROGRAM, BPF_TRACE_UPROBE_SESSION)?)
+        } else if sessions {
             AllocatorPrograms::Session(load(SESSION_PROGRAM, BPF_TRACE_UPROBE_SESSION)?)
         } else {
             AllocatorPrograms::Pair {

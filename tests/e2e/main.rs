@@ -8,6 +8,7 @@ mod alloc_family;
 mod allocators;
 mod attach;
 mod check;
+mod empty_programs;
 mod errors;
 mod example;
 mod exec_failure;

@@ -18,6 +18,10 @@ use memscope::{
 use crate::support::bpf_available;
 
 const VERIFIER_LIMIT: u32 = 1_000_000;
+const SESSION_PROGRAMS: [&str; 2] = [
+    multi_uprobe::SESSION_PROGRAM,
+    multi_uprobe::EMPTY_SESSION_PROGRAM,
+];
 
 #[test]
 fn every_program_verifies_within_a_quarter_of_the_limit() {
@@ -27,8 +31,10 @@ fn every_program_verifies_within_a_quarter_of_the_limit() {
     let since = SystemTime::now() - Duration::from_secs(1);
     let mut ebpf = bpf::load(MapCapacity::default()).expect("load memscope's BPF object");
     let _multi = multi_uprobe::supported().then(|| {
-        MultiPrograms::load(&ebpf, bpf::object()).expect("load the multi-uprobe programs")
+        MultiPrograms::load(&ebpf, bpf::object(), false).expect("load the multi-uprobe programs")
     });
+    let _empty = multi_uprobe::supported()
+        .then(|| MultiPrograms::load(&ebpf, bpf::object(), true).expect("load the empty programs"));
     let mut names = Vec::new();
     for (name, program) in ebpf.programs_mut() {
         let loaded = match program {
@@ -36,19 +42,21 @@ fn every_program_verifies_within_a_quarter_of_the_limit() {
             Program::TracePoint(p) => p.load(),
             other => panic!("{name}: a program type this test does not load: {other:?}"),
         };
-        // NB: the session program is for a session link, loaded by
-        // MultiPrograms above; aya's plain uprobe load of it may fail.
+        // NB: the session programs are for a session link, loaded by
+        // MultiPrograms above; aya's plain uprobe load of them may fail.
         match loaded {
             Ok(()) => names.push(name.to_owned()),
-            Err(error) if name == "alloc_session" => {
-                eprintln!("alloc_session through aya: {error}")
+            Err(error) if SESSION_PROGRAMS.contains(&name) => {
+                eprintln!("{name} through aya: {error}")
             }
             Err(error) => panic!("{name} failed to load: {error}"),
         }
     }
     if multi_uprobe::supported() {
-        names.push("alloc_session".to_owned());
+        names.extend(SESSION_PROGRAMS.map(str::to_owned));
     }
+    names.sort();
+    names.dedup();
     // Kernel names are cut to 15 bytes.
     let short = |name: &str| name.chars().take(15).collect::<String>();
     let mut verified: BTreeMap<String, u32> = BTreeMap::new();

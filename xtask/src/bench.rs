@@ -75,16 +75,20 @@ enum Tool {
     Memscope,
     /// memscope walking a byte sample of stacks (`SAMPLE_GAP`).
     MemscopeSampled,
+    /// memscope's probes with programs that record nothing: its own floor,
+    /// so memscope minus this is what its programs cost.
+    MemscopeEmpty,
     BareTraps,
     Bpftrace,
     Memleak,
     Heaptrack,
 }
 
-const TOOLS: [Tool; 7] = [
+const TOOLS: [Tool; 8] = [
     Tool::Untraced,
     Tool::Memscope,
     Tool::MemscopeSampled,
+    Tool::MemscopeEmpty,
     Tool::BareTraps,
     Tool::Bpftrace,
     Tool::Memleak,
@@ -92,10 +96,11 @@ const TOOLS: [Tool; 7] = [
 ];
 
 /// What `--allocs` measures: memscope between its two bounds.
-const OWN: [Tool; 4] = [
+const OWN: [Tool; 5] = [
     Tool::Untraced,
     Tool::Memscope,
     Tool::MemscopeSampled,
+    Tool::MemscopeEmpty,
     Tool::BareTraps,
 ];
 
@@ -108,6 +113,7 @@ impl Tool {
             Tool::Untraced => "untraced",
             Tool::Memscope => "memscope",
             Tool::MemscopeSampled => "memscope, sampled",
+            Tool::MemscopeEmpty => "memscope, empty",
             Tool::BareTraps => "bare traps (limit)",
             Tool::Bpftrace => "bpftrace (floor)",
             Tool::Memleak => "memleak",
@@ -120,6 +126,7 @@ impl Tool {
             Tool::Untraced => "untraced",
             Tool::Memscope => "memscope",
             Tool::MemscopeSampled => "memscope_sampled",
+            Tool::MemscopeEmpty => "memscope_empty_programs",
             Tool::BareTraps => "bare_traps",
             Tool::Bpftrace => "bpftrace",
             Tool::Memleak => "memleak",
@@ -148,7 +155,11 @@ struct Tools {
 impl Tools {
     fn unavailable(&self, tool: Tool) -> Option<&str> {
         match tool {
-            Tool::Untraced | Tool::Memscope | Tool::MemscopeSampled | Tool::BareTraps => None,
+            Tool::Untraced
+            | Tool::Memscope
+            | Tool::MemscopeSampled
+            | Tool::MemscopeEmpty
+            | Tool::BareTraps => None,
             Tool::Bpftrace => self.bpftrace.as_ref().err().map(String::as_str),
             Tool::Memleak => self.memleak.as_ref().err().map(String::as_str),
             Tool::Heaptrack => self.heaptrack.as_ref().err().map(String::as_str),
@@ -673,6 +684,7 @@ fn measure(ctx: &Context, tool: Tool, workload: &str, ops: u64) -> Result<Sample
         Tool::MemscopeSampled => {
             run_memscope(ctx, workload, &ops_arg, &["--stack-sample", SAMPLE_GAP])
         }
+        Tool::MemscopeEmpty => run_memscope(ctx, workload, &ops_arg, &["--empty-programs"]),
         Tool::BareTraps => run_bare_traps(ctx, workload, &ops_arg),
         Tool::Bpftrace => {
             let Ok(bpftrace) = &ctx.tools.bpftrace else {
@@ -1179,6 +1191,12 @@ fn results_json(ctx: &Context, cells: &[Vec<Cell>], elapsed: Duration) -> Value 
                 "available": true,
                 "command": format!("memscope run -o DIR --stack-sample {SAMPLE_GAP} -- allocbench WORKLOAD OPS"),
             }),
+            Tool::MemscopeEmpty => json!({
+                "available": true,
+                "command": "memscope run -o DIR --empty-programs -- allocbench WORKLOAD OPS",
+                "what": "memscope's probes and links with programs that record nothing: \
+                         memscope minus this is what its programs cost",
+            }),
             Tool::BareTraps => json!({
                 "available": true,
                 "command": "perf_event_open uprobes (no BPF program; not inherited: every thread traps, the first one's hits are counted) at the sites \
@@ -1263,6 +1281,7 @@ fn results_json(ctx: &Context, cells: &[Vec<Cell>], elapsed: Duration) -> Value 
                 "description": what,
                 "ops": ops,
                 "results": results,
+                "memscope_programs_ns_per_op": programs_ns(&cells[w]).map(round1),
                 "memscope_process": memscope,
             })
         })
@@ -1298,6 +1317,15 @@ pub(crate) fn round2(x: f64) -> f64 {
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+/// What memscope's programs cost a workload's op: memscope less its
+/// probes with empty programs.
+fn programs_ns(cells: &[Cell]) -> Option<f64> {
+    let ns = |tool| median(&cells[tool_index(tool)].ns_per_op);
+    ns(Tool::Memscope)
+        .zip(ns(Tool::MemscopeEmpty))
+        .map(|(full, empty)| full - empty)
 }
 
 fn render_table(tools: &Tools, cells: &[Vec<Cell>], shown: &[Tool]) -> String {
@@ -1345,6 +1373,17 @@ fn render_table(tools: &Tools, cells: &[Vec<Cell>], shown: &[Tool]) -> String {
                 to_bare.map_or("-".to_owned(), |(n, b)| format!("{:.2}", n / b)),
                 note
             );
+        }
+    }
+    if shown.contains(&Tool::MemscopeEmpty) {
+        let _ = writeln!(
+            s,
+            "\nmemscope's programs, ns/op (memscope less \"memscope, empty\": its probes with programs that record nothing)"
+        );
+        for (w, &(name, _, _)) in WORKLOADS.iter().enumerate() {
+            if let Some(ns) = programs_ns(&cells[w]) {
+                let _ = writeln!(s, "{name:<8} {ns:>8.1}");
+            }
         }
     }
     let _ = writeln!(

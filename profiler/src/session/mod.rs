@@ -112,6 +112,9 @@ pub struct SessionOptions {
     /// Walk the stacks of a byte sample of heap blocks only (see
     /// `sampling`).
     pub stack_sample: Option<StackSample>,
+    /// Allocator probes whose programs record nothing: what the probes
+    /// alone cost the target (`cargo xtask bench`).
+    pub empty_programs: bool,
 }
 
 /// `--window` unless given.
@@ -134,6 +137,7 @@ impl Default for SessionOptions {
             requests: None,
             hold_budget: crate::holds::ATTACH_HOLD_BUDGET,
             stack_sample: None,
+            empty_programs: false,
         }
     }
 }
@@ -240,7 +244,13 @@ impl Kernel {
         // Before any map is taken out of `ebpf`: the programs are relocated
         // against all of them.
         let multi = if multi_uprobe::supported() {
-            Some(MultiPrograms::load(&ebpf, bpf::object())?)
+            Some(MultiPrograms::load(
+                &ebpf,
+                bpf::object(),
+                options.empty_programs,
+            )?)
+        } else if options.empty_programs {
+            return Err(multi_uprobe::MultiUprobeError::NoSessionLinks.into());
         } else {
             tracing::info!("no multi-uprobe links (Linux < 6.6): one uprobe per function");
             None
