@@ -215,7 +215,10 @@ fn walk(process: *const ProcessUnwind, regs: UserRegs) -> Result<u32, Counter> {
         (*scratch).generation = (*process).generation;
         (*scratch).stack.len = 0;
         (*scratch).stack.flags = 0;
-        read_window(&mut *scratch, regs.sp);
+        // NB: no window yet: the first read takes one where it is needed,
+        // which is not at the stack pointer when the innermost frame is
+        // large (locals of kilobytes), and a read costs more than its size.
+        (*scratch).window_len = 0;
     }
     // NB: bpf_loop, not a loop: the verifier checks `step` once. Its
     // context is this stack slot, which holds the process's map value: a
