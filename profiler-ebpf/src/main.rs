@@ -70,6 +70,18 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
 #[unsafe(link_section = "uprobe/alloc_session")]
 pub fn alloc_session(ctx: *mut core::ffi::c_void) -> u32 {
     let ctx = ProbeContext::new(ctx);
+    if is_session_entry(&ctx) {
+        // Non-zero skips the return: free has none.
+        return u32::from(!on_entry(&ctx));
+    }
+    on_return(&RetProbeContext::new(ctx.as_ptr()));
+    0
+}
+
+/// Whether a session program runs at the function's entry (else at its
+/// return).
+#[inline(always)]
+fn is_session_entry(ctx: &ProbeContext) -> bool {
     // SAFETY: the context is the kernel's; both reads are of its registers.
     let (ip, probed) = unsafe {
         (
@@ -80,12 +92,7 @@ pub fn alloc_session(ctx: *mut core::ffi::c_void) -> u32 {
     // NB: at the entry the saved ip is the probed address, or one past it
     // (the int3); at the return it is the caller's return address, which
     // cannot be within the callee's first instruction.
-    if ip.wrapping_sub(probed) <= 1 {
-        // Non-zero skips the return: free has none.
-        return u32::from(!on_entry(&ctx));
-    }
-    on_return(&RetProbeContext::new(ctx.as_ptr()));
-    0
+    ip.wrapping_sub(probed) <= 1
 }
 
 /// `alloc_session` recording nothing (the hidden `--empty-programs`): what
@@ -96,17 +103,8 @@ pub fn alloc_session(ctx: *mut core::ffi::c_void) -> u32 {
 #[unsafe(link_section = "uprobe/alloc_session_empty")]
 pub fn alloc_session_empty(ctx: *mut core::ffi::c_void) -> u32 {
     let ctx = ProbeContext::new(ctx);
-    // SAFETY: as in `alloc_session`.
-    let (ip, probed) = unsafe {
-        (
-            (*ctx.regs).rip,
-            aya_ebpf::helpers::generated::bpf_get_func_ip(ctx.as_ptr()),
-        )
-    };
     let kind = cookie(&ctx);
-    u32::from(
-        ip.wrapping_sub(probed) <= 1 && (kind == alloc_kind::FREE || kind == alloc_kind::PY_FREE),
-    )
+    u32::from(is_session_entry(&ctx) && (kind == alloc_kind::FREE || kind == alloc_kind::PY_FREE))
 }
 
 /// Returns whether the function has a return to probe.
