@@ -214,6 +214,10 @@ impl MultiPrograms {
     /// object, whose maps `ebpf` has created); with `empty`, programs that
     /// record nothing (the bench's floor).
     pub fn load(ebpf: &Ebpf, object: &[u8], empty: bool) -> Result<Self, MultiUprobeError> {
+        let sessions = kernel_version().is_some_and(|version| version >= FIRST_SESSION_KERNEL);
+        if empty && !sessions {
+            return Err(MultiUprobeError::NoSessionLinks);
+        }
         let mut obj =
             aya_obj::Object::parse(object).map_err(|e| MultiUprobeError::Parse(e.to_string()))?;
         let btf = load_btf(&mut obj)?;
@@ -253,11 +257,7 @@ impl MultiPrograms {
             let btf = btf.as_ref().map(|btf| ProgramBtf { btf, function });
             load_program(name, &function.instructions, attach_type, btf)
         };
-        let sessions = kernel_version().is_some_and(|version| version >= FIRST_SESSION_KERNEL);
         let allocator = if empty {
-            if !sessions {
-                return Err(MultiUprobeError::NoSessionLinks);
-            }
             AllocatorPrograms::Session(load(EMPTY_SESSION_PROGRAM, BPF_TRACE_UPROBE_SESSION)?)
         } else if sessions {
             AllocatorPrograms::Session(load(SESSION_PROGRAM, BPF_TRACE_UPROBE_SESSION)?)

@@ -242,15 +242,14 @@ impl Kernel {
             bpf::set_stack_sample(&mut ebpf, sample.mean_bytes)?;
         }
         // Before any map is taken out of `ebpf`: the programs are relocated
-        // against all of them.
-        let multi = if multi_uprobe::supported() {
+        // against all of them. Empty programs need session links, which
+        // `load` refuses without.
+        let multi = if multi_uprobe::supported() || options.empty_programs {
             Some(MultiPrograms::load(
                 &ebpf,
                 bpf::object(),
                 options.empty_programs,
             )?)
-        } else if options.empty_programs {
-            return Err(multi_uprobe::MultiUprobeError::NoSessionLinks.into());
         } else {
             tracing::info!("no multi-uprobe links (Linux < 6.6): one uprobe per function");
             None
