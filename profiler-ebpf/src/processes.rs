@@ -85,8 +85,9 @@ pub fn emit(kind: u32, pid: u32, ppid: u32) {
     }
 }
 
-/// Stops the current process (SIGSTOP, delivered before it next runs user
-/// code) and reports it, so userspace can do its work and continue it.
+/// Stops the current process (SIGSTOP to the current thread, delivered
+/// before it next runs user code; the whole group stops) and reports it,
+/// so userspace can do its work and continue it.
 /// NB: the event is reserved and the stop recorded in HELD before the
 /// signal goes: a process whose event could be lost is never stopped, and
 /// every stop is in HELD for the watchdog. Returns whether it was stopped.
@@ -114,8 +115,15 @@ pub fn hold(kind: u32, pid: u32, ppid: u32) -> bool {
         count(Counter::LostChildren);
         return false;
     }
-    // SAFETY: signals the current process.
-    if unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGSTOP) } != 0 {
+    // To the current thread, not the process: a stop sent to the process
+    // while another is pending there (a thread's code mapping, not yet
+    // taken by the thread the kernel woke for it, which a loaded machine
+    // may not run for milliseconds) merges with it and wakes nobody, so a
+    // thread in `_exit` ran on to exit_group unstopped. Sent to the
+    // thread, it stops before its next user instruction, and the stop is
+    // still the whole group's.
+    // SAFETY: signals the current thread.
+    if unsafe { aya_ebpf::helpers::generated::bpf_send_signal_thread(SIGSTOP) } != 0 {
         let _ = HELD.remove(pid);
         entry.discard(0);
         count(Counter::LostChildren);

@@ -40,19 +40,34 @@ impl Holds {
 
     /// Ends the hold of `pid` made at `since` (its event's timestamp, which
     /// is the record's value). Returns whether it was still on: false when
-    /// the watchdog ended it already (it ran before memscope was done).
+    /// the watchdog ended it already (it ran before memscope was done);
+    /// true, without continuing it, when a newer hold has it.
     /// NB: continued before its record goes, so if memscope dies in between
     /// the watchdog still sees it (a second SIGCONT is harmless); and only
     /// this hold's record goes: once continued, the process can be held
     /// again (at its exec, its `_exit`), and that hold is its own event's.
     pub fn release(&mut self, pid: u32, since: u64) -> bool {
-        if self.held_since(pid) != Some(since) {
-            return false;
+        if !self.still_this_hold(pid, since) {
+            return self.held_since(pid).is_some();
         }
         wait_until_stopped(pid);
+        // Looked at again once it has stopped: while it stopped, another of
+        // its threads may have begun a hold of its own (`_exit` while a
+        // thread's code mapping held it: seen on a loaded machine), whose
+        // record came before its stop. A SIGCONT now would undo that stop,
+        // and the process would run on, its event's work undone; its own
+        // release continues it instead.
+        if !self.still_this_hold(pid, since) {
+            return self.held_since(pid).is_some();
+        }
         cont(pid);
         self.forget(pid, Some(since));
         true
+    }
+
+    /// Whether `pid`'s record is the hold of `since`, not a newer one's.
+    fn still_this_hold(&self, pid: u32, since: u64) -> bool {
+        self.held_since(pid) == Some(since)
     }
 
     /// Removes `pid`'s record if it is still the hold of `since`.

@@ -182,8 +182,12 @@ pub fn run_command(
         .args(extra_args)
         .arg("--")
         .args(command)
+        // Kept beside the report, at debug level: a failure under load
+        // is told by its timings.
+        .env("MEMSCOPE_LOG", "memscope=debug")
         .output()
         .expect("memscope runs");
+    std::fs::write(dir.join("stderr.log"), &output.stderr).ok();
     assert!(
         output.status.success(),
         "memscope failed: {}\n{}",
