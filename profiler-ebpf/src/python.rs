@@ -37,17 +37,26 @@ static PY_HANDLERS: HashMap<u32, PythonHandlers> = HashMap::with_max_entries(MAX
 static PY_STACKS: HashMap<u64, PythonStack> =
     HashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
 
-/// The stack being built and the frame being read: too big for the
-/// 512-byte BPF stack.
+/// The stack being built, the frame being read and a window of the memory
+/// below it: too big for the 512-byte BPF stack.
 #[repr(C)]
 pub struct Scratch {
     walk: Walk,
     stack: PythonStack,
     /// The frame read, as words.
     frame: [u64; FRAME_WORDS],
+    /// Up to `WINDOW_BYTES` read once, ending where a frame ends: from
+    /// 3.11 frames are pushed on the thread's data stack one above the
+    /// other, so callers' frames come from the same copy (a copy costs
+    /// 60-120 ns whatever its size). `window_len` 0: none.
+    window_base: u64,
+    window_len: u64,
+    window: [u64; WINDOW_WORDS],
 }
 
 const FRAME_WORDS: usize = PYTHON_FRAME_READ / 8;
+const WINDOW_BYTES: u64 = 1024;
+const WINDOW_WORDS: usize = WINDOW_BYTES as usize / 8;
 
 #[map]
 static PY_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
@@ -203,6 +212,7 @@ fn walk(
     // SAFETY: a per-CPU map value, valid for this program's run; programs
     // on one CPU do not run in parallel.
     unsafe {
+        (*scratch).window_len = 0;
         (*scratch).walk = Walk {
             process: *process,
             frame,
@@ -255,6 +265,68 @@ fn walk(
     Ok((hash, handler_frame))
 }
 
+/// Reads the walk's frame (its first `size` bytes) into `scratch.frame`:
+/// from the window when it holds them, else from a new window ending with
+/// them.
+///
+/// NB: never past the frame's last byte needed: a frame near the end of
+/// the interpreter's data stack may be followed by a page not touched yet,
+/// which a BPF read cannot fault in; nor below the frame's page, which may
+/// start the data stack's chunk.
+fn read_frame(scratch: &mut Scratch, size: usize) -> bool {
+    let frame = scratch.walk.frame;
+    // The mask bounds the size to the buffer for the verifier.
+    let size = (size.wrapping_sub(1) & (PYTHON_FRAME_READ - 1)) as u64 + 1;
+    let end = frame.wrapping_add(size);
+    let mut offset = frame.wrapping_sub(scratch.window_base);
+    if frame & 7 != 0
+        || frame < scratch.window_base
+        || end > scratch.window_base.wrapping_add(scratch.window_len)
+    {
+        // Rounded up: the frame itself is aligned.
+        let base = (end.saturating_sub(WINDOW_BYTES).max(frame & !4095) + 7) & !7;
+        scratch.window_len = 0;
+        if frame & 7 != 0 || base > frame {
+            return read_frame_alone(scratch, size);
+        }
+        // NB: the mask is for the verifier; `end - base` is at most
+        // WINDOW_BYTES already.
+        let len = ((end - base - 1) & (WINDOW_BYTES - 1)) + 1;
+        // SAFETY: the window holds WINDOW_BYTES; the helper checks the
+        // user address.
+        let copied = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(
+                scratch.window.as_mut_ptr().cast(),
+                len as u32,
+                base as *const core::ffi::c_void,
+            )
+        };
+        if copied != 0 {
+            return read_frame_alone(scratch, size);
+        }
+        scratch.window_base = base;
+        scratch.window_len = len;
+        offset = frame - base;
+    }
+    let first = (offset / 8) as usize;
+    for i in 0..FRAME_WORDS {
+        scratch.frame[i] = scratch.window[(first + i) & (WINDOW_WORDS - 1)];
+    }
+    true
+}
+
+fn read_frame_alone(scratch: &mut Scratch, size: u64) -> bool {
+    // SAFETY: the buffer holds PYTHON_FRAME_READ bytes, `size` at most;
+    // the helper checks the address read.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            scratch.frame.as_mut_ptr().cast(),
+            size as u32,
+            scratch.walk.frame as *const core::ffi::c_void,
+        ) == 0
+    }
+}
+
 /// One frame of the walk; non-zero ends it.
 extern "C" fn step(_index: u64, _context: *mut core::ffi::c_void) -> i64 {
     let Some(scratch) = PY_SCRATCH.get_ptr_mut(0) else {
@@ -273,24 +345,12 @@ extern "C" fn step(_index: u64, _context: *mut core::ffi::c_void) -> i64 {
         count(Counter::PythonTruncated);
         return 1;
     }
-    // NB: only the bytes the offsets need: a frame near the end of the
-    // interpreter's data stack may be followed by a page not touched yet,
-    // which a BPF read cannot fault in. The mask bounds the size to the
-    // buffer for the verifier.
-    let size = ((walk.frame_read as usize).wrapping_sub(1) & (PYTHON_FRAME_READ - 1)) + 1;
-    // SAFETY: the buffer holds PYTHON_FRAME_READ bytes; the helper checks
-    // the address read.
-    let copied = unsafe {
-        aya_ebpf::helpers::generated::bpf_probe_read_user(
-            scratch.frame.as_mut_ptr().cast(),
-            size as u32,
-            walk.frame as *const core::ffi::c_void,
-        )
-    };
-    if copied != 0 {
+    let size = walk.frame_read as usize;
+    if !read_frame(scratch, size) {
         count(Counter::PythonStackErrors);
         return 1;
     }
+    let walk = &mut scratch.walk;
     let process = walk.process;
     let this = walk.frame;
     let code = word(&scratch.frame, process.frame_code);
