@@ -47,8 +47,8 @@ impl Holds {
     /// this hold's record goes: once continued, the process can be held
     /// again (at its exec, its `_exit`), and that hold is its own event's.
     pub fn release(&mut self, pid: u32, since: u64) -> bool {
-        if !self.still_this_hold(pid, since) {
-            return self.held_since(pid).is_some();
+        if let Some(held) = self.other_hold(pid, since) {
+            return held;
         }
         wait_until_stopped(pid);
         // Looked at again once it has stopped: while it stopped, another of
@@ -57,17 +57,22 @@ impl Holds {
         // record came before its stop. A SIGCONT now would undo that stop,
         // and the process would run on, its event's work undone; its own
         // release continues it instead.
-        if !self.still_this_hold(pid, since) {
-            return self.held_since(pid).is_some();
+        if let Some(held) = self.other_hold(pid, since) {
+            return held;
         }
         cont(pid);
         self.forget(pid, Some(since));
         true
     }
 
-    /// Whether `pid`'s record is the hold of `since`, not a newer one's.
-    fn still_this_hold(&self, pid: u32, since: u64) -> bool {
-        self.held_since(pid) == Some(since)
+    /// `None` while `pid`'s record is the hold of `since`; else whether
+    /// another (a newer) hold has it: false when there is no record left.
+    /// One read of the map, so both answers come from the same record.
+    fn other_hold(&self, pid: u32, since: u64) -> Option<bool> {
+        match self.held_since(pid) {
+            Some(held) if held == since => None,
+            record => Some(record.is_some()),
+        }
     }
 
     /// Removes `pid`'s record if it is still the hold of `since`.
