@@ -4,15 +4,15 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::bpf_get_current_pid_tgid,
     macros::map,
     maps::{HashMap, StackTrace},
     programs::tracing::StackIdContext,
 };
 use profiler_common::{
-    Counter, DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS, INHERITANCE_DEPTH, LiveAllocation, LiveKey,
-    STACK_TOTALS_PER_STACK, StackKey, StackTotals, UNKNOWN_STACK, UNSAMPLED_STACK, alloc_kind,
-    site_class,
+    Counter, DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS, INHERITANCE_DEPTH, InFlightCall, LiveAllocation,
+    LiveKey, STACK_TOTALS_PER_STACK, StackKey, StackTotals, UNKNOWN_STACK, UNSAMPLED_STACK,
+    alloc_kind, site_class,
 };
 
 use crate::{counters::count, unwind::WithUserRegs};
@@ -44,14 +44,16 @@ fn tgid() -> u32 {
 /// at a function's first instruction the frame-pointer walk misses the
 /// direct caller, whose return address is not behind the frame pointer yet.
 /// `caller` is that of a system call's wrapper, for the frame-pointer walk;
-/// the unwinder finds it itself.
+/// the unwinder finds it itself. The block is stamped with the call's entry
+/// time: a clock read less a pair, and microseconds from its return.
 pub fn record_alloc(
     ctx: &(impl StackIdContext + WithUserRegs),
     addr: u64,
-    size: u64,
+    call: &InFlightCall,
     kind: u32,
     caller: u64,
 ) {
+    let size = call.size;
     let tgid = tgid();
     // Mappings are few and large: always walked.
     let walked = kind == alloc_kind::MMAP || crate::sampling::walks_stack(size);
@@ -84,8 +86,7 @@ pub fn record_alloc(
     };
     let block = LiveAllocation {
         size,
-        // SAFETY: no preconditions.
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        timestamp_ns: call.timestamp_ns,
         stack_id,
         kind,
         caller,

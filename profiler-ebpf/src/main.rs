@@ -181,14 +181,14 @@ fn on_return(ctx: &RetProbeContext) {
                 if call.ptr != 0 {
                     live::record_free(call.ptr);
                 }
-                live::record_alloc(ctx, addr, call.size, kind, 0);
+                live::record_alloc(ctx, addr, &call, kind, 0);
             }
         }
         alloc_kind::POSIX_MEMALIGN => posix_memalign_return(ctx, call),
         _ => {
             let addr: u64 = ctx.ret();
             if addr != 0 {
-                live::record_alloc(ctx, addr, call.size, kind, 0);
+                live::record_alloc(ctx, addr, &call, kind, 0);
             }
         }
     }
@@ -207,7 +207,7 @@ fn realloc_return(ctx: &RetProbeContext, call: InFlightCall, kind: u32) {
     if call.ptr != 0 {
         live::record_free(call.ptr);
     }
-    live::record_alloc(ctx, addr, call.size, kind, 0);
+    live::record_alloc(ctx, addr, &call, kind, 0);
 }
 
 fn posix_memalign_return(ctx: &RetProbeContext, call: InFlightCall) {
@@ -219,7 +219,7 @@ fn posix_memalign_return(ctx: &RetProbeContext, call: InFlightCall) {
     if let Ok(addr) = unsafe { bpf_probe_read_user(call.ptr as *const u64) }
         && addr != 0
     {
-        live::record_alloc(ctx, addr, call.size, alloc_kind::POSIX_MEMALIGN, 0);
+        live::record_alloc(ctx, addr, &call, alloc_kind::POSIX_MEMALIGN, 0);
     }
 }
 

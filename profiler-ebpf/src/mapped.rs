@@ -106,13 +106,7 @@ pub fn mmap_exit(ctx: TracePointContext) -> u32 {
     };
     let addr = arg(&ctx, RET);
     if !failed(addr) {
-        live::record_alloc(
-            &ctx,
-            addr,
-            call.size,
-            alloc_kind::MMAP,
-            user_return_address(),
-        );
+        live::record_alloc(&ctx, addr, &call, alloc_kind::MMAP, user_return_address());
     }
     0
 }
@@ -158,7 +152,7 @@ pub fn mremap_exit(ctx: TracePointContext) -> u32 {
     // NB: glibc's mremap wrapper has a stack frame, so the word at the stack
     // pointer is not its return address: no caller (the frame-pointer walk
     // then starts at the caller's caller).
-    live::record_alloc(&ctx, addr, call.size, alloc_kind::MMAP, 0);
+    live::record_alloc(&ctx, addr, &call, alloc_kind::MMAP, 0);
     0
 }
 

@@ -61,6 +61,23 @@ struct CachedRule {
 /// A rule cached for a pc in no object with rows.
 const FRAME_POINTER_STEP: u64 = u64::MAX;
 
+/// Stacks found in `UNWOUND` lately, per CPU, by id: an allocation site's
+/// stack repeats, and its look-up costs about a frame's step. Safe to
+/// trust because nothing removes a stack from `UNWOUND`; an entry another
+/// program tore (one preempted this one on the CPU) fails its check and is
+/// looked up again.
+const KNOWN_STACKS: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct KnownStack {
+    /// The id the stack's hash gave (high half) and the one it is kept
+    /// under (low half: the next, after a collision), in one word so that
+    /// a tear never pairs one stack's id with another's check.
+    ids: u64,
+    check: u64,
+}
+
 /// The user stack is read a window at a time, not a word at a time: one
 /// copy costs about what one word's read does.
 const WINDOW_BYTES: u64 = 1024;
@@ -85,6 +102,7 @@ struct Scratch {
     /// Twice the bytes read, so a length bounded by a mask fits.
     window: [u64; WINDOW_WORDS],
     rules: [CachedRule; RULE_CACHE],
+    known: [KnownStack; KNOWN_STACKS],
 }
 
 #[map]
@@ -256,6 +274,23 @@ fn walk(process: *const ProcessUnwind, regs: UserRegs) -> Result<u32, Counter> {
     stack.check = check;
     let id = (((hash ^ (hash >> 32)) as u32 & !UNWOUND_STACK_BIT) | UNWOUND_STACK_BIT)
         .min(MAX_UNWOUND_ID - 1);
+    // SAFETY: as above.
+    let known = unsafe { &mut (*core::ptr::read_volatile(&scratch)).known };
+    let slot = &mut known[id as usize & (KNOWN_STACKS - 1)];
+    let ids = slot.ids;
+    if (ids >> 32) as u32 == id && slot.check == check {
+        return Ok(ids as u32);
+    }
+    let kept = store(id, check, stack)?;
+    *slot = KnownStack {
+        ids: (u64::from(id) << 32) | u64::from(kept),
+        check,
+    };
+    Ok(kept)
+}
+
+/// The id under which `UNWOUND` holds `stack`, adding it if need be.
+fn store(id: u32, check: u64, stack: &UnwoundStack) -> Result<u32, Counter> {
     // A taken id with another stack in it: the next one is tried once.
     for id in [
         id,
@@ -267,7 +302,7 @@ fn walk(process: *const ProcessUnwind, regs: UserRegs) -> Result<u32, Counter> {
             Some(_) => continue,
             None => {}
         }
-        if UNWOUND.insert(id, &*stack, BPF_NOEXIST as u64).is_ok() {
+        if UNWOUND.insert(id, stack, BPF_NOEXIST as u64).is_ok() {
             return Ok(id);
         }
         // SAFETY: as above: another CPU may have inserted it meanwhile.
