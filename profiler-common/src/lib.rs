@@ -47,6 +47,10 @@ pub mod map_names {
     /// Live bytes of the malloc family and their high-water mark, per
     /// process: `tgid -> ProcessPeak`.
     pub const PEAKS: &str = "PEAKS";
+    /// The same, in an mmapable array of `PeakSlot`s where most processes
+    /// keep them: the slot of `tgid % PEAK_SLOTS_LEN`, if free when the
+    /// process first needs one (else `PEAKS`).
+    pub const PEAK_SLOTS: &str = "PEAK_SLOTS";
     /// The same, summed over every traced process: one `ProcessPeak` in an
     /// mmapable array, which userspace adds to as well (a forked child's
     /// inherited blocks).
@@ -441,6 +445,22 @@ pub struct ProcessPeak {
     pub peak_ns: u64,
 }
 
+/// A process's `ProcessPeak` in `map_names::PEAK_SLOTS`: `owner` is its
+/// tgid, 0 while the slot is free. Claimed by compare-and-swap from 0 (by
+/// the kernel at the process's first block, or by userspace for a held
+/// child it gives inherited bytes), and freed by userspace alone, after
+/// the process exits: zeroed figures, then the owner.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeakSlot {
+    pub owner: u64,
+    pub peak: ProcessPeak,
+}
+
+/// Slots of `map_names::PEAK_SLOTS` (a power of two): an array element is
+/// reached without a hash look-up, twice a malloc/free pair.
+pub const PEAK_SLOTS_LEN: u32 = 1 << 10;
+
 impl ProcessPeak {
     /// What the process holds now.
     pub const fn held_bytes(&self) -> u64 {
@@ -788,6 +808,7 @@ mod pod {
     unsafe impl aya::Pod for super::PythonFrame {}
     unsafe impl aya::Pod for super::PythonStack {}
     unsafe impl aya::Pod for super::ProcessPeak {}
+    unsafe impl aya::Pod for super::PeakSlot {}
     unsafe impl aya::Pod for super::RequestRecord {}
     unsafe impl aya::Pod for super::ThreadRequest {}
     unsafe impl aya::Pod for super::PythonHandlers {}

@@ -8,7 +8,10 @@
 //! that back. The highest value ever written is always either in the map
 //! or about to be written again by the CPU that took it out.
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg},
+    ptr::read_volatile,
+};
 
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
@@ -16,12 +19,20 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap},
 };
-use profiler_common::{Counter, MAX_PROCESSES, PEAK_RAISE_TRIES, ProcessPeak};
+use profiler_common::{
+    Counter, MAX_PROCESSES, PEAK_RAISE_TRIES, PEAK_SLOTS_LEN, PeakSlot, ProcessPeak,
+};
 
 use crate::counters::count;
 
+/// The figures of processes whose slot in `PEAK_SLOTS` another holds.
 #[map]
 static PEAKS: HashMap<u32, ProcessPeak> = HashMap::with_max_entries(MAX_PROCESSES, 0);
+
+/// Where most processes keep their figures (see `PeakSlot`); mmapable, so
+/// userspace claims and frees slots with the same atomic instructions.
+#[map]
+static PEAK_SLOTS: Array<PeakSlot> = Array::with_max_entries(PEAK_SLOTS_LEN, BPF_F_MMAPABLE);
 
 /// Userspace maps this one and adds a forked child's inherited bytes to it
 /// with the same atomic instructions.
@@ -44,17 +55,49 @@ pub extern "C" fn memscope_add_live(tgid: u32, delta: i64) -> u64 {
         // SAFETY: a map value, valid for this program's run.
         unsafe { add_and_raise(merged, delta) };
     }
-    if let Some(peak) = crate::live::value_or_default(&PEAKS, &tgid, Counter::PeakMapFull) {
+    if let Some(peak) = peak_of(tgid, true) {
         // SAFETY: as above.
         unsafe { add_and_raise(peak, delta) };
     }
     0
 }
 
+/// `tgid`'s figures: in its slot if it owns it; else in `PEAKS` if there
+/// (its slot was taken when it first needed one); else, with `claim`, in
+/// its slot if that is free now, or in a new `PEAKS` entry. So a process
+/// keeps its figures in one place for its life.
+fn peak_of(tgid: u32, claim: bool) -> Option<*mut ProcessPeak> {
+    let slot = PEAK_SLOTS.get_ptr_mut(tgid & (PEAK_SLOTS_LEN - 1))?;
+    let owner = u64::from(tgid);
+    // SAFETY: a map value; owners change only by compare-and-swap here and
+    // in userspace, and from a process's own tgid only after it exited.
+    unsafe {
+        if read_volatile(&raw const (*slot).owner) == owner {
+            return Some(&raw mut (*slot).peak);
+        }
+        if let Some(peak) = PEAKS.get_ptr_mut(tgid) {
+            return Some(peak);
+        }
+        if !claim {
+            return None;
+        }
+        let (was, _) = atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+            &raw mut (*slot).owner,
+            0,
+            owner,
+        );
+        // Claimed now, or by another of its threads just before.
+        if was == 0 || was == owner {
+            return Some(&raw mut (*slot).peak);
+        }
+    }
+    crate::live::value_or_default(&PEAKS, &tgid, Counter::PeakMapFull)
+}
+
 /// At an exec or exit: what the process held leaves the merged sum, and its
 /// own starts again from nothing (its peak stays, for userspace to read).
 pub fn drop_live(tgid: u32) {
-    let Some(peak) = PEAKS.get_ptr_mut(tgid) else {
+    let Some(peak) = peak_of(tgid, false) else {
         return;
     };
     // SAFETY: a map value; the process has one thread left (exec, exit), so

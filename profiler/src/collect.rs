@@ -3,6 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::peaks::SharedPeaks;
+
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, StackTraceMap},
@@ -93,6 +95,8 @@ pub enum CollectError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(transparent)]
+    Peaks(#[from] crate::peaks::PeakError),
 }
 
 fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> CollectError {
@@ -186,23 +190,9 @@ pub fn request_blocks(ebpf: &Ebpf, id: u64) -> Result<Vec<(StackKey, i64)>, Coll
     Ok(kept)
 }
 
-/// Live bytes and peaks: per process, and merged.
-pub fn read_peaks(ebpf: &Ebpf) -> Result<(BTreeMap<u32, ProcessPeak>, ProcessPeak), CollectError> {
-    let peaks: BpfHashMap<&MapData, u32, ProcessPeak> =
-        BpfHashMap::try_from(map(ebpf, map_names::PEAKS)?).map_err(map_error(map_names::PEAKS))?;
-    let per_process = peaks.iter().filter_map(Result::ok).collect();
-    let merged: aya::maps::Array<&MapData, ProcessPeak> =
-        aya::maps::Array::try_from(map(ebpf, map_names::MERGED_PEAK)?)
-            .map_err(map_error(map_names::MERGED_PEAK))?;
-    let merged = merged
-        .get(&0, 0)
-        .map_err(map_error(map_names::MERGED_PEAK))?;
-    Ok((per_process, merged))
-}
-
 /// Reads the maps. Stacks a totals entry names but the stack map lacks
 /// (evicted, or never walked) are simply absent from `stacks`.
-pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
+pub fn read_snapshot(ebpf: &Ebpf, shared: &SharedPeaks) -> Result<KernelSnapshot, CollectError> {
     let map = |name: &'static str| map(ebpf, name);
     let totals = read_totals(ebpf)?;
 
@@ -256,7 +246,8 @@ pub fn read_snapshot(ebpf: &Ebpf) -> Result<KernelSnapshot, CollectError> {
         BpfHashMap::try_from(map(map_names::HEAP_TOPS)?)
             .map_err(map_error(map_names::HEAP_TOPS))?;
     let heap_tops = heap_map.iter().filter_map(Result::ok).collect();
-    let (peaks, merged_peak) = read_peaks(ebpf)?;
+    let peaks = crate::peaks::per_process(ebpf, shared)?;
+    let merged_peak = shared.merged();
     Ok(KernelSnapshot {
         totals,
         stacks,

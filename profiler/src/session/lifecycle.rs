@@ -31,7 +31,7 @@ impl Session {
         if self.alive.remove(&pid) {
             let now = self.started.elapsed().as_secs_f64();
             let heap = processes::take_heap_top(&mut self.kernel.ebpf, pid);
-            let peak = crate::peaks::take(&mut self.kernel.ebpf, pid);
+            let peak = crate::peaks::take(&mut self.kernel.ebpf, &self.shared_peaks, pid);
             self.object_allocators.remove(&pid);
             if let Some(record) = self.record_mut(pid) {
                 record.exited_s = Some(now);
@@ -458,7 +458,7 @@ impl Session {
             .sum();
         if let Err(error) = crate::peaks::inherit(
             &mut self.kernel.ebpf,
-            &self.merged_peak,
+            &self.shared_peaks,
             pid,
             inherited_bytes,
             fork_ns,

@@ -36,7 +36,7 @@ use crate::{
     follow::{self, FollowError},
     holds::Holds,
     multi_uprobe::{self, MultiPrograms, MultiUprobeError},
-    peaks::{MergedPeak, PeakError},
+    peaks::{PeakError, SharedPeaks},
     preflight::{self, PreflightError},
     process_maps::ProcessMaps,
     processes::{Adjustments, Following, LiveSetError, ProcessRecord},
@@ -352,7 +352,7 @@ pub struct Session {
     /// How long each window's snapshot took.
     tick_costs: Vec<Duration>,
     /// The merged live bytes, for a forked child's inherited blocks.
-    merged_peak: MergedPeak,
+    shared_peaks: SharedPeaks,
     /// Decides the alerts at each window's end, and where they go.
     alerter: Option<Alerter>,
     sinks: Vec<Box<dyn Sink>>,
@@ -565,7 +565,7 @@ impl Session {
         (started, started_ns, signals): (Instant, u64, Signals),
     ) -> Result<Self, SessionError> {
         let mut kernel = kernel;
-        let merged_peak = MergedPeak::map(&kernel.ebpf)?;
+        let shared_peaks = SharedPeaks::map(&kernel.ebpf)?;
         let AttachedTarget {
             pid,
             command,
@@ -607,7 +607,7 @@ impl Session {
             timeline: Timeline::with_max_windows(options.max_windows),
             window: options.window,
             tick_costs: Vec::new(),
-            merged_peak,
+            shared_peaks,
             alerter: None,
             sinks: Vec::new(),
             pushes: None,
@@ -1126,7 +1126,7 @@ impl Session {
         self.measure_running();
         self.refresh_maps();
         self.drain_pending_events();
-        let snapshot = collect::read_snapshot(&self.kernel.ebpf)?;
+        let snapshot = collect::read_snapshot(&self.kernel.ebpf, &self.shared_peaks)?;
         let recorded = report::combined_totals(&snapshot.totals, &self.adjustments);
         let exact = self.exact_malloc(&recorded);
         let cumulative = self.estimated(recorded);
