@@ -93,22 +93,49 @@ pub fn record_alloc(
         python_stack,
         request,
     };
-    if LIVE.insert(key, block, BPF_NOEXIST as u64).is_err() {
-        // The address is live already: its free went unseen. Close the old
-        // block before reusing the slot, or its bytes would stay live forever.
-        if !release(&key) {
-            count(Counter::LiveMapFull);
-            return;
-        }
-        if LIVE.insert(key, block, BPF_NOEXIST as u64).is_err() {
-            count(Counter::LiveMapFull);
-            return;
-        }
+    if !(kind != alloc_kind::MMAP && put_front(&key, &block)) && !put_hashed(&key, &block) {
+        count(Counter::LiveMapFull);
+        return;
     }
     add_totals(block.stack_key(tgid), 1, size, 0, 0);
     if request != 0 {
         crate::request::add_block(request, size);
     }
+}
+
+/// A malloc-family block into the front table, if its bucket has room.
+/// An entry of the same address still live, in either table, lost its
+/// free: it is closed first, or its bytes would stay live forever.
+/// NB: not inlined: its copies of blocks would otherwise sit in the
+/// frame of `record_alloc`, under the unwinder's, past the verifier's 512
+/// bytes of stack.
+#[inline(never)]
+fn put_front(key: &LiveKey, block: &LiveAllocation) -> bool {
+    release_front(key);
+    if !crate::front::put(key.tgid, key.addr, block) {
+        return false;
+    }
+    if crate::front::any_hashed() {
+        release_hashed(key);
+    }
+    true
+}
+
+/// A block into `LIVE`; false when it is full. NB: not inlined, as
+/// `put_front`.
+#[inline(never)]
+fn put_hashed(key: &LiveKey, block: &LiveAllocation) -> bool {
+    if LIVE.insert(key, block, BPF_NOEXIST as u64).is_err() {
+        // The address is live already: its free went unseen (see
+        // `put_front`).
+        if !release_hashed(key) || LIVE.insert(key, block, BPF_NOEXIST as u64).is_err() {
+            return false;
+        }
+    }
+    if block.kind != alloc_kind::MMAP {
+        crate::front::count_hashed(1);
+    }
+    true
 }
 
 /// The kernel's frame-pointer walk of the user stack.
@@ -126,7 +153,8 @@ fn frame_pointer_stack(ctx: &impl StackIdContext) -> u32 {
     }
 }
 
-/// A live block of this process, if `addr` starts one.
+/// A live mapping (or a malloc-family block whose bucket was full) of this
+/// process, if `addr` starts one: mappings are never in the front table.
 pub fn live_block(addr: u64) -> Option<LiveAllocation> {
     let key = LiveKey {
         tgid: tgid(),
@@ -151,7 +179,7 @@ pub fn shrink_mapping_front(addr: u64, len: u64) {
         return;
     };
     if len >= block.size {
-        release(&key);
+        release_hashed(&key);
         return;
     }
     if LIVE.remove(key).is_err() {
@@ -194,6 +222,7 @@ pub fn record_free(addr: u64) {
 /// earlier ancestor's) live set as it was at the fork, and counted in the
 /// child as a block it had and freed. The ancestor's own block stays live:
 /// after a fork each process holds its copy.
+#[inline(never)]
 fn release_inherited(key: &LiveKey) -> bool {
     let mut child = key.tgid;
     let mut before = u64::MAX;
@@ -207,7 +236,9 @@ fn release_inherited(key: &LiveKey) -> bool {
             ..*key
         };
         // SAFETY: the value is copied out.
-        if let Some(block) = unsafe { LIVE.get(ancestor) }.copied()
+        let block = crate::front::get(ancestor.tgid, ancestor.addr)
+            .or_else(|| unsafe { LIVE.get(ancestor) }.copied());
+        if let Some(block) = block
             && block.timestamp_ns <= before
         {
             add_totals(block.stack_key(key.tgid), 1, block.size, 1, block.size);
@@ -221,6 +252,25 @@ fn release_inherited(key: &LiveKey) -> bool {
 /// Removes a live block and moves its bytes to its stack's freed totals.
 /// Returns false when the block is not live.
 fn release(key: &LiveKey) -> bool {
+    release_front(key) || release_hashed(key)
+}
+
+/// `release` of a block in the front table. NB: not inlined, nor are
+/// `release_hashed` and `release_inherited`: their copies of a block in
+/// one frame, under the totals' calls, would pass the verifier's 512 bytes
+/// of stack.
+#[inline(never)]
+fn release_front(key: &LiveKey) -> bool {
+    let Some(block) = crate::front::take(key.tgid, key.addr) else {
+        return false;
+    };
+    close(key.tgid, &block);
+    true
+}
+
+/// `release` of a block in `LIVE`.
+#[inline(never)]
+fn release_hashed(key: &LiveKey) -> bool {
     // SAFETY: the value is copied out before the entry is removed.
     let Some(block) = (unsafe { LIVE.get(key) }).copied() else {
         return false;
@@ -230,9 +280,17 @@ fn release(key: &LiveKey) -> bool {
     if LIVE.remove(key).is_err() {
         return false;
     }
-    add_totals(block.stack_key(key.tgid), 0, 0, 1, block.size);
-    drop_request_bytes(&block, block.size);
+    if block.kind != alloc_kind::MMAP {
+        crate::front::count_hashed(-1);
+    }
+    close(key.tgid, &block);
     true
+}
+
+/// A block taken out of the live set: its bytes move to its stack's frees.
+fn close(tgid: u32, block: &LiveAllocation) {
+    add_totals(block.stack_key(tgid), 0, 0, 1, block.size);
+    drop_request_bytes(block, block.size);
 }
 
 fn drop_request_bytes(block: &LiveAllocation, size: u64) {

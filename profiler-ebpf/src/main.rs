@@ -14,6 +14,7 @@
 
 mod calls;
 mod counters;
+mod front;
 mod live;
 mod mapped;
 mod peak;

@@ -2,8 +2,8 @@
 
 use aya::{Ebpf, EbpfLoader};
 use profiler_common::{
-    CALL_SLOTS_LEN, MAX_HASHED_CALLS, MAX_STACK_DEPTH, STACK_TOTALS_PER_STACK, UNWOUND_STACK_BIT,
-    UnwindRow, UnwoundStack, map_names,
+    CALL_SLOTS_LEN, FRONT_BUCKETS, FRONT_WAYS, FrontBucket, MAX_HASHED_CALLS, MAX_STACK_DEPTH,
+    STACK_TOTALS_PER_STACK, UNWOUND_STACK_BIT, UnwindRow, UnwoundStack, map_names,
 };
 
 /// The BPF object built by build.rs from profiler-ebpf.
@@ -33,6 +33,9 @@ pub struct MapCapacity {
     /// Threads' call slots (`CALL_SLOTS_LEN`; fewer only to test the
     /// hashed calls of threads whose slot is taken, hidden `--call-slots`).
     pub call_slots: u32,
+    /// The front table's buckets at most (`FRONT_BUCKETS`; fewer only to
+    /// test blocks whose bucket is full, hidden `--front-buckets`).
+    pub front_buckets: u32,
 }
 
 impl Default for MapCapacity {
@@ -42,11 +45,33 @@ impl Default for MapCapacity {
             max_stacks: profiler_common::DEFAULT_MAX_STACKS,
             unwind_rows: profiler_common::DEFAULT_UNWIND_ROWS,
             call_slots: CALL_SLOTS_LEN,
+            front_buckets: FRONT_BUCKETS,
         }
     }
 }
 
 impl MapCapacity {
+    /// The front table's buckets: a power of two, their slots at most a
+    /// sixteenth of `--max-live` (so a small `--max-live` stays the limit
+    /// it says), at least one.
+    pub fn front_buckets(&self) -> u32 {
+        let most = (self.max_live / (16 * FRONT_WAYS as u32)).max(1);
+        let most = 1 << most.ilog2();
+        self.front_buckets.min(most).max(1)
+    }
+
+    /// `LIVE`'s entries: `--max-live` less the front table's slots.
+    pub fn hashed_live(&self) -> u32 {
+        self.max_live
+            .saturating_sub(self.front_buckets() * FRONT_WAYS as u32)
+            .max(1)
+    }
+
+    /// The front table's kernel memory, allocated at load.
+    pub fn front_bytes(&self) -> u64 {
+        u64::from(self.front_buckets()) * size_of::<FrontBucket>() as u64
+    }
+
     /// Kernel memory the maps reserve (hash maps are preallocated), an
     /// estimate from the kernel's per-element layout.
     pub fn reserved_bytes(&self) -> u64 {
@@ -64,14 +89,14 @@ impl MapCapacity {
             + u64::from(MAX_HASHED_CALLS) * (HTAB_ELEM + 8 + 32);
         // The live map's buckets (16 B each) are allocated at load; its
         // elements as blocks become live.
-        let live_buckets = u64::from(self.max_live.next_power_of_two()) * 16;
-        totals + stacks + in_flight + live_buckets + self.unwind_rows_bytes()
+        let live_buckets = u64::from(self.hashed_live().next_power_of_two()) * 16;
+        totals + stacks + in_flight + live_buckets + self.front_bytes() + self.unwind_rows_bytes()
     }
 
     /// At most, the live blocks' map (not preallocated: it grows with the
     /// live set, `LIVE_BLOCK_BYTES` a block, up to `--max-live`).
     pub fn live_bytes_at_most(&self) -> u64 {
-        u64::from(self.max_live) * LIVE_BLOCK_BYTES
+        u64::from(self.hashed_live()) * LIVE_BLOCK_BYTES
     }
 
     /// The unwind rows' array, preallocated.
@@ -104,6 +129,13 @@ pub enum LoadError {
 /// Loads the BPF object into the kernel (maps created; programs are loaded
 /// by `attach`).
 pub fn load(capacity: MapCapacity) -> Result<Ebpf, LoadError> {
+    if !(1..=FRONT_BUCKETS).contains(&capacity.front_buckets)
+        || !capacity.front_buckets.is_power_of_two()
+    {
+        return Err(LoadError::Capacity(format!(
+            "--front-buckets must be a power of two from 1 to {FRONT_BUCKETS}"
+        )));
+    }
     if !(1..=CALL_SLOTS_LEN).contains(&capacity.call_slots) {
         return Err(LoadError::Capacity(format!(
             "--call-slots must be 1 to {CALL_SLOTS_LEN}"
@@ -122,8 +154,9 @@ pub fn load(capacity: MapCapacity) -> Result<Ebpf, LoadError> {
         )));
     }
     raise_memlock_limit();
-    EbpfLoader::new()
-        .map_max_entries(map_names::LIVE, capacity.max_live)
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(map_names::LIVE, capacity.hashed_live())
+        .map_max_entries(map_names::FRONT, capacity.front_buckets())
         .map_max_entries(map_names::STACKS, capacity.max_stacks)
         // Not preallocated: kernel memory only for the stacks recorded.
         .map_max_entries(map_names::PY_STACKS, capacity.max_stacks)
@@ -141,7 +174,13 @@ pub fn load(capacity: MapCapacity) -> Result<Ebpf, LoadError> {
             } else {
                 LoadError::Unavailable(error)
             }
-        })
+        })?;
+    set_config(
+        &mut ebpf,
+        profiler_common::config::FRONT_MASK,
+        capacity.front_buckets() - 1,
+    )?;
+    Ok(ebpf)
 }
 
 fn is_permission_error(error: &aya::EbpfError) -> bool {
@@ -171,12 +210,84 @@ pub fn set_stack_sample(ebpf: &mut Ebpf, mean_bytes: u64) -> Result<(), LoadErro
         .ok()
         .filter(|&mean| mean > 0)
         .ok_or_else(|| LoadError::Config("--stack-sample must be 1 byte to 4 GiB".into()))?;
+    set_config(ebpf, profiler_common::config::STACK_SAMPLE, mean)
+}
+
+/// Writes one slot of the programs' `CONFIG`.
+fn set_config(ebpf: &mut Ebpf, slot: u32, value: u32) -> Result<(), LoadError> {
     let map = ebpf
         .map_mut(map_names::CONFIG)
         .ok_or_else(|| LoadError::Config(format!("BPF map {} is missing", map_names::CONFIG)))?;
     let mut config: aya::maps::Array<&mut aya::maps::MapData, u32> =
         aya::maps::Array::try_from(map).map_err(|e| LoadError::Config(e.to_string()))?;
     config
-        .set(profiler_common::config::STACK_SAMPLE, mean, 0)
-        .map_err(|e| LoadError::Config(format!("--stack-sample: {e}")))
+        .set(slot, value, 0)
+        .map_err(|e| LoadError::Config(format!("cannot set config slot {slot}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use profiler_common::{FRONT_BUCKETS, FRONT_WAYS, front_bucket};
+    use proptest::prelude::*;
+
+    use super::MapCapacity;
+
+    fn with_live(max_live: u32) -> MapCapacity {
+        MapCapacity {
+            max_live,
+            ..MapCapacity::default()
+        }
+    }
+
+    #[test]
+    fn the_default_front_table_is_full_size() {
+        let capacity = MapCapacity::default();
+        assert_eq!(capacity.front_buckets(), FRONT_BUCKETS);
+        assert_eq!(capacity.hashed_live(), (1 << 20) - (1 << 16));
+        assert_eq!(capacity.front_bytes(), 4 << 20);
+    }
+
+    #[test]
+    fn a_small_max_live_keeps_its_limit() {
+        // 1000 / 16 = 62 slots at most: 8 buckets of 4.
+        let capacity = with_live(1000);
+        assert_eq!(capacity.front_buckets(), 8);
+        assert_eq!(capacity.hashed_live(), 968);
+        assert_eq!(with_live(1).front_buckets(), 1);
+        assert_eq!(with_live(1).hashed_live(), 1);
+    }
+
+    /// Heap blocks are 16-byte aligned and close together, and forked
+    /// workers hold the same addresses: neither may crowd a bucket.
+    #[test]
+    fn blocks_spread_over_the_buckets() {
+        let mask = FRONT_BUCKETS - 1;
+        let mut load = vec![0u32; FRONT_BUCKETS as usize];
+        for i in 0..u64::from(FRONT_BUCKETS) * 4 {
+            load[front_bucket(4242, 0x5555_5555_0000 + 16 * i, mask) as usize] += 1;
+        }
+        assert!(load.iter().all(|&n| n <= 8), "{:?}", load.iter().max());
+        let workers: std::collections::HashSet<u32> = (1000..1100)
+            .map(|tgid| front_bucket(tgid, 0x5555_5555_0000, mask))
+            .collect();
+        assert!(workers.len() >= 95, "{}", workers.len());
+    }
+
+    proptest! {
+        #[test]
+        fn front_and_live_map_share_max_live(max_live in 64u32..=1 << 24, asked in 0u32..=14) {
+            let capacity = MapCapacity { front_buckets: 1 << asked, ..with_live(max_live) };
+            let buckets = capacity.front_buckets();
+            prop_assert!(buckets.is_power_of_two() && buckets <= 1 << asked);
+            let slots = buckets * FRONT_WAYS as u32;
+            prop_assert!(slots <= max_live / 16);
+            prop_assert_eq!(capacity.hashed_live() + slots, max_live);
+        }
+
+        #[test]
+        fn a_block_hashes_within_the_table(tgid: u32, addr: u64, bits in 0u32..=14) {
+            let mask = (1u32 << bits) - 1;
+            prop_assert!(front_bucket(tgid, addr, mask) <= mask);
+        }
+    }
 }

@@ -192,8 +192,9 @@ pub struct ProfileArgs {
     /// Sites shown in the table.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub top: usize,
-    /// Live allocations tracked at once (kernel memory: 128 bytes each, taken
-    /// as the live set grows).
+    /// Live allocations tracked at once (kernel memory: a 4 MiB table at
+    /// load for the first 64K heap blocks, then 128 bytes each, taken as the
+    /// live set grows).
     #[arg(long, default_value_t = DEFAULT_MAX_LIVE, value_name = "N")]
     pub max_live: u32,
     /// Profile only the given process, not the children it forks.
@@ -286,6 +287,11 @@ pub struct ProfileArgs {
     #[arg(long, hide = true, default_value_t = profiler_common::CALL_SLOTS_LEN,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(profiler_common::CALL_SLOTS_LEN)))]
     pub call_slots: u32,
+    /// The front table's buckets at most (a power of two): fewer send
+    /// blocks whose bucket is full to the live hash map (for its tests).
+    #[arg(long, hide = true, default_value_t = profiler_common::FRONT_BUCKETS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(profiler_common::FRONT_BUCKETS)))]
+    pub front_buckets: u32,
     /// Allocator probes whose programs record nothing: what the probes
     /// alone cost the target, for `cargo xtask bench`.
     #[arg(long, hide = true)]
@@ -358,6 +364,7 @@ impl ProfileArgs {
             max_stacks: self.max_stacks,
             unwind_rows: self.unwind_rows,
             call_slots: self.call_slots,
+            front_buckets: self.front_buckets,
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::peaks::SharedPeaks;
+use crate::{front::FrontTable, peaks::SharedPeaks};
 
 use aya::{
     Ebpf,
@@ -136,20 +136,19 @@ pub struct LiveScan {
     pub mappings: Vec<(StackKey, u64, u64)>,
 }
 
-/// One pass over the live map (`window_of` maps an allocation time to its
-/// window). The kernel changes the map meanwhile: a block freed during the
-/// pass may still be counted, one allocated during it may be missed.
+/// One pass over the live blocks, in the front table and the live map
+/// (`window_of` maps an allocation time to its window). The kernel changes
+/// them meanwhile: a block freed during the pass may still be counted, one
+/// allocated during it may be missed.
 pub fn scan_live(
     ebpf: &Ebpf,
+    front: &FrontTable,
     windows: usize,
     window_of: impl Fn(u64) -> usize,
     mut each_block: impl FnMut(&LiveKey, &LiveAllocation),
 ) -> Result<LiveScan, CollectError> {
-    let name = map_names::LIVE;
-    let fd = map(ebpf, name).map(crate::multi_uprobe::map_fd)?;
-    let fd = fd.ok_or(CollectError::MissingMap(name))?;
     let mut scan = LiveScan::default();
-    crate::map_batch::for_each(fd, |key: &LiveKey, block: &LiveAllocation| {
+    for_each_live(ebpf, front, |key, block| {
         each_block(key, block);
         let stack = block.stack_key(key.tgid);
         let by_window = scan
@@ -167,24 +166,37 @@ pub fn scan_live(
             kept.alloc_count += 1;
             kept.alloc_bytes += block.size;
         }
-    })
-    .map_err(|source| CollectError::Batch { name, source })?;
+    })?;
     Ok(scan)
 }
 
-/// The live bytes of request `id` by (process, stack), largest first: what
-/// it keeps, for an alert. One pass over the live map.
-pub fn request_blocks(ebpf: &Ebpf, id: u64) -> Result<Vec<(StackKey, i64)>, CollectError> {
+/// Every live block: the front table's, then the live map's.
+fn for_each_live(
+    ebpf: &Ebpf,
+    front: &FrontTable,
+    mut each: impl FnMut(&LiveKey, &LiveAllocation),
+) -> Result<(), CollectError> {
+    front.for_each(&mut each);
     let name = map_names::LIVE;
     let fd = map(ebpf, name).map(crate::multi_uprobe::map_fd)?;
     let fd = fd.ok_or(CollectError::MissingMap(name))?;
+    crate::map_batch::for_each(fd, |key: &LiveKey, block: &LiveAllocation| each(key, block))
+        .map_err(|source| CollectError::Batch { name, source })
+}
+
+/// The live bytes of request `id` by (process, stack), largest first: what
+/// it keeps, for an alert. One pass over the live blocks.
+pub fn request_blocks(
+    ebpf: &Ebpf,
+    front: &FrontTable,
+    id: u64,
+) -> Result<Vec<(StackKey, i64)>, CollectError> {
     let mut kept: BTreeMap<StackKey, i64> = BTreeMap::new();
-    crate::map_batch::for_each(fd, |key: &LiveKey, block: &LiveAllocation| {
+    for_each_live(ebpf, front, |key, block| {
         if block.request == id {
             *kept.entry(block.stack_key(key.tgid)).or_default() += block.size as i64;
         }
-    })
-    .map_err(|source| CollectError::Batch { name, source })?;
+    })?;
     let mut kept: Vec<(StackKey, i64)> = kept.into_iter().collect();
     kept.sort_by_key(|(_, bytes)| std::cmp::Reverse(*bytes));
     Ok(kept)

@@ -4,8 +4,6 @@
 
 use std::{
     collections::BTreeMap,
-    os::fd::AsRawFd as _,
-    ptr::NonNull,
     sync::atomic::{AtomicI64, AtomicU64, Ordering},
 };
 
@@ -15,16 +13,14 @@ use aya::{
 };
 use profiler_common::{PEAK_SLOTS_LEN, PeakSlot, ProcessPeak, map_names};
 
+use crate::shared_array::{SharedArray, SharedArrayError};
+
 #[derive(Debug, thiserror::Error)]
 pub enum PeakError {
     #[error("BPF map {0} is missing (build bug)")]
     Missing(&'static str),
-    #[error("cannot map {name} into memory: {source}")]
-    Mmap {
-        name: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Shared(#[from] SharedArrayError),
     #[error("cannot update BPF map {name}: {source}")]
     Map {
         name: &'static str,
@@ -33,63 +29,10 @@ pub enum PeakError {
     },
 }
 
-/// An mmapable array of `len` `T`s mapped into memscope, so userspace
-/// changes it with the same atomic instructions the kernel programs use.
-struct Mapped<T> {
-    values: NonNull<T>,
-    len: usize,
-    bytes: usize,
-}
-
-impl<T> Mapped<T> {
-    fn map(ebpf: &Ebpf, name: &'static str, len: usize) -> Result<Self, PeakError> {
-        let fd = ebpf
-            .map(name)
-            .and_then(crate::multi_uprobe::map_fd)
-            .ok_or(PeakError::Missing(name))?;
-        // SAFETY: plain syscall.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let bytes = (len * std::mem::size_of::<T>()).div_ceil(page).max(1) * page;
-        // SAFETY: maps the array's values (an mmapable array: BPF_F_MMAPABLE);
-        // the pointer is checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(PeakError::Mmap {
-                name,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let values = NonNull::new(ptr.cast()).ok_or(PeakError::Missing(name))?;
-        Ok(Self { values, len, bytes })
-    }
-
-    fn get(&self, index: usize) -> *mut T {
-        debug_assert!(index < self.len);
-        // SAFETY: within the mapping (callers index below `len`).
-        unsafe { self.values.as_ptr().add(index % self.len) }
-    }
-}
-
-impl<T> Drop for Mapped<T> {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        unsafe { libc::munmap(self.values.as_ptr().cast(), self.bytes) };
-    }
-}
-
 /// `MERGED_PEAK` and `PEAK_SLOTS`, mapped.
 pub struct SharedPeaks {
-    merged: Mapped<ProcessPeak>,
-    slots: Mapped<PeakSlot>,
+    merged: SharedArray<ProcessPeak>,
+    slots: SharedArray<PeakSlot>,
 }
 
 // SAFETY: the mappings are shared memory used only through atomics.
@@ -98,8 +41,8 @@ unsafe impl Send for SharedPeaks {}
 impl SharedPeaks {
     pub fn map(ebpf: &Ebpf) -> Result<Self, PeakError> {
         Ok(Self {
-            merged: Mapped::map(ebpf, map_names::MERGED_PEAK, 1)?,
-            slots: Mapped::map(ebpf, map_names::PEAK_SLOTS, PEAK_SLOTS_LEN as usize)?,
+            merged: SharedArray::map(ebpf, map_names::MERGED_PEAK, 1)?,
+            slots: SharedArray::map(ebpf, map_names::PEAK_SLOTS, PEAK_SLOTS_LEN as usize)?,
         })
     }
 

@@ -8,7 +8,11 @@ use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData},
 };
-use profiler_common::{HeapTop, LiveAllocation, LiveKey, StackKey, StackTotals, map_names};
+use profiler_common::{
+    HeapTop, LiveAllocation, LiveKey, StackKey, StackTotals, alloc_kind, map_names,
+};
+
+use crate::front::FrontTable;
 
 /// One process of the session, as the report shows it.
 #[derive(Clone, Debug, PartialEq)]
@@ -134,7 +138,7 @@ fn live_fd(ebpf: &Ebpf) -> Result<std::os::fd::BorrowedFd<'_>, LiveSetError> {
 /// key by key costs two system calls for every block of every process:
 /// tens of milliseconds a fork holds its child for). Deduplicated: the
 /// kernel changes the map while it is read.
-fn blocks_of(
+fn hashed_blocks(
     ebpf: &Ebpf,
     wanted: impl Fn(&LiveKey, &LiveAllocation) -> bool,
 ) -> Result<Vec<(LiveKey, LiveAllocation)>, LiveSetError> {
@@ -149,20 +153,53 @@ fn blocks_of(
     Ok(blocks.into_iter().collect())
 }
 
+/// Whether a block counts in `HASHED_BLOCKS` when in `LIVE`.
+fn is_heap_block(block: &LiveAllocation) -> bool {
+    block.kind != alloc_kind::MMAP
+}
+
+/// Takes the blocks `wanted` says out of the front table and the live map.
+fn take_blocks(
+    ebpf: &mut Ebpf,
+    front: &FrontTable,
+    wanted: impl Fn(&LiveKey, &LiveAllocation) -> bool,
+) -> Result<Vec<(LiveKey, LiveAllocation)>, LiveSetError> {
+    let mut taken = front.take(&wanted);
+    let hashed = hashed_blocks(ebpf, &wanted)?;
+    let mut map = live_map(ebpf)?;
+    for (key, block) in hashed {
+        if map.remove(&key).is_err() {
+            continue; // freed meanwhile by the kernel side
+        }
+        if is_heap_block(&block) {
+            front.count_hashed(-1);
+        }
+        taken.push((key, block));
+    }
+    Ok(taken)
+}
+
 /// Copies `parent`'s blocks live at the fork (`fork_ns`) to `child`, so the
 /// child's frees of them are known, and returns them per stack (as
 /// inherited allocations of the child). Blocks the parent freed between the
 /// fork and this copy are missed: the child's free of one is then an
-/// unknown free.
+/// unknown free. The copies go to the live map: the child is held, and
+/// the copy is one batched write.
 pub fn copy_live_set(
     ebpf: &mut Ebpf,
+    front: &FrontTable,
     parent: u32,
     child: u32,
     fork_ns: u64,
 ) -> Result<Adjustments, LiveSetError> {
-    let blocks = blocks_of(ebpf, |key, block| {
-        key.tgid == parent && block.timestamp_ns <= fork_ns
-    })?;
+    let at_fork =
+        |key: &LiveKey, block: &LiveAllocation| key.tgid == parent && block.timestamp_ns <= fork_ns;
+    let mut blocks = hashed_blocks(ebpf, at_fork)?;
+    front.for_each(|key, block| {
+        if at_fork(key, block) {
+            blocks.push((*key, *block));
+        }
+    });
     // The child's copies, written in batches. A copy is no request's: the
     // parent's request holds the parent's block, which the child's free
     // does not free.
@@ -182,6 +219,10 @@ pub fn copy_live_set(
             )
         })
         .unzip();
+    // Counted before they are written, so the kernel never sees more heap
+    // blocks in the map than the count says.
+    let heap = |copies: &[LiveAllocation]| copies.iter().filter(|b| is_heap_block(b)).count();
+    front.count_hashed(heap(&copies) as i64);
     // Map full: the rest are not copied, and the kernel counts the loss at
     // the child's free of one.
     let (written, result) = crate::map_batch::update(live_fd(ebpf)?, &keys, &copies);
@@ -191,6 +232,7 @@ pub fn copy_live_set(
             keys.len()
         );
     }
+    front.count_hashed(-(heap(&copies[written..]) as i64));
     let mut inherited = Adjustments::new();
     for block in &copies[..written] {
         let totals = inherited.entry(block.stack_key(child)).or_default();
@@ -204,18 +246,15 @@ pub fn copy_live_set(
 /// released them, they did not leak. Returns them per stack as frees.
 pub fn release_live_set(
     ebpf: &mut Ebpf,
+    front: &FrontTable,
     pid: u32,
     exec_ns: u64,
 ) -> Result<Adjustments, LiveSetError> {
-    let blocks = blocks_of(ebpf, |key, block| {
+    let blocks = take_blocks(ebpf, front, |key, block| {
         key.tgid == pid && block.timestamp_ns <= exec_ns
     })?;
-    let mut map = live_map(ebpf)?;
     let mut released = Adjustments::new();
-    for (key, block) in blocks {
-        if map.remove(&key).is_err() {
-            continue; // freed meanwhile by the kernel side
-        }
+    for (_, block) in blocks {
         let totals = released.entry(block.stack_key(pid)).or_default();
         totals.free_count += 1;
         totals.free_bytes += block.size;
@@ -223,7 +262,7 @@ pub fn release_live_set(
     Ok(released)
 }
 
-/// Drops exited processes' entries from the live map, to free their room
+/// Drops exited processes' entries from the live blocks, to free their room
 /// for the processes still running (gunicorn recycles workers). Their
 /// totals stay: the report shows what each held when it exited. One pass
 /// for many processes: a pass reads every key of the map.
@@ -232,11 +271,11 @@ pub fn release_live_set(
 /// report's sites that keep still count an exited worker's.
 pub fn forget_live_sets(
     ebpf: &mut Ebpf,
+    front: &FrontTable,
     pids: &HashSet<u32>,
     mut each_block: impl FnMut(&LiveKey, &LiveAllocation),
 ) -> Result<BTreeMap<StackKey, StackTotals>, LiveSetError> {
-    let blocks = blocks_of(ebpf, |key, _| pids.contains(&key.tgid))?;
-    let mut map = live_map(ebpf)?;
+    let blocks = take_blocks(ebpf, front, |key, _| pids.contains(&key.tgid))?;
     let mut kept_by_requests: BTreeMap<StackKey, StackTotals> = BTreeMap::new();
     for (key, block) in &blocks {
         each_block(key, block);
@@ -247,7 +286,6 @@ pub fn forget_live_sets(
             kept.alloc_count += 1;
             kept.alloc_bytes += block.size;
         }
-        let _ = map.remove(key);
     }
     Ok(kept_by_requests)
 }

@@ -1,7 +1,9 @@
 use crate::support::*;
 
 /// Also with one call slot in the kernel: every thread's calls then go
-/// through the hash map kept for threads whose slot another holds.
+/// through the hash map kept for threads whose slot another holds; and
+/// with one front-table bucket: most blocks then go to the live map, and
+/// threads take the bucket's four slots from each other.
 #[test]
 fn four_threads_are_counted_exactly() {
     if !bpf_available() {
@@ -10,6 +12,7 @@ fn four_threads_are_counted_exactly() {
     for (name, args) in [
         ("threads", &[][..]),
         ("threads-hashed", &["--call-slots", "1"]),
+        ("threads-overflow", &["--front-buckets", "1"]),
     ] {
         let (report, _) = run_fixture(name, "threads", args);
         let leak = site(&report, "thread_leak_site");

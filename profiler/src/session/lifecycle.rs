@@ -92,7 +92,12 @@ impl Session {
                 }
                 // The old image's blocks, found by their timestamps, can go
                 // while the new one runs (a shell loop waits on each exec).
-                match processes::release_live_set(&mut self.kernel.ebpf, pid, event.timestamp_ns) {
+                match processes::release_live_set(
+                    &mut self.kernel.ebpf,
+                    &self.front,
+                    pid,
+                    event.timestamp_ns,
+                ) {
                     Ok(released) => processes::merge_adjustments(&mut self.adjustments, released),
                     Err(error) => tracing::warn!("exec of {pid}: {error}"),
                 }
@@ -329,9 +334,12 @@ impl Session {
         }
         let pids = std::mem::take(&mut self.exited_in_live_map);
         let arenas = &mut self.arenas;
-        match processes::forget_live_sets(&mut self.kernel.ebpf, &pids, |key, block| {
-            super::credit_arena(arenas, key, block)
-        }) {
+        match processes::forget_live_sets(
+            &mut self.kernel.ebpf,
+            &self.front,
+            &pids,
+            |key, block| super::credit_arena(arenas, key, block),
+        ) {
             Ok(kept) => processes::merge_adjustments(&mut self.kept_by_exited, kept),
             Err(error) => tracing::warn!("{error}"),
         }
@@ -450,7 +458,8 @@ impl Session {
     fn follow_child(&mut self, pid: u32, ppid: u32, fork_ns: u64) -> Result<(), SessionError> {
         let maps = ProcessMaps::read(pid).map_err(|_| TargetError::NoSuchProcess(pid))?;
         self.probe_like_parent(pid, ppid, &maps)?;
-        let inherited = processes::copy_live_set(&mut self.kernel.ebpf, ppid, pid, fork_ns)?;
+        let inherited =
+            processes::copy_live_set(&mut self.kernel.ebpf, &self.front, ppid, pid, fork_ns)?;
         let inherited_bytes = inherited
             .iter()
             .filter(|(key, _)| key.class == profiler_common::site_class::MALLOC)

@@ -34,6 +34,7 @@ use crate::{
     collect::{self, CollectError},
     completeness,
     follow::{self, FollowError},
+    front::FrontTable,
     holds::Holds,
     multi_uprobe::{self, MultiPrograms, MultiUprobeError},
     peaks::{PeakError, SharedPeaks},
@@ -353,6 +354,8 @@ pub struct Session {
     tick_costs: Vec<Duration>,
     /// The merged live bytes, for a forked child's inherited blocks.
     shared_peaks: SharedPeaks,
+    /// Most live heap blocks, read and taken out beside `LIVE`.
+    front: FrontTable,
     /// Decides the alerts at each window's end, and where they go.
     alerter: Option<Alerter>,
     sinks: Vec<Box<dyn Sink>>,
@@ -566,6 +569,7 @@ impl Session {
     ) -> Result<Self, SessionError> {
         let mut kernel = kernel;
         let shared_peaks = SharedPeaks::map(&kernel.ebpf)?;
+        let front = FrontTable::map(&kernel.ebpf).map_err(PeakError::from)?;
         let AttachedTarget {
             pid,
             command,
@@ -608,6 +612,7 @@ impl Session {
             window: options.window,
             tick_costs: Vec::new(),
             shared_peaks,
+            front,
             alerter: None,
             sinks: Vec::new(),
             pushes: None,
@@ -1152,6 +1157,7 @@ impl Session {
         let arenas = &mut self.arenas;
         let mut scan = collect::scan_live(
             &self.kernel.ebpf,
+            &self.front,
             windows.len(),
             |ns| crate::timeline::window_of(windows, ns),
             |key, block| credit_arena(arenas, key, block),

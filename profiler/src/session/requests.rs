@@ -284,7 +284,7 @@ impl Session {
             return;
         };
         let alert = alerter.on_request(&figures, || {
-            match crate::collect::request_blocks(&self.kernel.ebpf, closed.id) {
+            match crate::collect::request_blocks(&self.kernel.ebpf, &self.front, closed.id) {
                 Ok(mut kept) => {
                     kept.truncate(4 * crate::alert::ALERT_SITES);
                     self.name_sites(&kept)
