@@ -64,6 +64,7 @@ fn for_session_error(error: &SessionError) -> u8 {
     match error {
         SessionError::Preflight(PreflightError::NotPermitted)
         | SessionError::Load(LoadError::NotPermitted(_)) => NOT_PERMITTED,
+        SessionError::Load(LoadError::Capacity(_)) => USAGE,
         SessionError::Preflight(PreflightError::NoUprobes(_))
         | SessionError::Load(LoadError::Unavailable(_)) => BPF_UNAVAILABLE,
         SessionError::Target(TargetError::NoSuchProcess(_) | TargetError::Zombie(_)) => {

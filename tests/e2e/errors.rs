@@ -76,6 +76,21 @@ fn a_hold_budget_out_of_range_is_a_usage_error() {
 }
 
 #[test]
+fn map_sizes_memscope_cannot_load_are_usage_errors() {
+    if !bpf_available() {
+        return;
+    }
+    assert_usage_error(
+        &["run", "--max-live", "0", "--", "true"],
+        "--max-live, --max-stacks and --unwind-rows must be at least 1",
+    );
+    assert_usage_error(
+        &["run", "--front-buckets", "3", "--", "true"],
+        "--front-buckets must be a power of two from 1 to 16384",
+    );
+}
+
+#[test]
 fn unwritable_output_still_prints_the_table_and_exits_8() {
     if !bpf_available() {
         return;
