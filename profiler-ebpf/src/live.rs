@@ -217,6 +217,20 @@ pub fn record_free(addr: u64) {
     }
 }
 
+/// Records the end of the mapping at `addr` (mremap moved it): mappings
+/// are only in `LIVE`, and a heap block at the same address in the front
+/// table is not this.
+pub fn record_unmap(addr: u64) {
+    let key = LiveKey {
+        tgid: tgid(),
+        _pad: 0,
+        addr,
+    };
+    if !release_hashed(&key) && !release_inherited(&key) {
+        count(Counter::UnknownFrees);
+    }
+}
+
 /// With `--follow image` a forked child has no copy of its parent's live
 /// set: a free of a block it inherited is found in its parent's (or an
 /// earlier ancestor's) live set as it was at the fork, and counted in the

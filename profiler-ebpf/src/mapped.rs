@@ -148,7 +148,7 @@ pub fn mremap_exit(ctx: TracePointContext) -> u32 {
     if failed(addr) {
         return 0;
     }
-    live::record_free(call.ptr);
+    live::record_unmap(call.ptr);
     // NB: glibc's mremap wrapper has a stack frame, so the word at the stack
     // pointer is not its return address: no caller (the frame-pointer walk
     // then starts at the caller's caller).
