@@ -207,26 +207,26 @@ pub fn shrink_mapping_front(addr: u64, len: u64) {
 
 /// Records free(addr) in the calling process.
 pub fn record_free(addr: u64) {
-    let key = LiveKey {
-        tgid: tgid(),
-        _pad: 0,
-        addr,
-    };
-    if !release(&key) && !release_inherited(&key) {
-        count(Counter::UnknownFrees);
-    }
+    end_block(addr, release);
 }
 
 /// Records the end of the mapping at `addr` (mremap moved it): mappings
 /// are only in `LIVE`, and a heap block at the same address in the front
 /// table is not this.
 pub fn record_unmap(addr: u64) {
+    end_block(addr, release_hashed);
+}
+
+/// Ends the calling process's block at `addr`: its own (by `release_own`),
+/// else one it inherited, else an unknown free.
+#[inline(always)]
+fn end_block(addr: u64, release_own: impl Fn(&LiveKey) -> bool) {
     let key = LiveKey {
         tgid: tgid(),
         _pad: 0,
         addr,
     };
-    if !release_hashed(&key) && !release_inherited(&key) {
+    if !release_own(&key) && !release_inherited(&key) {
         count(Counter::UnknownFrees);
     }
 }
