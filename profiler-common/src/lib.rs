@@ -585,6 +585,12 @@ pub struct StackKey {
 }
 
 impl LiveAllocation {
+    /// A malloc-family block, not a mapping: only these go to the front
+    /// table, and `HASHED_BLOCKS` counts those in `LIVE`.
+    pub const fn is_heap(&self) -> bool {
+        self.kind != alloc_kind::MMAP
+    }
+
     /// The totals this block is counted in, in process `tgid`.
     pub const fn stack_key(&self, tgid: u32) -> StackKey {
         StackKey {

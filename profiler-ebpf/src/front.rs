@@ -27,7 +27,8 @@ static FRONT: Array<FrontBucket> = Array::with_max_entries(FRONT_BUCKETS, BPF_F_
 #[map]
 static HASHED_BLOCKS: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-fn bucket(tgid: u32, addr: u64) -> Option<*mut FrontBucket> {
+/// The bucket of `tgid`'s block at `addr`.
+pub fn bucket(tgid: u32, addr: u64) -> Option<*mut FrontBucket> {
     let mask = crate::processes::config(config::FRONT_MASK) as u32;
     FRONT.get_ptr_mut(front_bucket(tgid, addr, mask))
 }
@@ -46,9 +47,8 @@ unsafe fn swap_owner(slot: *mut FrontSlot, from: u64, to: u64) -> bool {
     }
 }
 
-/// Takes `tgid`'s block at `addr` out of the table, if there.
-pub fn take(tgid: u32, addr: u64) -> Option<LiveAllocation> {
-    let bucket = bucket(tgid, addr)?;
+/// Takes `tgid`'s block at `addr` out of its `bucket`, if there.
+pub fn take(bucket: *mut FrontBucket, tgid: u32, addr: u64) -> Option<LiveAllocation> {
     for way in 0..FRONT_WAYS {
         // SAFETY: a map value; its slots are changed only as described above.
         unsafe {
@@ -99,12 +99,9 @@ pub fn get(tgid: u32, addr: u64) -> Option<LiveAllocation> {
     None
 }
 
-/// Puts a new block in a free slot of its bucket; false when all are held.
-/// The caller has taken any stale block of the same key first.
-pub fn put(tgid: u32, addr: u64, block: &LiveAllocation) -> bool {
-    let Some(bucket) = bucket(tgid, addr) else {
-        return false;
-    };
+/// Puts a new block in a free slot of its `bucket`; false when all are
+/// held. The caller has taken any stale block of the same key first.
+pub fn put(bucket: *mut FrontBucket, tgid: u32, addr: u64, block: &LiveAllocation) -> bool {
     for way in 0..FRONT_WAYS {
         // SAFETY: as in `take`; the slot is this program's once claimed.
         unsafe {

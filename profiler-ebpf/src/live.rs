@@ -93,7 +93,7 @@ pub fn record_alloc(
         python_stack,
         request,
     };
-    if !(kind != alloc_kind::MMAP && put_front(&key, &block)) && !put_hashed(&key, &block) {
+    if !(block.is_heap() && put_front(&key, &block)) && !put_hashed(&key, &block) {
         count(Counter::LiveMapFull);
         return;
     }
@@ -111,8 +111,13 @@ pub fn record_alloc(
 /// bytes of stack.
 #[inline(never)]
 fn put_front(key: &LiveKey, block: &LiveAllocation) -> bool {
-    release_front(key);
-    if !crate::front::put(key.tgid, key.addr, block) {
+    let Some(bucket) = crate::front::bucket(key.tgid, key.addr) else {
+        return false;
+    };
+    if let Some(stale) = crate::front::take(bucket, key.tgid, key.addr) {
+        close(key.tgid, &stale);
+    }
+    if !crate::front::put(bucket, key.tgid, key.addr, block) {
         return false;
     }
     if crate::front::any_hashed() {
@@ -132,7 +137,7 @@ fn put_hashed(key: &LiveKey, block: &LiveAllocation) -> bool {
             return false;
         }
     }
-    if block.kind != alloc_kind::MMAP {
+    if block.is_heap() {
         crate::front::count_hashed(1);
     }
     true
@@ -275,7 +280,9 @@ fn release(key: &LiveKey) -> bool {
 /// of stack.
 #[inline(never)]
 fn release_front(key: &LiveKey) -> bool {
-    let Some(block) = crate::front::take(key.tgid, key.addr) else {
+    let Some(block) = crate::front::bucket(key.tgid, key.addr)
+        .and_then(|bucket| crate::front::take(bucket, key.tgid, key.addr))
+    else {
         return false;
     };
     close(key.tgid, &block);
@@ -294,7 +301,7 @@ fn release_hashed(key: &LiveKey) -> bool {
     if LIVE.remove(key).is_err() {
         return false;
     }
-    if block.kind != alloc_kind::MMAP {
+    if block.is_heap() {
         crate::front::count_hashed(-1);
     }
     close(key.tgid, &block);

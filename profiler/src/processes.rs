@@ -8,9 +8,7 @@ use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData},
 };
-use profiler_common::{
-    HeapTop, LiveAllocation, LiveKey, StackKey, StackTotals, alloc_kind, map_names,
-};
+use profiler_common::{HeapTop, LiveAllocation, LiveKey, StackKey, StackTotals, map_names};
 
 use crate::front::FrontTable;
 
@@ -153,11 +151,6 @@ fn hashed_blocks(
     Ok(blocks.into_iter().collect())
 }
 
-/// Whether a block counts in `HASHED_BLOCKS` when in `LIVE`.
-fn is_heap_block(block: &LiveAllocation) -> bool {
-    block.kind != alloc_kind::MMAP
-}
-
 /// Takes the blocks `wanted` says out of the front table and the live map.
 fn take_blocks(
     ebpf: &mut Ebpf,
@@ -171,7 +164,7 @@ fn take_blocks(
         if map.remove(&key).is_err() {
             continue; // freed meanwhile by the kernel side
         }
-        if is_heap_block(&block) {
+        if block.is_heap() {
             front.count_hashed(-1);
         }
         taken.push((key, block));
@@ -221,7 +214,7 @@ pub fn copy_live_set(
         .unzip();
     // Counted before they are written, so the kernel never sees more heap
     // blocks in the map than the count says.
-    let heap = |copies: &[LiveAllocation]| copies.iter().filter(|b| is_heap_block(b)).count();
+    let heap = |copies: &[LiveAllocation]| copies.iter().filter(|b| b.is_heap()).count();
     front.count_hashed(heap(&copies) as i64);
     // Map full: the rest are not copied, and the kernel counts the loss at
     // the child's free of one.
